@@ -1,0 +1,55 @@
+"""The command line every service shares: ``python -m nudge_<service> migrate|run``."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from nudge_common import migrations
+from nudge_common.logging import configure_logging
+from nudge_common.settings import NudgeSettings
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    app_factory: str
+    """Import string of the FastAPI app factory, e.g. ``nudge_scoring.app:create_app``."""
+    schema: str
+    migrations: Path
+    settings: Callable[[], NudgeSettings]
+
+
+def main(spec: ServiceSpec, argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=f"python -m nudge_{spec.name}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("migrate", help=f"create or upgrade the '{spec.schema}' schema")
+    revision = commands.add_parser("revision", help="autogenerate a migration from store.py")
+    revision.add_argument("-m", "--message", required=True)
+    run = commands.add_parser("run", help="serve HTTP and run the consumers")
+    run.add_argument("--workers", type=int, default=1, help="worker processes (uvicorn)")
+    args = parser.parse_args(argv)
+
+    settings = spec.settings()
+    configure_logging(service=spec.name, level=settings.log_level, json=settings.log_json)
+    if args.command == "migrate":
+        migrations.upgrade(settings, schema=spec.schema, script_location=spec.migrations)
+    elif args.command == "revision":
+        migrations.autogenerate(
+            settings, schema=spec.schema, script_location=spec.migrations, message=args.message
+        )
+    else:
+        uvicorn.run(
+            spec.app_factory,
+            factory=True,
+            host=settings.http_host,
+            port=settings.http_port,
+            workers=args.workers,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=30,
+        )

@@ -1,0 +1,316 @@
+"""The one consumer runner every service uses.
+
+A batch moves through small steps, in this order, and offsets are always committed last:
+
+1. **poll** a batch of records;
+2. **decode** each into an :class:`Envelope` (undecodable records become dead letters);
+3. **apply**, in one PostgreSQL transaction: record the message ids in the service's
+   ``processed_messages`` table (ids already there are duplicates and are skipped), then hand
+   each new message to the service's handler inside a savepoint, so one bad message is
+   dead-lettered alone while the rest of the batch keeps its effects;
+4. **publish** what the handlers produced and the dead letters, waiting for the broker's
+   acknowledgements;
+5. **commit** the database transaction, then the Kafka offsets.
+
+A crash anywhere before 5 replays the batch: ids in ``processed_messages`` make the replay
+change nothing, and outputs carry ids derived from their cause, so a re-published output is
+recognised downstream as the same message.
+
+Failures: :class:`~nudge_common.errors.InvalidMessage` (or any unexpected error in a
+handler) dead-letters that message; :class:`~nudge_common.errors.RetryLater` and lost
+connections to PostgreSQL or Kafka retry the whole batch with back-off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import sqlalchemy as sa
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaConnectionError, KafkaError
+from pydantic import ValidationError
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from nudge_common import metrics
+from nudge_common.db import SessionMaker, transaction
+from nudge_common.errors import DeadLetterLimitExceeded, InvalidMessage, RetryLater
+from nudge_common.events import Envelope, Topic
+from nudge_common.kafka import OutgoingMessage, publish
+from nudge_common.settings import NudgeSettings
+
+log = structlog.get_logger(__name__)
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    RetryLater,
+    sa.exc.OperationalError,
+    sa.exc.InterfaceError,
+    KafkaError,
+    OSError,
+    TimeoutError,
+)
+
+
+class Record(Protocol):
+    """The fields of aiokafka's ``ConsumerRecord`` that the runner reads."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+class MessageHandler(Protocol):
+    """Applies one message's effects through ``session`` (never committing it) and returns
+    the messages to publish as a result."""
+
+    async def __call__(
+        self, session: AsyncSession, envelope: Envelope
+    ) -> Sequence[OutgoingMessage]: ...
+
+
+@dataclass(frozen=True)
+class Decoded:
+    record: Record
+    envelope: Envelope
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    record: Record
+    error: str
+    reason: str
+
+
+class DeadLetterBudget:
+    """A sliding one-minute window of dead letters with a hard cap."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._times: deque[float] = deque()
+
+    def spend(self, count: int) -> None:
+        now = time.monotonic()
+        while self._times and now - self._times[0] > 60:
+            self._times.popleft()
+        self._times.extend([now] * count)
+        if len(self._times) > self.per_minute:
+            raise DeadLetterLimitExceeded(
+                f"{len(self._times)} dead letters in the last minute "
+                f"(limit {self.per_minute}): stopping instead of draining the stream"
+            )
+
+
+class ConsumerRunner:
+    def __init__(
+        self,
+        *,
+        name: str,
+        topics: Sequence[Topic],
+        handler: MessageHandler,
+        settings: NudgeSettings,
+        sessionmaker: SessionMaker,
+        producer: AIOKafkaProducer,
+        processed_messages: sa.Table,
+    ) -> None:
+        self.name = name
+        self.topics = [settings.topic(topic) for topic in topics]
+        self.handler = handler
+        self.settings = settings
+        self.sessionmaker = sessionmaker
+        self.producer = producer
+        self.processed_messages = processed_messages
+        self.dead_letter_budget = DeadLetterBudget(settings.dead_letters_per_minute_limit)
+        self._stopping = asyncio.Event()
+        self._committed: dict[TopicPartition, int] = {}
+
+    def stop(self) -> None:
+        """Ask the runner to finish the batch in hand, commit it, and leave the group."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        consumer = AIOKafkaConsumer(
+            *self.topics,
+            bootstrap_servers=self.settings.kafka_bootstrap_servers,
+            group_id=self.settings.consumer_group(self.name),
+            client_id=f"{self.settings.service_name}-{self.name}",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+        )
+        if not await self._start(consumer):
+            return
+        log.info("consumer started", consumer=self.name, topics=self.topics)
+        try:
+            while not self._stopping.is_set():
+                batches = await consumer.getmany(
+                    timeout_ms=self.settings.consumer_poll_timeout_ms,
+                    max_records=self.settings.consumer_batch_max_records,
+                )
+                records = [record for partition in batches.values() for record in partition]
+                if records:
+                    started = time.perf_counter()
+                    if not await self._apply_until_done(records):
+                        break  # stopping while a dependency is down: the batch replays later
+                    await self._commit(consumer, batches)
+                    metrics.CONSUMER_BATCH_SIZE.labels(self.name).observe(len(records))
+                    metrics.CONSUMER_BATCH_DURATION.labels(self.name).observe(
+                        time.perf_counter() - started
+                    )
+                self._observe_lag(consumer)
+        finally:
+            await consumer.stop()
+            log.info("consumer stopped", consumer=self.name)
+
+    async def _start(self, consumer: AIOKafkaConsumer) -> bool:
+        delay = 0.5
+        while not self._stopping.is_set():
+            try:
+                await consumer.start()
+                return True
+            except KafkaConnectionError as error:
+                log.warning("kafka not reachable yet", consumer=self.name, error=str(error))
+                await self._sleep_unless_stopping(delay)
+                delay = min(delay * 2, 10.0)
+        return False
+
+    async def _apply_until_done(self, records: list[Record]) -> bool:
+        delay = 0.1
+        while True:
+            try:
+                await self._apply(records)
+                return True
+            except TRANSIENT_ERRORS as error:
+                metrics.CONSUMER_RETRIES.labels(self.name, type(error).__name__).inc()
+                log.warning("batch failed, retrying", consumer=self.name, error=repr(error))
+                if await self._sleep_unless_stopping(delay):
+                    return False
+                delay = min(delay * 2, 10.0)
+
+    async def _apply(self, records: list[Record]) -> None:
+        decoded, dead_letters = decode(records)
+        outgoing: list[OutgoingMessage] = []
+        async with transaction(self.sessionmaker) as session:
+            unclaimed = await self._claim(session, [item.envelope.id for item in decoded])
+            for item in decoded:
+                if item.envelope.id not in unclaimed:
+                    self._count(item.record, "duplicate")
+                    continue
+                unclaimed.discard(item.envelope.id)
+                try:
+                    async with session.begin_nested():
+                        outgoing.extend(await self.handler(session, item.envelope))
+                except TRANSIENT_ERRORS:
+                    raise
+                except Exception as error:  # any other failure is this message's own
+                    dead_letters.append(dead_letter_for(item.record, error))
+                    if not isinstance(error, InvalidMessage | ValidationError):
+                        log.exception("handler failed", consumer=self.name)
+                else:
+                    self._count(item.record, "applied")
+            self.dead_letter_budget.spend(len(dead_letters))
+            await publish(self.producer, self.settings, outgoing)
+            await self._publish_dead_letters(dead_letters)
+
+    async def _claim(self, session: AsyncSession, ids: list[uuid.UUID]) -> set[uuid.UUID]:
+        """Record ``ids`` as processed; returns those that were not recorded before."""
+        if not ids:
+            return set()
+        table = self.processed_messages
+        statement = (
+            pg_insert(table)
+            .values([{"consumer": self.name, "message_id": message_id} for message_id in ids])
+            .on_conflict_do_nothing()
+            .returning(table.c.message_id)
+        )
+        return set((await session.execute(statement)).scalars())
+
+    async def _publish_dead_letters(self, dead_letters: list[DeadLetter]) -> None:
+        topic = self.settings.topic(Topic.DEAD_LETTER)
+        acks = []
+        for dead in dead_letters:
+            record = dead.record
+            headers = [
+                ("nudge.consumer", self.name.encode()),
+                ("nudge.source_topic", record.topic.encode()),
+                ("nudge.source_partition", str(record.partition).encode()),
+                ("nudge.source_offset", str(record.offset).encode()),
+                ("nudge.error", dead.error.encode()),
+                ("nudge.reason", dead.reason.encode()),
+            ]
+            acks.append(
+                await self.producer.send(
+                    topic, value=record.value or b"", key=record.key, headers=headers
+                )
+            )
+            self._count(record, "dead_lettered")
+            metrics.DEAD_LETTERS.labels(self.name, record.topic, dead.error).inc()
+            log.warning(
+                "dead-lettered",
+                consumer=self.name,
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+                error=dead.error,
+                reason=dead.reason,
+            )
+        await asyncio.gather(*acks)
+
+    async def _commit(
+        self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, list[Record]]
+    ) -> None:
+        offsets = {tp: records[-1].offset + 1 for tp, records in batches.items() if records}
+        try:
+            await consumer.commit(offsets)
+            self._committed.update(offsets)
+        except (CommitFailedError, KafkaError) as error:
+            # The partitions moved to another member, which replays from the last commit;
+            # processed_messages makes that replay change nothing.
+            log.warning("offset commit failed", consumer=self.name, error=repr(error))
+
+    def _observe_lag(self, consumer: AIOKafkaConsumer) -> None:
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            committed = self._committed.get(tp)
+            if highwater is not None and committed is not None:
+                metrics.CONSUMER_LAG.labels(self.name, tp.topic, str(tp.partition)).set(
+                    max(highwater - committed, 0)
+                )
+
+    def _count(self, record: Record, outcome: str) -> None:
+        metrics.CONSUMER_MESSAGES.labels(self.name, record.topic, outcome).inc()
+
+    async def _sleep_unless_stopping(self, seconds: float) -> bool:
+        """Sleep, waking early on stop; returns whether a stop was requested."""
+        try:
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+        except TimeoutError:
+            return False
+        return True
+
+
+def decode(records: list[Record]) -> tuple[list[Decoded], list[DeadLetter]]:
+    decoded: list[Decoded] = []
+    dead_letters: list[DeadLetter] = []
+    for record in records:
+        if not record.value:
+            dead_letters.append(DeadLetter(record, "EmptyValue", "record has no value"))
+            continue
+        try:
+            decoded.append(Decoded(record, Envelope.decode(record.value)))
+        except ValidationError as error:
+            dead_letters.append(dead_letter_for(record, error))
+    return decoded, dead_letters
+
+
+def dead_letter_for(record: Record, error: Exception) -> DeadLetter:
+    reason = error.reason if isinstance(error, InvalidMessage) else str(error)
+    return DeadLetter(record, type(error).__name__, reason[:2000])

@@ -1,0 +1,210 @@
+"""The one event schema module: the envelope every internal message travels in, the
+Segment-spec event that ingest publishes, and the payload of every internal event type.
+
+An internal message on Kafka is an :class:`Envelope` encoded as JSON. Its ``type`` names an
+:class:`EventType`, which knows the payload model and the topic it travels on. Producers
+build envelopes with ``EVENT_TYPE.envelope(...)``; consumers read payloads with
+``EVENT_TYPE.parse(envelope)``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from nudge_common import codec
+from nudge_common.ids import stable_id
+
+
+class Topic(StrEnum):
+    """Logical topic names; the settings' prefix turns them into real topic names."""
+
+    EVENTS = "events"
+    CONTACTS = "contacts"
+    MEMBERSHIPS = "memberships"
+    NOTIFICATIONS = "notifications"
+    DELIVERIES = "deliveries"
+    CONFIG = "config"
+    DEAD_LETTER = "deadletter"
+
+
+class Envelope(BaseModel):
+    """Versioned wrapper of every internal event."""
+
+    model_config = ConfigDict(frozen=True)
+
+    type: str
+    version: int = 1
+    id: uuid.UUID
+    occurred_at: datetime
+    workspace_id: str = Field(min_length=1)
+    origin_received_at: datetime | None = None
+    """When ingest received the outside event that caused this one: carried down the
+    pipeline so the end-to-end latency can be measured where the chain ends."""
+    payload: dict[str, Any]
+
+    def encode(self) -> bytes:
+        return codec.dumps(self)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Envelope:
+        return cls.model_validate_json(data)
+
+
+PayloadT = TypeVar("PayloadT", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class EventType(Generic[PayloadT]):
+    name: str
+    payload_model: type[PayloadT]
+    topic: Topic
+    version: int = 1
+
+    def envelope(
+        self,
+        *,
+        workspace_id: str,
+        payload: PayloadT,
+        occurred_at: datetime,
+        id: uuid.UUID | None = None,
+        caused_by: Envelope | None = None,
+        scope: str = "",
+        origin_received_at: datetime | None = None,
+    ) -> Envelope:
+        """Build an envelope. With ``caused_by`` and no ``id``, the id is derived from the
+        cause (and ``scope``, when one cause has several outputs of this type), so
+        re-processing the same input yields the same output id."""
+        if id is None:
+            id = stable_id(str(caused_by.id), self.name, scope) if caused_by else uuid.uuid4()
+        return Envelope(
+            type=self.name,
+            version=self.version,
+            id=id,
+            occurred_at=occurred_at,
+            workspace_id=workspace_id,
+            origin_received_at=origin_received_at
+            or (caused_by.origin_received_at if caused_by else None),
+            payload=payload.model_dump(mode="json", by_alias=True),
+        )
+
+    def parse(self, envelope: Envelope) -> PayloadT:
+        return self.payload_model.model_validate(envelope.payload)
+
+
+# --- Segment spec -------------------------------------------------------------------------
+
+
+class SegmentType(StrEnum):
+    TRACK = "track"
+    IDENTIFY = "identify"
+    PAGE = "page"
+    SCREEN = "screen"
+    GROUP = "group"
+    ALIAS = "alias"
+
+
+class SegmentEvent(BaseModel):
+    """A Segment-spec call after ingest validated and enriched it: ``messageId``,
+    ``receivedAt`` and a skew-corrected ``timestamp`` are always present."""
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True, extra="allow")
+
+    type: SegmentType
+    message_id: str = Field(alias="messageId", min_length=1, max_length=255)
+    user_id: str | None = Field(default=None, alias="userId")
+    anonymous_id: str | None = Field(default=None, alias="anonymousId")
+    event: str | None = None
+    name: str | None = None
+    category: str | None = None
+    properties: dict[str, Any] = Field(default_factory=dict)
+    traits: dict[str, Any] = Field(default_factory=dict)
+    context: dict[str, Any] = Field(default_factory=dict)
+    integrations: dict[str, Any] = Field(default_factory=dict)
+    group_id: str | None = Field(default=None, alias="groupId")
+    previous_id: str | None = Field(default=None, alias="previousId")
+    timestamp: datetime
+    sent_at: datetime | None = Field(default=None, alias="sentAt")
+    received_at: datetime = Field(alias="receivedAt")
+    original_timestamp: datetime | None = Field(default=None, alias="originalTimestamp")
+
+    @property
+    def identity(self) -> str:
+        """The partition key: one contact's events stay in order on one partition."""
+        identity = self.user_id or self.anonymous_id
+        if identity is None:  # ingest refuses such calls; a hand-made event may not
+            raise ValueError("a Segment event needs userId or anonymousId")
+        return identity
+
+
+# --- Internal payloads --------------------------------------------------------------------
+
+
+class ContactUpdated(BaseModel):
+    contact_id: uuid.UUID
+    user_id: str | None = None
+    traits: dict[str, Any] = Field(default_factory=dict)
+    scores: dict[str, int] = Field(default_factory=dict)
+    changed: list[Literal["traits", "scores"]]
+    cause_message_id: str | None = None
+
+
+class ContactSnapshot(BaseModel):
+    contact_id: uuid.UUID
+    user_id: str | None = None
+    traits: dict[str, Any] = Field(default_factory=dict)
+    scores: dict[str, int] = Field(default_factory=dict)
+
+
+class MembershipChanged(BaseModel):
+    segment_id: uuid.UUID
+    segment_name: str
+    contact: ContactSnapshot
+    at: datetime
+
+
+Channel = Literal["email", "sms", "push"]
+
+
+class NotificationRequested(BaseModel):
+    idempotency_key: str = Field(min_length=1, max_length=200)
+    channel: Channel
+    template_id: uuid.UUID
+    contact: ContactSnapshot
+    workflow_id: uuid.UUID | None = None
+    run_id: uuid.UUID | None = None
+    step: int | None = None
+
+
+DeliveryStatus = Literal["sent", "failed", "skipped", "unknown"]
+
+
+class DeliveryReported(BaseModel):
+    idempotency_key: str
+    channel: Channel
+    status: DeliveryStatus
+    contact_id: uuid.UUID
+    recipient: str | None = None
+    provider_message_id: str | None = None
+    reason: str | None = None
+
+
+EVENT_RECEIVED = EventType("event.received", SegmentEvent, Topic.EVENTS)
+CONTACT_UPDATED = EventType("contact.updated", ContactUpdated, Topic.CONTACTS)
+SEGMENT_ENTERED = EventType("segment.entered", MembershipChanged, Topic.MEMBERSHIPS)
+SEGMENT_EXITED = EventType("segment.exited", MembershipChanged, Topic.MEMBERSHIPS)
+NOTIFICATION_REQUESTED = EventType(
+    "notification.requested", NotificationRequested, Topic.NOTIFICATIONS
+)
+DELIVERY_REPORTED = EventType("delivery.reported", DeliveryReported, Topic.DELIVERIES)
+
+
+def segment_event_id(workspace_id: str, message_id: str) -> uuid.UUID:
+    """The envelope id of an inbound event: an SDK retry of the same ``messageId`` maps to
+    the same id, so every consumer counts it once."""
+    return stable_id(workspace_id, "message", message_id)

@@ -1,0 +1,96 @@
+"""Metrics every service shares (HTTP, consumer runner), the ``/metrics`` route, and the
+ASGI middleware that times requests by route template. Each service declares its own
+business metrics in its ``metrics.py``; all names start with ``nudge_``."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+HTTP_REQUESTS = Counter(
+    "nudge_http_requests_total",
+    "HTTP requests answered, by route template and status code.",
+    ["method", "route", "status"],
+)
+HTTP_REQUEST_DURATION = Histogram(
+    "nudge_http_request_duration_seconds",
+    "Time from request received to response sent, by route template.",
+    ["method", "route"],
+    buckets=LATENCY_BUCKETS,
+)
+
+CONSUMER_MESSAGES = Counter(
+    "nudge_consumer_messages_total",
+    "Messages a consumer handled, by outcome: applied, duplicate (already applied before), "
+    "dead_lettered.",
+    ["consumer", "topic", "outcome"],
+)
+CONSUMER_BATCH_SIZE = Histogram(
+    "nudge_consumer_batch_size",
+    "Records per polled batch.",
+    ["consumer"],
+    buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500),
+)
+CONSUMER_BATCH_DURATION = Histogram(
+    "nudge_consumer_batch_duration_seconds",
+    "Time to apply one batch: decode, effects, produce, database commit, offset commit.",
+    ["consumer"],
+    buckets=LATENCY_BUCKETS,
+)
+CONSUMER_RETRIES = Counter(
+    "nudge_consumer_retries_total",
+    "Batches retried after a transient failure (back-pressure), by error type.",
+    ["consumer", "error"],
+)
+CONSUMER_LAG = Gauge(
+    "nudge_consumer_lag_messages",
+    "Messages on the partition not yet committed by this consumer.",
+    ["consumer", "topic", "partition"],
+)
+DEAD_LETTERS = Counter(
+    "nudge_dead_letters_total",
+    "Messages sent to the dead-letter topic, by source topic and error type.",
+    ["consumer", "topic", "error"],
+)
+
+metrics_router = APIRouter()
+
+
+@metrics_router.get("/metrics", include_in_schema=False)
+def metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+class HttpMetricsMiddleware:
+    """Counts and times every HTTP request by its route template (``/v1/track``, not the
+    concrete path, so label cardinality stays bounded)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            method = scope["method"]
+            HTTP_REQUESTS.labels(method, template, str(status)).inc()
+            HTTP_REQUEST_DURATION.labels(method, template).observe(time.perf_counter() - started)

@@ -1,0 +1,167 @@
+"""What every service process is made of: a :class:`Runtime` (settings, database, producer)
+opened in the FastAPI lifespan, its consumer runners as background tasks, and the
+``/healthz``, ``/readyz`` and ``/metrics`` routes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import sqlalchemy as sa
+import structlog
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaConnectionError, KafkaError
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import ORJSONResponse
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from nudge_common.consumer import ConsumerRunner
+from nudge_common.db import SessionMaker, create_engine, create_sessionmaker
+from nudge_common.kafka import create_producer
+from nudge_common.logging import configure_logging
+from nudge_common.metrics import HttpMetricsMiddleware, metrics_router
+from nudge_common.settings import NudgeSettings
+
+log = structlog.get_logger(__name__)
+
+READINESS_TIMEOUT_S = 2.0
+SHUTDOWN_TIMEOUT_S = 30.0
+
+
+@dataclass
+class Runtime:
+    settings: NudgeSettings
+    engine: AsyncEngine
+    sessionmaker: SessionMaker
+    producer: AIOKafkaProducer
+    runners: list[ConsumerRunner] = field(default_factory=list)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+ConsumersFactory = Callable[[Runtime], Sequence[ConsumerRunner]]
+StartupHook = Callable[[Runtime], Awaitable[None]]
+
+
+def create_service_app(
+    *,
+    settings: NudgeSettings,
+    routers: Sequence[APIRouter] = (),
+    consumers: ConsumersFactory | None = None,
+    on_startup: StartupHook | None = None,
+    title: str | None = None,
+) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        configure_logging(
+            service=settings.service_name, level=settings.log_level, json=settings.log_json
+        )
+        engine = create_engine(settings)
+        producer = create_producer(settings)
+        await start_producer(producer)
+        runtime = Runtime(settings, engine, create_sessionmaker(engine), producer)
+        app.state.runtime = runtime
+        try:
+            if on_startup:
+                await on_startup(runtime)
+            runtime.runners = list(consumers(runtime)) if consumers else []
+            for runner in runtime.runners:
+                task = asyncio.create_task(runner.run(), name=runner.name)
+                task.add_done_callback(_terminate_process_if_crashed)
+                runtime.tasks.append(task)
+            log.info("service started", port=settings.http_port)
+            yield
+        finally:
+            for runner in runtime.runners:
+                runner.stop()
+            if runtime.tasks:
+                await asyncio.wait(runtime.tasks, timeout=SHUTDOWN_TIMEOUT_S)
+            await producer.stop()
+            await engine.dispose()
+            log.info("service stopped")
+
+    app = FastAPI(
+        title=title or f"Nudge {settings.service_name}",
+        lifespan=lifespan,
+        default_response_class=ORJSONResponse,
+    )
+    app.add_middleware(HttpMetricsMiddleware)
+    app.include_router(health_router)
+    app.include_router(metrics_router)
+    for router in routers:
+        app.include_router(router)
+    return app
+
+
+async def start_producer(producer: AIOKafkaProducer, *, deadline_s: float = 60.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + deadline_s
+    while True:
+        try:
+            await producer.start()
+            return
+        except KafkaConnectionError:
+            if loop.time() > deadline:
+                raise
+            log.warning("kafka not reachable yet, retrying")
+            await asyncio.sleep(1.0)
+
+
+def _terminate_process_if_crashed(task: asyncio.Task[None]) -> None:
+    if task.cancelled() or task.exception() is None:
+        return
+    log.error(
+        "consumer crashed, stopping the service",
+        consumer=task.get_name(),
+        error=repr(task.exception()),
+    )
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+health_router = APIRouter(tags=["health"])
+
+
+@health_router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@health_router.get("/readyz")
+async def readyz(runtime: RuntimeDep) -> ORJSONResponse:
+    """PostgreSQL and Kafka answer, and every consumer is running."""
+    checks: dict[str, Any] = {
+        "database": await _check(_ping_database(runtime.engine)),
+        "kafka": await _check(_ping_kafka(runtime.producer)),
+        "consumers": all(not task.done() for task in runtime.tasks),
+    }
+    ready = all(value is True for value in checks.values())
+    return ORJSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+
+async def _check(probe: Awaitable[None]) -> bool | str:
+    try:
+        await asyncio.wait_for(probe, READINESS_TIMEOUT_S)
+    except (TimeoutError, OSError, KafkaError, sa.exc.SQLAlchemyError) as error:
+        return repr(error)
+    return True
+
+
+async def _ping_database(engine: AsyncEngine) -> None:
+    async with engine.connect() as connection:
+        await connection.execute(sa.text("SELECT 1"))
+
+
+async def _ping_kafka(producer: AIOKafkaProducer) -> None:
+    await producer.client.fetch_all_metadata()

@@ -1,0 +1,237 @@
+"""The Segment HTTP tracking API: ``/v1/track`` and friends, their short analytics.js
+paths, and ``/v1/batch``. A 200 means Kafka acknowledged every event of the request."""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from aiokafka.errors import KafkaError
+from fastapi import APIRouter, Depends, Request
+from pydantic import ValidationError
+
+from nudge_common import codec
+from nudge_common.events import EVENT_RECEIVED, SegmentEvent, SegmentType, Topic, segment_event_id
+from nudge_common.kafka import OutgoingMessage, publish
+from nudge_common.service import RuntimeDep
+from nudge_ingest.api.auth import WriteKeyCache, authenticate
+from nudge_ingest.api.errors import IngestError
+from nudge_ingest.domain.calls import FieldError, SegmentCall, check_call, normalise
+from nudge_ingest.metrics import EVENTS_ACCEPTED, KAFKA_UNAVAILABLE, REQUESTS_REJECTED
+from nudge_ingest.settings import IngestSettings
+
+MAX_EVENT_BYTES = 32 * 1024
+MAX_BATCH_BYTES = 500 * 1024
+MAX_BATCH_EVENTS = 2500
+RETRY_AFTER_S = "2"
+
+router = APIRouter(tags=["tracking"])
+
+
+def get_write_keys(request: Request) -> WriteKeyCache:
+    cache: WriteKeyCache = request.app.state.write_keys
+    return cache
+
+
+WriteKeysDep = Annotated[WriteKeyCache, Depends(get_write_keys)]
+
+SUCCESS = {"success": True}
+
+
+def _single(call_type: SegmentType) -> Any:
+    async def endpoint(
+        request: Request, runtime: RuntimeDep, write_keys: WriteKeysDep
+    ) -> dict[str, bool]:
+        body = await read_json_object(request, limit=MAX_EVENT_BYTES)
+        call = parse_call(body, call_type)
+        workspace_id = await authenticate(request, call.write_key, write_keys, runtime.sessionmaker)
+        event = enrich(request, call, call_type)
+        assert isinstance(runtime.settings, IngestSettings)
+        await publish_events(runtime, workspace_id, [event])
+        return SUCCESS
+
+    endpoint.__name__ = call_type.value
+    return endpoint
+
+
+for _type, _short in [
+    (SegmentType.TRACK, "t"),
+    (SegmentType.IDENTIFY, "i"),
+    (SegmentType.PAGE, "p"),
+    (SegmentType.SCREEN, "s"),
+    (SegmentType.GROUP, "g"),
+    (SegmentType.ALIAS, "a"),
+]:
+    _endpoint = _single(_type)
+    router.add_api_route(f"/v1/{_type.value}", _endpoint, methods=["POST"])
+    router.add_api_route(f"/v1/{_short}", _endpoint, methods=["POST"], include_in_schema=False)
+
+
+@router.post("/v1/batch")
+@router.post("/v1/b", include_in_schema=False)
+async def batch(request: Request, runtime: RuntimeDep, write_keys: WriteKeysDep) -> dict[str, bool]:
+    """A batch is accepted or refused whole: one bad event refuses the request with the
+    index and field of every bad event, so the sender knows exactly what to fix."""
+    body = await read_json_object(request, limit=MAX_BATCH_BYTES)
+    items = body.get("batch")
+    if not isinstance(items, list) or not items:
+        raise _invalid("batch must be a non-empty array", "batch")
+    if len(items) > MAX_BATCH_EVENTS:
+        REQUESTS_REJECTED.labels("too_large").inc()
+        raise IngestError(
+            400,
+            f"a batch holds at most {MAX_BATCH_EVENTS} events",
+            reason="too_large",
+            field="batch",
+        )
+    shared = body.get("context")
+    shared_context: dict[str, Any] = shared if isinstance(shared, dict) else {}
+    calls: list[tuple[SegmentCall, SegmentType]] = []
+    errors: list[dict[str, str | int]] = []
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            errors.append({"index": index, "field": "batch", "message": "must be an object"})
+            continue
+        if len(codec.dumps(item)) > MAX_EVENT_BYTES:
+            errors.append({"index": index, "field": "batch", "message": "event over 32 KB"})
+            continue
+        try:
+            call_type = SegmentType(str(item.get("type")))
+            own_context = item.get("context")
+            context = {**shared_context, **(own_context if isinstance(own_context, dict) else {})}
+            call = SegmentCall.model_validate({**item, "context": context})
+        except ValueError as error:
+            errors.extend({"index": index, **e} for e in _describe(error, "type"))
+            continue
+        errors.extend(
+            {"index": index, "field": e.field, "message": e.message}
+            for e in check_call(call, call_type)
+        )
+        calls.append((call, call_type))
+    if errors:
+        REQUESTS_REJECTED.labels("invalid").inc()
+        raise IngestError(400, "invalid events in batch", reason="invalid", details=errors)
+    body_key = body.get("writeKey") if isinstance(body.get("writeKey"), str) else None
+    workspace_id = await authenticate(request, body_key, write_keys, runtime.sessionmaker)
+    events = [enrich(request, call, call_type) for call, call_type in calls]
+    await publish_events(runtime, workspace_id, events)
+    return SUCCESS
+
+
+async def read_json_object(request: Request, *, limit: int) -> dict[str, Any]:
+    """The body as a JSON object, whether sent as application/json or text/plain (what
+    sendBeacon sends), gzipped or not, refusing anything over ``limit`` bytes."""
+    raw = await request.body()
+    if request.headers.get("content-encoding", "").lower() == "gzip":
+        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        try:
+            raw = inflater.decompress(raw, limit + 1)
+        except zlib.error as error:
+            raise _invalid(f"body is not valid gzip: {error}", "body") from error
+    if len(raw) > limit:
+        REQUESTS_REJECTED.labels("too_large").inc()
+        raise IngestError(
+            413, f"request body over {limit // 1024} KB", reason="too_large", field="body"
+        )
+    try:
+        body = codec.loads(raw)
+    except codec.JSONDecodeError as error:
+        raise _invalid(f"body is not valid JSON: {error}", "body") from error
+    if not isinstance(body, dict):
+        raise _invalid("body must be a JSON object", "body")
+    return body
+
+
+def parse_call(body: dict[str, Any], call_type: SegmentType) -> SegmentCall:
+    try:
+        call = SegmentCall.model_validate(body)
+    except ValidationError as error:
+        details = _describe(error, "body")
+        REQUESTS_REJECTED.labels("invalid").inc()
+        raise IngestError(
+            400,
+            str(details[0]["message"]),
+            reason="invalid",
+            field=str(details[0]["field"]),
+            details=details,
+        ) from error
+    problems = check_call(call, call_type)
+    if problems:
+        raise _invalid_fields(problems)
+    return call
+
+
+def enrich(request: Request, call: SegmentCall, call_type: SegmentType) -> SegmentEvent:
+    return normalise(
+        call,
+        call_type,
+        received_at=datetime.now(UTC),
+        client_ip=request.client.host if request.client else None,
+        user_agent=request.headers.get("user-agent"),
+    )
+
+
+async def publish_events(
+    runtime: RuntimeDep, workspace_id: str, events: list[SegmentEvent]
+) -> None:
+    settings = runtime.settings
+    assert isinstance(settings, IngestSettings)
+    messages = [
+        OutgoingMessage(
+            Topic.EVENTS,
+            key=event.identity,
+            envelope=EVENT_RECEIVED.envelope(
+                id=segment_event_id(workspace_id, event.message_id),
+                workspace_id=workspace_id,
+                payload=event,
+                occurred_at=event.timestamp,
+                origin_received_at=event.received_at,
+            ),
+        )
+        for event in events
+    ]
+    try:
+        await asyncio.wait_for(
+            publish(runtime.producer, settings, messages), settings.produce_timeout_s
+        )
+    except (TimeoutError, KafkaError) as error:
+        KAFKA_UNAVAILABLE.inc()
+        raise IngestError(
+            503,
+            "events could not be stored right now, retry later",
+            reason="unavailable",
+            headers={"Retry-After": RETRY_AFTER_S},
+        ) from error
+    for event in events:
+        EVENTS_ACCEPTED.labels(event.type.value).inc()
+
+
+def _describe(error: ValueError, default_field: str) -> list[dict[str, str | int]]:
+    if isinstance(error, ValidationError):
+        return [
+            {
+                "field": ".".join(str(part) for part in item["loc"]) or default_field,
+                "message": f"{'.'.join(str(p) for p in item['loc']) or default_field}: "
+                f"{item['msg']}",
+            }
+            for item in error.errors()
+        ]
+    return [{"field": default_field, "message": f"{default_field}: {error}"}]
+
+
+def _invalid(message: str, field: str) -> IngestError:
+    REQUESTS_REJECTED.labels("invalid").inc()
+    return IngestError(400, message, reason="invalid", field=field)
+
+
+def _invalid_fields(problems: list[FieldError]) -> IngestError:
+    REQUESTS_REJECTED.labels("invalid").inc()
+    return IngestError(
+        400,
+        problems[0].message,
+        reason="invalid",
+        field=problems[0].field,
+        details=[{"field": p.field, "message": p.message} for p in problems],
+    )

@@ -1,0 +1,122 @@
+"""Segment-spec calls as SDKs send them, how they are checked, and how they become the
+normalised :class:`~nudge_common.events.SegmentEvent` that ingest publishes. Pure: no I/O."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from nudge_common.events import SegmentEvent, SegmentType
+
+MAX_ID_LENGTH = 255
+
+
+class SegmentCall(BaseModel):
+    """One call of the Segment HTTP tracking API, before enrichment."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="allow")
+
+    type: SegmentType | None = None
+    message_id: str | None = Field(default=None, alias="messageId", min_length=1, max_length=255)
+    user_id: str | None = Field(default=None, alias="userId", max_length=MAX_ID_LENGTH)
+    anonymous_id: str | None = Field(default=None, alias="anonymousId", max_length=MAX_ID_LENGTH)
+    event: str | None = Field(default=None, max_length=MAX_ID_LENGTH)
+    name: str | None = Field(default=None, max_length=MAX_ID_LENGTH)
+    category: str | None = Field(default=None, max_length=MAX_ID_LENGTH)
+    properties: dict[str, Any] = Field(default_factory=dict)
+    traits: dict[str, Any] = Field(default_factory=dict)
+    context: dict[str, Any] = Field(default_factory=dict)
+    integrations: dict[str, Any] = Field(default_factory=dict)
+    group_id: str | None = Field(default=None, alias="groupId", max_length=MAX_ID_LENGTH)
+    previous_id: str | None = Field(default=None, alias="previousId", max_length=MAX_ID_LENGTH)
+    timestamp: datetime | None = None
+    sent_at: datetime | None = Field(default=None, alias="sentAt")
+    write_key: str | None = Field(default=None, alias="writeKey")
+
+    @field_validator("user_id", "anonymous_id", "group_id", "previous_id", mode="before")
+    @classmethod
+    def numbers_are_ids_too(cls, value: Any) -> Any:
+        # Some SDKs send numeric ids; Segment stores them as strings.
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        return value
+
+
+@dataclass(frozen=True)
+class FieldError:
+    field: str
+    message: str
+
+
+def check_call(call: SegmentCall, call_type: SegmentType) -> list[FieldError]:
+    """The Segment spec's per-type rules that a schema alone cannot say."""
+    errors: list[FieldError] = []
+    if not call.user_id and not call.anonymous_id:
+        errors.append(FieldError("userId", "userId or anonymousId is required"))
+    if call_type is SegmentType.TRACK and not call.event:
+        errors.append(FieldError("event", "event is required on track"))
+    if call_type is SegmentType.GROUP and not call.group_id:
+        errors.append(FieldError("groupId", "groupId is required on group"))
+    if call_type is SegmentType.ALIAS and not call.previous_id:
+        errors.append(FieldError("previousId", "previousId is required on alias"))
+    return errors
+
+
+def normalise(
+    call: SegmentCall,
+    call_type: SegmentType,
+    *,
+    received_at: datetime,
+    client_ip: str | None,
+    user_agent: str | None,
+) -> SegmentEvent:
+    """Enrich a checked call: ``messageId`` when absent, ``receivedAt``, and the
+    ``timestamp`` corrected for the device clock's skew, as Segment does:
+    ``timestamp = receivedAt - (sentAt - timestamp)``."""
+    original = _aware(call.timestamp)
+    sent_at = _aware(call.sent_at)
+    if original and sent_at:
+        timestamp = received_at - (sent_at - original)
+    else:
+        timestamp = original or received_at
+    context = dict(call.context)
+    if client_ip and "ip" not in context:
+        context["ip"] = client_ip
+    if user_agent and "userAgent" not in context:
+        context["userAgent"] = user_agent
+    extra = {k: v for k, v in (call.model_extra or {}).items() if k not in _RESERVED}
+    return SegmentEvent.model_validate(
+        {
+            **extra,
+            "type": call_type,
+            "messageId": call.message_id or f"nudge-{uuid.uuid4()}",
+            "userId": call.user_id,
+            "anonymousId": call.anonymous_id,
+            "event": call.event,
+            "name": call.name,
+            "category": call.category,
+            "properties": call.properties,
+            "traits": call.traits,
+            "context": context,
+            "integrations": call.integrations,
+            "groupId": call.group_id,
+            "previousId": call.previous_id,
+            "timestamp": timestamp,
+            "sentAt": sent_at,
+            "receivedAt": received_at,
+            "originalTimestamp": original,
+        }
+    )
+
+
+_RESERVED = frozenset({"receivedAt", "originalTimestamp", "workspaceId"})
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)

@@ -1,0 +1,55 @@
+"""Message templates rendered in Jinja2's sandbox. Pure.
+
+HTML is autoescaped; a variable that is missing fails the render (StrictUndefined) unless
+the template gives a fallback (``{{ contact.traits.name | default("there") }}``), so a
+message is never sent half-rendered.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from nudge_common.events import Channel
+
+_html = ImmutableSandboxedEnvironment(autoescape=True, undefined=jinja2.StrictUndefined)
+_text = ImmutableSandboxedEnvironment(autoescape=False, undefined=jinja2.StrictUndefined)
+
+
+@dataclass(frozen=True)
+class Template:
+    id: uuid.UUID
+    name: str
+    channel: Channel
+    subject: str
+    html: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Rendered:
+    subject: str
+    html: str
+    text: str
+
+
+class TemplateRenderError(Exception):
+    pass
+
+
+def render(template: Template, variables: Mapping[str, Any]) -> Rendered:
+    try:
+        return Rendered(
+            subject=_text.from_string(template.subject).render(variables).strip(),
+            html=_html.from_string(template.html).render(variables),
+            text=_text.from_string(template.text).render(variables),
+        )
+    except jinja2.TemplateError as error:
+        raise TemplateRenderError(
+            f"template {template.name!r} failed to render: {error}"
+        ) from error

@@ -1,0 +1,11 @@
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from nudge_common.service import create_service_app
+from nudge_orchestrator.consumer import consumers
+from nudge_orchestrator.settings import OrchestratorSettings
+
+
+def create_app() -> FastAPI:
+    return create_service_app(settings=OrchestratorSettings(), consumers=consumers)

@@ -1,0 +1,17 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from nudge_common.cli import ServiceSpec, main
+from nudge_segmenter.settings import SegmenterSettings
+
+SPEC = ServiceSpec(
+    name="segmenter",
+    app_factory="nudge_segmenter.app:create_app",
+    schema="segmenter",
+    migrations=Path(__file__).parent / "migrations",
+    settings=SegmenterSettings,
+)
+
+if __name__ == "__main__":
+    main(SPEC)

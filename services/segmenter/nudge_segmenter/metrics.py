@@ -1,0 +1,11 @@
+"""Segmenter's business metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter
+
+TRANSITIONS = Counter(
+    "nudge_segmenter_transitions_total",
+    "Segment membership transitions published, by direction (entered, exited).",
+    ["direction"],
+)

@@ -1,0 +1,154 @@
+"""Segmenter's tables (schema ``segmenter``): segment definitions, the contact state it
+evaluates them on, current memberships and their history."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from nudge_common.db import processed_messages_table
+from nudge_common.events import ContactUpdated
+from nudge_segmenter.domain.conditions import Condition, condition_adapter
+
+SCHEMA = "segmenter"
+metadata = sa.MetaData(schema=SCHEMA)
+TIMESTAMP = sa.DateTime(timezone=True)
+
+segments = sa.Table(
+    "segments",
+    metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("workspace_id", sa.Text, nullable=False, index=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("condition", JSONB, nullable=False),
+    sa.Column("created_at", TIMESTAMP, nullable=False, server_default=sa.func.now()),
+)
+contacts = sa.Table(
+    "contacts",
+    metadata,
+    sa.Column("contact_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("workspace_id", sa.Text, nullable=False),
+    sa.Column("user_id", sa.Text),
+    sa.Column("traits", JSONB, nullable=False),
+    sa.Column("scores", JSONB, nullable=False),
+    sa.Column("updated_at", TIMESTAMP, nullable=False),
+)
+memberships = sa.Table(
+    "memberships",
+    metadata,
+    sa.Column("segment_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("contact_id", UUID(as_uuid=True), primary_key=True, index=True),
+    sa.Column("workspace_id", sa.Text, nullable=False),
+    sa.Column("entered_at", TIMESTAMP, nullable=False),
+)
+membership_history = sa.Table(
+    "membership_history",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("segment_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("contact_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("workspace_id", sa.Text, nullable=False),
+    sa.Column("entered_at", TIMESTAMP, nullable=False),
+    sa.Column("exited_at", TIMESTAMP),
+    sa.Index("membership_history_segment_contact", "segment_id", "contact_id"),
+)
+processed_messages = processed_messages_table(metadata)
+
+
+@dataclass(frozen=True)
+class Segment:
+    id: uuid.UUID
+    name: str
+    condition: Condition
+
+
+async def save_contact(
+    session: AsyncSession, *, workspace_id: str, update: ContactUpdated, at: datetime
+) -> None:
+    values = {
+        "contact_id": update.contact_id,
+        "workspace_id": workspace_id,
+        "user_id": update.user_id,
+        "traits": update.traits,
+        "scores": update.scores,
+        "updated_at": at,
+    }
+    statement = pg_insert(contacts).values(values)
+    await session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[contacts.c.contact_id],
+            set_={k: statement.excluded[k] for k in ("user_id", "traits", "scores", "updated_at")},
+        )
+    )
+
+
+async def list_segments(session: AsyncSession, *, workspace_id: str) -> list[Segment]:
+    rows = await session.execute(sa.select(segments).where(segments.c.workspace_id == workspace_id))
+    return [
+        Segment(row.id, row.name, condition_adapter.validate_python(row.condition)) for row in rows
+    ]
+
+
+async def create_segment(
+    session: AsyncSession,
+    *,
+    workspace_id: str,
+    segment_id: uuid.UUID,
+    name: str,
+    condition: Condition,
+) -> None:
+    await session.execute(
+        pg_insert(segments)
+        .values(
+            id=segment_id,
+            workspace_id=workspace_id,
+            name=name,
+            condition=condition_adapter.dump_python(condition, mode="json"),
+        )
+        .on_conflict_do_nothing()
+    )
+
+
+async def segment_ids_of(session: AsyncSession, *, contact_id: uuid.UUID) -> set[uuid.UUID]:
+    rows = await session.execute(
+        sa.select(memberships.c.segment_id).where(memberships.c.contact_id == contact_id)
+    )
+    return set(rows.scalars())
+
+
+async def enter(
+    session: AsyncSession,
+    *,
+    workspace_id: str,
+    segment_id: uuid.UUID,
+    contact_id: uuid.UUID,
+    at: datetime,
+) -> None:
+    key = {"segment_id": segment_id, "contact_id": contact_id, "workspace_id": workspace_id}
+    await session.execute(sa.insert(memberships).values(**key, entered_at=at))
+    await session.execute(sa.insert(membership_history).values(**key, entered_at=at))
+
+
+async def exit_(
+    session: AsyncSession, *, segment_id: uuid.UUID, contact_id: uuid.UUID, at: datetime
+) -> None:
+    await session.execute(
+        sa.delete(memberships).where(
+            memberships.c.segment_id == segment_id, memberships.c.contact_id == contact_id
+        )
+    )
+    await session.execute(
+        sa.update(membership_history)
+        .where(
+            membership_history.c.segment_id == segment_id,
+            membership_history.c.contact_id == contact_id,
+            membership_history.c.exited_at.is_(None),
+        )
+        .values(exited_at=at)
+    )
