@@ -1,17 +1,4 @@
-from __future__ import annotations
+from nudge_common.cli import main
+from nudge_ingest.spec import SPEC
 
-from pathlib import Path
-
-from nudge_common.cli import ServiceSpec, main
-from nudge_ingest.settings import IngestSettings
-
-SPEC = ServiceSpec(
-    name="ingest",
-    app_factory="nudge_ingest.app:create_app",
-    schema="ingest",
-    migrations=Path(__file__).parent / "migrations",
-    settings=IngestSettings,
-)
-
-if __name__ == "__main__":
-    main(SPEC)
+main(SPEC)

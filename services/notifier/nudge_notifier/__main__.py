@@ -1,17 +1,4 @@
-from __future__ import annotations
+from nudge_common.cli import main
+from nudge_notifier.spec import SPEC
 
-from pathlib import Path
-
-from nudge_common.cli import ServiceSpec, main
-from nudge_notifier.settings import NotifierSettings
-
-SPEC = ServiceSpec(
-    name="notifier",
-    app_factory="nudge_notifier.app:create_app",
-    schema="notifier",
-    migrations=Path(__file__).parent / "migrations",
-    settings=NotifierSettings,
-)
-
-if __name__ == "__main__":
-    main(SPEC)
+main(SPEC)

@@ -1,17 +1,4 @@
-from __future__ import annotations
+from nudge_common.cli import main
+from nudge_orchestrator.spec import SPEC
 
-from pathlib import Path
-
-from nudge_common.cli import ServiceSpec, main
-from nudge_orchestrator.settings import OrchestratorSettings
-
-SPEC = ServiceSpec(
-    name="orchestrator",
-    app_factory="nudge_orchestrator.app:create_app",
-    schema="orchestrator",
-    migrations=Path(__file__).parent / "migrations",
-    settings=OrchestratorSettings,
-)
-
-if __name__ == "__main__":
-    main(SPEC)
+main(SPEC)

@@ -1,17 +1,4 @@
-from __future__ import annotations
+from nudge_common.cli import main
+from nudge_scoring.spec import SPEC
 
-from pathlib import Path
-
-from nudge_common.cli import ServiceSpec, main
-from nudge_scoring.settings import ScoringSettings
-
-SPEC = ServiceSpec(
-    name="scoring",
-    app_factory="nudge_scoring.app:create_app",
-    schema="scoring",
-    migrations=Path(__file__).parent / "migrations",
-    settings=ScoringSettings,
-)
-
-if __name__ == "__main__":
-    main(SPEC)
+main(SPEC)

@@ -1,17 +1,4 @@
-from __future__ import annotations
+from nudge_common.cli import main
+from nudge_segmenter.spec import SPEC
 
-from pathlib import Path
-
-from nudge_common.cli import ServiceSpec, main
-from nudge_segmenter.settings import SegmenterSettings
-
-SPEC = ServiceSpec(
-    name="segmenter",
-    app_factory="nudge_segmenter.app:create_app",
-    schema="segmenter",
-    migrations=Path(__file__).parent / "migrations",
-    settings=SegmenterSettings,
-)
-
-if __name__ == "__main__":
-    main(SPEC)
+main(SPEC)

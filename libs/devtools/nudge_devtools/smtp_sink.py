@@ -1,0 +1,57 @@
+"""A real SMTP server (aiosmtpd) that keeps every message it accepts."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Collection
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from typing import Any
+
+from aiosmtpd.controller import Controller
+
+
+class _Collect:
+    def __init__(self, sink: SmtpSink) -> None:
+        self.sink = sink
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 - aiosmtpd's hook name
+        message = message_from_bytes(envelope.content, policy=policy.default)
+        assert isinstance(message, EmailMessage)
+        with self.sink.lock:
+            self.sink.messages.append(message)
+        return "250 Message accepted for delivery"
+
+
+class SmtpSink:
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
+        self.messages: list[EmailMessage] = []
+        self.lock = threading.Lock()
+        self.controller = Controller(_Collect(self), hostname=host, port=port)
+        self.port = port
+
+    def start(self) -> None:
+        self.controller.start()
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+    def received(self, *, to: Collection[str] | None = None) -> list[EmailMessage]:
+        """Messages accepted so far, optionally only those to the given addresses."""
+        with self.lock:
+            messages = list(self.messages)
+        if to is None:
+            return messages
+        return [message for message in messages if message["To"] in to]
+
+    async def wait_for(
+        self, count: int, *, to: Collection[str] | None = None, deadline_s: float = 30.0
+    ) -> list[EmailMessage]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + deadline_s
+        while len(received := self.received(to=to)) < count:
+            if loop.time() > deadline:
+                raise TimeoutError(f"{len(received)} of {count} emails in {deadline_s}s")
+            await asyncio.sleep(0.02)
+        return received

@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from nudge_devtools.services import Fleet, free_port
+from nudge_devtools.smtp_sink import SmtpSink
+from tests.conftest import StackHandle
+
+
+@pytest.fixture(scope="session")
+def smtp_sink() -> Iterator[SmtpSink]:
+    sink = SmtpSink(port=free_port())
+    sink.start()
+    yield sink
+    sink.stop()
+
+
+@pytest.fixture(scope="module")
+async def fleet(stack: StackHandle, smtp_sink: SmtpSink) -> AsyncIterator[Fleet]:
+    """The five services as separate processes, as in production."""
+    fleet = Fleet({**stack.env, "NUDGE_SMTP_PORT": str(smtp_sink.port)}, stack.log_dir)
+    try:
+        await fleet.start()
+        yield fleet
+    finally:
+        await fleet.stop()

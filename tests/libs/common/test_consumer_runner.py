@@ -1,0 +1,127 @@
+"""The consumer runner against the real broker and database: every message applied once,
+a replay changes nothing, bad messages are dead-lettered with their reason, and a transient
+failure is retried instead."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+
+import pytest
+import sqlalchemy as sa
+from aiokafka import AIOKafkaProducer
+from pydantic import BaseModel
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from nudge_common.consumer import ConsumerRunner
+from nudge_common.db import SessionMaker, processed_messages_table, transaction
+from nudge_common.errors import InvalidMessage, RetryLater
+from nudge_common.events import Envelope, EventType, Topic
+from nudge_common.kafka import OutgoingMessage, create_producer, publish
+from nudge_common.settings import NudgeSettings
+from nudge_common.topics import delete_topics, ensure_topics
+from nudge_devtools.pipeline import read_topic, wait_until_idle
+from tests.conftest import StackHandle
+
+SCHEMA = "runner_test"
+metadata = sa.MetaData(schema=SCHEMA)
+processed = processed_messages_table(metadata)
+effects = sa.Table(
+    "effects",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("message_id", sa.Uuid, nullable=False),
+)
+
+
+class Thing(BaseModel):
+    behaviour: str = "ok"
+
+
+THING = EventType("test.thing", Thing, Topic.EVENTS)
+
+
+class Handler:
+    def __init__(self) -> None:
+        self.transient_failures_left = 1
+
+    async def __call__(
+        self, session: AsyncSession, envelope: Envelope
+    ) -> Sequence[OutgoingMessage]:
+        thing = THING.parse(envelope)
+        if thing.behaviour == "flaky" and self.transient_failures_left:
+            self.transient_failures_left -= 1
+            raise RetryLater("dependency briefly unavailable")
+        await session.execute(sa.insert(effects).values(message_id=envelope.id))
+        if thing.behaviour == "bad":
+            raise InvalidMessage("this thing can never be applied")
+        return []
+
+
+@pytest.fixture
+async def settings(stack: StackHandle, sessionmaker: SessionMaker) -> AsyncIterator[NudgeSettings]:
+    settings = stack.settings.model_copy(
+        update={"topic_prefix": f"{stack.settings.topic_prefix}runner-{uuid.uuid4().hex[:6]}."}
+    )
+    await ensure_topics(settings)
+    async with sessionmaker() as session, session.begin():
+        await session.execute(sa.text(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
+        await session.run_sync(lambda s: metadata.create_all(s.connection()))
+        await session.execute(sa.delete(effects))
+    yield settings
+    await delete_topics(settings)
+
+
+async def count_effects(sessionmaker: SessionMaker) -> int:
+    async with transaction(sessionmaker) as session:
+        return await session.scalar(sa.select(sa.func.count()).select_from(effects)) or 0
+
+
+async def test_runner_applies_once_dead_letters_bad_messages_and_retries_transient_ones(
+    settings: NudgeSettings, sessionmaker: SessionMaker
+) -> None:
+    now = datetime.now(UTC)
+    good = [THING.envelope(workspace_id="ws", payload=Thing(), occurred_at=now) for _ in range(20)]
+    flaky = THING.envelope(workspace_id="ws", payload=Thing(behaviour="flaky"), occurred_at=now)
+    bad = THING.envelope(workspace_id="ws", payload=Thing(behaviour="bad"), occurred_at=now)
+    messages = [OutgoingMessage(Topic.EVENTS, str(e.id), e) for e in [*good, flaky, bad]]
+
+    producer: AIOKafkaProducer = create_producer(settings)
+    await producer.start()
+    try:
+        await publish(producer, settings, messages)
+        await producer.send_and_wait(settings.topic(Topic.EVENTS), b"not json", key=b"x")
+
+        async def run_once() -> None:
+            runner = ConsumerRunner(
+                name="runner-test",
+                topics=[Topic.EVENTS],
+                handler=Handler(),
+                settings=settings,
+                sessionmaker=sessionmaker,
+                producer=producer,
+                processed_messages=processed,
+            )
+            task = asyncio.create_task(runner.run())
+            await wait_until_idle(settings, consumers={"runner-test": (Topic.EVENTS,)})
+            runner.stop()
+            await asyncio.wait_for(task, 30)
+
+        await run_once()
+        assert await count_effects(sessionmaker) == len(good) + 1
+        dead = [
+            {key: value.decode() for key, value in record.headers}
+            for record in await read_topic(settings, Topic.DEAD_LETTER, expected=2)
+        ]
+        assert {d["nudge.error"] for d in dead} == {"InvalidMessage", "ValidationError"}
+        assert any(d["nudge.reason"] == "this thing can never be applied" for d in dead)
+        assert all(d["nudge.source_topic"] == settings.topic(Topic.EVENTS) for d in dead)
+
+        # Replay: the same messages again, as after a crash before the offset commit.
+        await publish(producer, settings, messages)
+        await run_once()
+        assert await count_effects(sessionmaker) == len(good) + 1
+    finally:
+        await producer.stop()
