@@ -66,6 +66,7 @@ class Record(Protocol):
     offset: int
     key: bytes | None
     value: bytes | None
+    headers: Sequence[tuple[str, bytes]]
 
 
 class MessageHandler(Protocol):

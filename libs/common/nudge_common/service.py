@@ -17,11 +17,11 @@ import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import ORJSONResponse
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from nudge_common.consumer import ConsumerRunner
 from nudge_common.db import SessionMaker, create_engine, create_sessionmaker
+from nudge_common.http import JsonResponse
 from nudge_common.kafka import create_producer
 from nudge_common.logging import configure_logging
 from nudge_common.metrics import HttpMetricsMiddleware, metrics_router
@@ -94,7 +94,6 @@ def create_service_app(
     app = FastAPI(
         title=title or f"Nudge {settings.service_name}",
         lifespan=lifespan,
-        default_response_class=ORJSONResponse,
     )
     app.add_middleware(HttpMetricsMiddleware)
     app.include_router(health_router)
@@ -139,7 +138,7 @@ async def healthz() -> dict[str, str]:
 
 
 @health_router.get("/readyz")
-async def readyz(runtime: RuntimeDep) -> ORJSONResponse:
+async def readyz(runtime: RuntimeDep) -> JsonResponse:
     """PostgreSQL and Kafka answer, and every consumer is running."""
     checks: dict[str, Any] = {
         "database": await _check(_ping_database(runtime.engine)),
@@ -147,7 +146,7 @@ async def readyz(runtime: RuntimeDep) -> ORJSONResponse:
         "consumers": all(not task.done() for task in runtime.tasks),
     }
     ready = all(value is True for value in checks.values())
-    return ORJSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+    return JsonResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
 
 async def _check(probe: Awaitable[None]) -> bool | str:

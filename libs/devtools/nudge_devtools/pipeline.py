@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from nudge_common.consumer import Record
 from nudge_common.events import Topic
 from nudge_common.settings import NudgeSettings
 
@@ -33,9 +34,15 @@ async def topic_partitions(admin: AIOKafkaAdminClient, names: list[str]) -> list
 
 
 async def read_topic(
-    settings: NudgeSettings, topic: Topic, *, expected: int, deadline_s: float = 30.0
-) -> list[ConsumerRecord[bytes, bytes]]:
-    """Read a topic from the beginning until ``expected`` records have been seen."""
+    settings: NudgeSettings,
+    topic: Topic,
+    *,
+    expected: int,
+    where: Callable[[Record], bool] = lambda _: True,
+    deadline_s: float = 30.0,
+) -> list[Record]:
+    """Read a topic from the beginning until ``expected`` records matching ``where`` have
+    been seen; returns those."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers)
     await admin.start()
@@ -44,11 +51,11 @@ async def read_topic(
         partitions = await topic_partitions(admin, [settings.topic(topic)])
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
-        found: list[ConsumerRecord[bytes, bytes]] = []
+        found: list[Record] = []
         async with asyncio.timeout(deadline_s):
             while len(found) < expected:
                 for records in (await consumer.getmany(timeout_ms=200)).values():
-                    found.extend(records)
+                    found.extend(record for record in records if where(record))
         return found
     finally:
         await consumer.stop()

@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 from fastapi import Request
-from fastapi.responses import ORJSONResponse
+
+from nudge_common.http import JsonResponse
 
 
 class IngestError(Exception):
@@ -26,11 +27,11 @@ class IngestError(Exception):
         self.headers = headers
 
 
-async def ingest_error_handler(_: Request, exc: Exception) -> ORJSONResponse:
+async def ingest_error_handler(_: Request, exc: Exception) -> JsonResponse:
     assert isinstance(exc, IngestError)
     body: dict[str, object] = {"success": False, "error": exc.error}
     if exc.field:
         body["field"] = exc.field
     if exc.details:
         body["errors"] = exc.details
-    return ORJSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+    return JsonResponse(body, status_code=exc.status_code, headers=exc.headers)

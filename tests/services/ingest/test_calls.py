@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from nudge_common.events import SegmentType
+from nudge_ingest.domain.calls import SegmentCall, check_call, normalise
+
+RECEIVED = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
+
+
+def test_timestamp_is_corrected_for_the_device_clock_skew() -> None:
+    # The device clock is 1 hour fast; the event happened 5 s before the device sent it.
+    sent_at = RECEIVED + timedelta(hours=1)
+    call = SegmentCall.model_validate(
+        {
+            "userId": "u1",
+            "event": "Signed Up",
+            "timestamp": (sent_at - timedelta(seconds=5)).isoformat(),
+            "sentAt": sent_at.isoformat(),
+        }
+    )
+    event = normalise(
+        call, SegmentType.TRACK, received_at=RECEIVED, client_ip=None, user_agent=None
+    )
+    assert event.timestamp == RECEIVED - timedelta(seconds=5)
+    assert event.original_timestamp == sent_at - timedelta(seconds=5)
+    assert event.received_at == RECEIVED
+
+
+def test_missing_message_id_is_generated_and_request_data_enriches_context() -> None:
+    call = SegmentCall.model_validate({"anonymousId": "a1", "event": "Clicked"})
+    event = normalise(
+        call, SegmentType.TRACK, received_at=RECEIVED, client_ip="127.0.0.9", user_agent="UA/1"
+    )
+    assert event.message_id.startswith("nudge-")
+    assert event.timestamp == RECEIVED
+    assert event.context == {"ip": "127.0.0.9", "userAgent": "UA/1"}
+    assert event.identity == "a1"
+
+
+def test_numeric_user_ids_become_strings() -> None:
+    assert SegmentCall.model_validate({"userId": 42}).user_id == "42"
+
+
+@pytest.mark.parametrize(
+    ("body", "call_type", "field"),
+    [
+        ({"event": "x"}, SegmentType.TRACK, "userId"),
+        ({"userId": "u"}, SegmentType.TRACK, "event"),
+        ({"userId": "u"}, SegmentType.GROUP, "groupId"),
+        ({"userId": "u"}, SegmentType.ALIAS, "previousId"),
+    ],
+)
+def test_spec_rules_name_the_missing_field(
+    body: dict[str, str], call_type: SegmentType, field: str
+) -> None:
+    [error] = check_call(SegmentCall.model_validate(body), call_type)
+    assert error.field == field
+
+
+def test_a_complete_identify_passes() -> None:
+    call = SegmentCall.model_validate({"userId": "u", "traits": {"email": "a@b.c"}})
+    assert check_call(call, SegmentType.IDENTIFY) == []

@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from nudge_notifier.domain.templates import Template, TemplateRenderError, render
+
+
+def template(subject: str = "Hi", html: str = "<p>x</p>", text: str = "x") -> Template:
+    return Template(uuid.uuid4(), "t", "email", subject, html, text)
+
+
+def test_html_is_autoescaped_and_text_is_not() -> None:
+    rendered = render(
+        template(html="<p>{{ name }}</p>", text="{{ name }}"), {"name": "<b>Ada</b> & co"}
+    )
+    assert rendered.html == "<p>&lt;b&gt;Ada&lt;/b&gt; &amp; co</p>"
+    assert rendered.text == "<b>Ada</b> & co"
+
+
+def test_missing_data_fails_unless_the_template_gives_a_fallback() -> None:
+    with pytest.raises(TemplateRenderError):
+        render(template(subject="Hi {{ contact.traits.name }}"), {"contact": {"traits": {}}})
+    fallback = template(subject='Hi {{ contact.traits.name | default("there") }}')
+    assert render(fallback, {"contact": {"traits": {}}}).subject == "Hi there"
+
+
+def test_the_sandbox_refuses_unsafe_attribute_access() -> None:
+    with pytest.raises(TemplateRenderError):
+        render(template(text="{{ ''.__class__.__mro__ }}"), {})
