@@ -37,12 +37,12 @@ async def read_topic(
     settings: NudgeSettings,
     topic: Topic,
     *,
-    expected: int,
     where: Callable[[Record], bool] = lambda _: True,
+    expected: int | None = None,
     deadline_s: float = 30.0,
 ) -> list[Record]:
-    """Read a topic from the beginning until ``expected`` records matching ``where`` have
-    been seen; returns those."""
+    """The records of a topic matching ``where``, read from the beginning: until
+    ``expected`` of them were seen, or, without ``expected``, up to the current end."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers)
     await admin.start()
@@ -51,9 +51,17 @@ async def read_topic(
         partitions = await topic_partitions(admin, [settings.topic(topic)])
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+
+        async def done() -> bool:
+            if expected is not None:
+                return len(found) >= expected
+            positions = [await consumer.position(tp) for tp in partitions]
+            return all(pos >= ends[tp] for tp, pos in zip(partitions, positions, strict=True))
+
         found: list[Record] = []
         async with asyncio.timeout(deadline_s):
-            while len(found) < expected:
+            while not await done():
                 for records in (await consumer.getmany(timeout_ms=200)).values():
                     found.extend(record for record in records if where(record))
         return found
