@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,7 @@ class ServiceSpec:
     """Import string of the FastAPI app factory, e.g. ``nudge_scoring.app:create_app``."""
     schema: str
     migrations: Path
-    settings: Callable[[], NudgeSettings]
+    settings: type[NudgeSettings]
 
 
 def main(spec: ServiceSpec, argv: Sequence[str] | None = None) -> None:
