@@ -78,3 +78,12 @@ async def test_three_events_make_one_email_and_a_replay_makes_none(
     assert stored == 3
     assert lead_score == 60
     assert sent == ["sent"]
+
+    async with httpx.AsyncClient(base_url=fleet["notifier"].url) as client:
+        metrics = (await client.get("/metrics")).text
+    latency_count = next(
+        line
+        for line in metrics.splitlines()
+        if line.startswith('nudge_end_to_end_latency_seconds_count{channel="email"}')
+    )
+    assert float(latency_count.split()[-1]) >= 1
