@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import structlog
+from pydantic import TypeAdapter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from nudge_common.consumer import ConsumerRunner
@@ -35,6 +36,8 @@ from nudge_notifier.providers.email import PermanentFailure, SmtpEmailProvider, 
 from nudge_notifier.settings import NotifierSettings
 
 log = structlog.get_logger(__name__)
+DELIVERY_STATUS: TypeAdapter[DeliveryStatus] = TypeAdapter(DeliveryStatus)
+INTERRUPTED = "interrupted while sending; not resent"
 
 
 class NotificationHandler:
@@ -112,23 +115,23 @@ class NotificationHandler:
         send interrupted by a crash and becomes ``unknown``."""
         async with transaction(self.sessionmaker) as session:
             delivery = await store.get_delivery(session, idempotency_key=request.idempotency_key)
-            status = delivery.status
-            if status == store.SENDING:
-                status = "unknown"
+            status: DeliveryStatus
+            reason: str | None
+            if delivery.status == store.SENDING:
+                status, reason = "unknown", INTERRUPTED
                 await store.record_outcome(
-                    session,
-                    idempotency_key=request.idempotency_key,
-                    status=status,
-                    reason="interrupted while sending; not resent",
+                    session, idempotency_key=request.idempotency_key, status=status, reason=reason
                 )
+            else:
+                status, reason = DELIVERY_STATUS.validate_python(delivery.status), delivery.reason
         metrics.MESSAGES.labels(request.channel, "duplicate").inc()
         return self._report(
             envelope,
             request,
-            status,  # type: ignore[arg-type]
+            status,
             delivery.recipient,
             message_id=delivery.provider_message_id,
-            reason=delivery.reason,
+            reason=reason,
         )
 
     async def _record(
