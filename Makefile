@@ -1,5 +1,5 @@
 # The README's two commands are `make demo` and `make test`; each sets up what it needs.
-.PHONY: setup stack stack-down demo test lint typecheck pytest
+.PHONY: setup stack stack-down test-tools demo test lint typecheck pytest
 
 setup:
 	scripts/bootstrap
@@ -9,6 +9,9 @@ stack: setup
 
 stack-down:
 	scripts/stack down
+
+test-tools:
+	scripts/test-tools
 
 demo: stack
 	.venv/bin/python -m nudge_devtools.demo
@@ -20,7 +23,7 @@ lint: setup
 typecheck: setup
 	.venv/bin/mypy
 
-pytest: stack
+pytest: stack test-tools
 	.venv/bin/pytest
 
 test: lint typecheck pytest

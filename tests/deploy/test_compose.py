@@ -17,7 +17,7 @@ import yaml
 from nudge_common.cli import ServiceSpec
 from nudge_devtools.services import SPECS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SPEC_BY_MODULE: dict[str, ServiceSpec] = {f"nudge_{spec.name}": spec for spec in SPECS}
 
 
