@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +13,7 @@ import uvicorn
 
 from nudge_common import migrations
 from nudge_common.logging import configure_logging
+from nudge_common.metrics import MULTIPROC_DIR_VARIABLE
 from nudge_common.settings import NudgeSettings
 
 
@@ -43,6 +46,8 @@ def main(spec: ServiceSpec, argv: Sequence[str] | None = None) -> None:
             settings, schema=spec.schema, script_location=spec.migrations, message=args.message
         )
     else:
+        if args.workers > 1:
+            prepare_multiprocess_metrics()
         uvicorn.run(
             spec.app_factory,
             factory=True,
@@ -53,3 +58,16 @@ def main(spec: ServiceSpec, argv: Sequence[str] | None = None) -> None:
             access_log=False,
             timeout_graceful_shutdown=30,
         )
+
+
+def prepare_multiprocess_metrics() -> None:
+    """Before the workers start: a fresh ``PROMETHEUS_MULTIPROC_DIR`` (made when not given,
+    emptied of an earlier run's files when given), inherited by every worker process."""
+    directory = os.environ.get(MULTIPROC_DIR_VARIABLE)
+    if not directory:
+        directory = tempfile.mkdtemp(prefix="nudge-metrics-")
+        os.environ[MULTIPROC_DIR_VARIABLE] = directory
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):
+        if name.endswith(".db"):
+            os.remove(os.path.join(directory, name))

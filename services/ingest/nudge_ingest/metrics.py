@@ -11,7 +11,8 @@ EVENTS_ACCEPTED = Counter(
 )
 REQUESTS_REJECTED = Counter(
     "nudge_ingest_requests_rejected_total",
-    "Requests refused before publishing, by reason (invalid, unauthorized, too_large).",
+    "Requests refused before publishing, by reason (invalid, unauthorized, too_large, "
+    "rate_limited).",
     ["reason"],
 )
 KAFKA_UNAVAILABLE = Counter(

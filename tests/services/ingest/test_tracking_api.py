@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import uuid
-from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -14,21 +13,7 @@ from nudge_common import codec
 from nudge_common.events import EVENT_RECEIVED, Envelope, Topic, segment_event_id
 from nudge_devtools.pipeline import read_topic
 from nudge_devtools.seed import SeededWorkspace
-from nudge_ingest.app import create_app
 from tests.conftest import StackHandle
-
-
-@pytest.fixture
-async def client(
-    stack: StackHandle, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[httpx.AsyncClient]:
-    for name, value in stack.env.items():
-        monkeypatch.setenv(name, value)
-    app = create_app()
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, client=("127.0.0.7", 5000))
-        async with httpx.AsyncClient(transport=transport, base_url="http://ingest") as client:
-            yield client
 
 
 async def published(

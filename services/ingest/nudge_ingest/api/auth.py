@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import time
 
 from fastapi import Request
@@ -12,6 +13,7 @@ from fastapi import Request
 from nudge_common.db import SessionMaker, transaction
 from nudge_ingest import store
 from nudge_ingest.api.errors import IngestError
+from nudge_ingest.domain.ratelimit import RateLimiter
 from nudge_ingest.metrics import REQUESTS_REJECTED
 
 
@@ -49,9 +51,14 @@ def write_key_from_headers(request: Request) -> str | None:
 
 
 async def authenticate(
-    request: Request, body_key: str | None, cache: WriteKeyCache, sessionmaker: SessionMaker
+    request: Request,
+    body_key: str | None,
+    cache: WriteKeyCache,
+    sessionmaker: SessionMaker,
+    rate_limiter: RateLimiter | None = None,
 ) -> str:
-    """The workspace the request writes to; 401 for a missing, unknown or disabled key."""
+    """The workspace the request writes to; 401 for a missing, unknown or disabled key, 429
+    with ``Retry-After`` when the key is over its rate limit."""
     key = write_key_from_headers(request) or body_key
     if not key:
         REQUESTS_REJECTED.labels("unauthorized").inc()
@@ -62,4 +69,15 @@ async def authenticate(
         raise IngestError(
             401, "unknown or disabled write key", reason="unauthorized", field="writeKey"
         )
+    if rate_limiter is not None:
+        wait_s = rate_limiter.acquire(key, time.monotonic())
+        if wait_s > 0:
+            REQUESTS_REJECTED.labels("rate_limited").inc()
+            raise IngestError(
+                429,
+                f"rate limit of {rate_limiter.rate:g} requests/s for this write key exceeded",
+                reason="rate_limited",
+                field="writeKey",
+                headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
+            )
     return found.workspace_id

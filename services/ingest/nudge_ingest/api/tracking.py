@@ -6,19 +6,22 @@ from __future__ import annotations
 import asyncio
 import zlib
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Any
 
 from aiokafka.errors import KafkaError
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from pydantic import ValidationError
 
 from nudge_common import codec
 from nudge_common.events import EVENT_RECEIVED, SegmentEvent, SegmentType, Topic, segment_event_id
 from nudge_common.kafka import OutgoingMessage, publish
 from nudge_common.service import RuntimeDep
-from nudge_ingest.api.auth import WriteKeyCache, authenticate
+from nudge_ingest.api.auth import authenticate
+from nudge_ingest.api.deps import IngestState, IngestStateDep
 from nudge_ingest.api.errors import IngestError
+from nudge_ingest.api.schemas import batch_body, call_body
 from nudge_ingest.domain.calls import FieldError, SegmentCall, check_call, normalise
+from nudge_ingest.domain.network import client_ip
 from nudge_ingest.metrics import EVENTS_ACCEPTED, KAFKA_UNAVAILABLE, REQUESTS_REJECTED
 from nudge_ingest.settings import IngestSettings
 
@@ -30,25 +33,27 @@ RETRY_AFTER_S = "2"
 router = APIRouter(tags=["tracking"])
 
 
-def get_write_keys(request: Request) -> WriteKeyCache:
-    cache: WriteKeyCache = request.app.state.write_keys
-    return cache
-
-
-WriteKeysDep = Annotated[WriteKeyCache, Depends(get_write_keys)]
-
 SUCCESS = {"success": True}
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"description": "invalid request; the body names the field"},
+    401: {"description": "missing, unknown or disabled write key"},
+    413: {"description": "body over the size limit"},
+    429: {"description": "write key over its rate limit; see Retry-After"},
+    503: {"description": "Kafka did not acknowledge in time; see Retry-After"},
+}
 
 
 def _single(call_type: SegmentType) -> Any:
     async def endpoint(
-        request: Request, runtime: RuntimeDep, write_keys: WriteKeysDep
+        request: Request, runtime: RuntimeDep, state: IngestStateDep
     ) -> dict[str, bool]:
         body = await read_json_object(request, limit=MAX_EVENT_BYTES)
         call = parse_call(body, call_type)
-        workspace_id = await authenticate(request, call.write_key, write_keys, runtime.sessionmaker)
-        event = enrich(request, call, call_type)
-        assert isinstance(runtime.settings, IngestSettings)
+        workspace_id = await authenticate(
+            request, call.write_key, state.write_keys, runtime.sessionmaker, state.rate_limiter
+        )
+        event = enrich(request, state, call, call_type)
         await publish_events(runtime, workspace_id, [event])
         return SUCCESS
 
@@ -65,13 +70,19 @@ for _type, _short in [
     (SegmentType.ALIAS, "a"),
 ]:
     _endpoint = _single(_type)
-    router.add_api_route(f"/v1/{_type.value}", _endpoint, methods=["POST"])
+    router.add_api_route(
+        f"/v1/{_type.value}",
+        _endpoint,
+        methods=["POST"],
+        openapi_extra=call_body(_type),
+        responses=ERROR_RESPONSES,
+    )
     router.add_api_route(f"/v1/{_short}", _endpoint, methods=["POST"], include_in_schema=False)
 
 
-@router.post("/v1/batch")
+@router.post("/v1/batch", openapi_extra=batch_body(), responses=ERROR_RESPONSES)
 @router.post("/v1/b", include_in_schema=False)
-async def batch(request: Request, runtime: RuntimeDep, write_keys: WriteKeysDep) -> dict[str, bool]:
+async def batch(request: Request, runtime: RuntimeDep, state: IngestStateDep) -> dict[str, bool]:
     """A batch is accepted or refused whole: one bad event refuses the request with the
     index and field of every bad event, so the sender knows exactly what to fix."""
     body = await read_json_object(request, limit=MAX_BATCH_BYTES)
@@ -114,8 +125,10 @@ async def batch(request: Request, runtime: RuntimeDep, write_keys: WriteKeysDep)
         REQUESTS_REJECTED.labels("invalid").inc()
         raise IngestError(400, "invalid events in batch", reason="invalid", details=errors)
     body_key = body.get("writeKey") if isinstance(body.get("writeKey"), str) else None
-    workspace_id = await authenticate(request, body_key, write_keys, runtime.sessionmaker)
-    events = [enrich(request, call, call_type) for call, call_type in calls]
+    workspace_id = await authenticate(
+        request, body_key, state.write_keys, runtime.sessionmaker, state.rate_limiter
+    )
+    events = [enrich(request, state, call, call_type) for call, call_type in calls]
     await publish_events(runtime, workspace_id, events)
     return SUCCESS
 
@@ -163,13 +176,23 @@ def parse_call(body: dict[str, Any], call_type: SegmentType) -> SegmentCall:
     return call
 
 
-def enrich(request: Request, call: SegmentCall, call_type: SegmentType) -> SegmentEvent:
+def enrich(
+    request: Request, state: IngestState, call: SegmentCall, call_type: SegmentType
+) -> SegmentEvent:
+    headers = request.headers
+    ip = client_ip(
+        request.client.host if request.client else None,
+        forwarded_for=headers.get("x-forwarded-for"),
+        real_ip=headers.get("x-real-ip"),
+        trusted_proxies=state.settings.trusted_proxies,
+    )
     return normalise(
         call,
         call_type,
         received_at=datetime.now(UTC),
-        client_ip=request.client.host if request.client else None,
-        user_agent=request.headers.get("user-agent"),
+        client_ip=ip,
+        user_agent=headers.get("user-agent"),
+        country=state.countries.country(ip) if state.countries else None,
     )
 
 

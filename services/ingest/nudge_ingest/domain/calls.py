@@ -73,10 +73,12 @@ def normalise(
     received_at: datetime,
     client_ip: str | None,
     user_agent: str | None,
+    country: str | None = None,
 ) -> SegmentEvent:
     """Enrich a checked call: ``messageId`` when absent, ``receivedAt``, and the
     ``timestamp`` corrected for the device clock's skew, as Segment does:
-    ``timestamp = receivedAt - (sentAt - timestamp)``."""
+    ``timestamp = receivedAt - (sentAt - timestamp)``. The client's ``ip``, ``userAgent``
+    and ``location.country`` are added to ``context`` unless the sender set them."""
     original = _aware(call.timestamp)
     sent_at = _aware(call.sent_at)
     if original and sent_at:
@@ -88,6 +90,12 @@ def normalise(
         context["ip"] = client_ip
     if user_agent and "userAgent" not in context:
         context["userAgent"] = user_agent
+    location = context.get("location")
+    if country and not (isinstance(location, dict) and location.get("country")):
+        context["location"] = {
+            **(location if isinstance(location, dict) else {}),
+            "country": country,
+        }
     extra = {k: v for k, v in (call.model_extra or {}).items() if k not in _RESERVED}
     return SegmentEvent.model_validate(
         {
