@@ -27,3 +27,6 @@ pytest: stack test-tools
 	.venv/bin/pytest
 
 test: lint typecheck pytest
+
+bench-ingest: stack
+	.venv/bin/python -m bench.ingest
