@@ -1,5 +1,5 @@
 # The README's two commands are `make demo` and `make test`; each sets up what it needs.
-.PHONY: setup stack stack-down test-tools demo test lint typecheck pytest
+.PHONY: setup stack stack-down test-tools browser demo test lint typecheck pytest bench-ingest
 
 setup:
 	scripts/bootstrap
@@ -13,6 +13,9 @@ stack-down:
 test-tools:
 	scripts/test-tools
 
+browser:
+	scripts/install-chromium
+
 demo: stack
 	.venv/bin/python -m nudge_devtools.demo
 
@@ -23,7 +26,7 @@ lint: setup
 typecheck: setup
 	.venv/bin/mypy
 
-pytest: stack test-tools
+pytest: stack test-tools browser
 	.venv/bin/pytest
 
 test: lint typecheck pytest
