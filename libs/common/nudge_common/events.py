@@ -194,8 +194,42 @@ class DeliveryReported(BaseModel):
     reason: str | None = None
 
 
+class ContactMerged(BaseModel):
+    """Two contacts turned out to be one person: everything of ``merged_id`` now belongs to
+    ``survivor_id``, and ``merged_id`` will not appear again. Downstream services move what
+    they keep for the merged contact to the survivor."""
+
+    survivor_id: uuid.UUID
+    merged_id: uuid.UUID
+    reason: Literal["identify", "alias", "email"]
+    identity: str
+    """The identity that joined them, e.g. ``anonymous_id:abc`` or ``email:a@b.c``."""
+    at: datetime
+
+
+class ContactStageChanged(BaseModel):
+    contact_id: uuid.UUID
+    model: str
+    previous_stage: str | None = None
+    stage: str
+    score: int
+    at: datetime
+
+
+class ContactErased(BaseModel):
+    """GDPR erasure: every service deletes or anonymises what it holds about these contacts
+    (the contact and the contacts merged into it)."""
+
+    contact_id: uuid.UUID
+    contact_ids: list[uuid.UUID]
+    at: datetime
+
+
 EVENT_RECEIVED = EventType("event.received", SegmentEvent, Topic.EVENTS)
 CONTACT_UPDATED = EventType("contact.updated", ContactUpdated, Topic.CONTACTS)
+CONTACT_MERGED = EventType("contact.merged", ContactMerged, Topic.CONTACTS)
+CONTACT_STAGE_CHANGED = EventType("contact.stage_changed", ContactStageChanged, Topic.CONTACTS)
+CONTACT_ERASED = EventType("contact.erased", ContactErased, Topic.CONTACTS)
 SEGMENT_ENTERED = EventType("segment.entered", MembershipChanged, Topic.MEMBERSHIPS)
 SEGMENT_EXITED = EventType("segment.exited", MembershipChanged, Topic.MEMBERSHIPS)
 NOTIFICATION_REQUESTED = EventType(

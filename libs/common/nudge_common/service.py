@@ -10,7 +10,7 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 import sqlalchemy as sa
 import structlog
@@ -19,7 +19,6 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 from fastapi import APIRouter, Depends, FastAPI, Request
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from nudge_common.consumer import ConsumerRunner
 from nudge_common.db import SessionMaker, create_engine, create_sessionmaker
 from nudge_common.http import JsonResponse
 from nudge_common.kafka import create_producer
@@ -33,13 +32,25 @@ READINESS_TIMEOUT_S = 2.0
 SHUTDOWN_TIMEOUT_S = 30.0
 
 
+class Worker(Protocol):
+    """A long-running task of a service: a :class:`ConsumerRunner`, or other work (timers)
+    that starts with ``run()`` and finishes what it holds when asked to ``stop()``."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def run(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 @dataclass
 class Runtime:
     settings: NudgeSettings
     engine: AsyncEngine
     sessionmaker: SessionMaker
     producer: AIOKafkaProducer
-    runners: list[ConsumerRunner] = field(default_factory=list)
+    runners: list[Worker] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
@@ -50,7 +61,7 @@ def get_runtime(request: Request) -> Runtime:
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
-ConsumersFactory = Callable[[Runtime], Sequence[ConsumerRunner]]
+ConsumersFactory = Callable[[Runtime], Sequence[Worker]]
 StartupHook = Callable[[Runtime], Awaitable[None]]
 
 

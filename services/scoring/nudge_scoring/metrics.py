@@ -13,3 +13,19 @@ CONTACTS_CREATED = Counter("nudge_scoring_contacts_created_total", "Contacts cre
 SCORE_CHANGES = Counter(
     "nudge_scoring_score_changes_total", "Score changes applied, by scoring model.", ["model"]
 )
+MERGES = Counter(
+    "nudge_scoring_merges_total",
+    "Contacts merged into another, by reason (identify, alias, email).",
+    ["reason"],
+)
+STAGE_CHANGES = Counter(
+    "nudge_scoring_stage_changes_total",
+    "Lifecycle stage changes, by scoring model and the stage entered.",
+    ["model", "stage"],
+)
+DECAYS = Counter(
+    "nudge_scoring_decays_total", "Decay timers that took points from a contact.", ["model"]
+)
+TIMERS_FIRED = Counter(
+    "nudge_scoring_timers_fired_total", "Durable decay timers claimed and handled when due."
+)

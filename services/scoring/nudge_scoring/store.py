@@ -1,12 +1,19 @@
 """Scoring's tables (schema ``scoring``) and the queries on them. Functions take the
-caller's session and never commit."""
+caller's session and never commit.
+
+Events are append-only and range-partitioned by month on ``occurred_at`` (see
+docs/scoring.md); ``event_ids`` is the small unpartitioned index that makes
+(workspace, messageId) unique across partitions and says where each event lives. A merged
+contact keeps its row (``merged_into`` the survivor) and its events: reads of a contact's
+history take the contact and every contact merged into it.
+"""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -16,12 +23,18 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from nudge_common.db import processed_messages_table
 from nudge_common.events import SegmentEvent
-from nudge_common.ids import stable_id
-from nudge_scoring.domain.scoring import Rule, ScoreDelta
+from nudge_scoring.domain.rules import (
+    DecaySpec,
+    Rule,
+    ScoreDelta,
+    Stage,
+    spec_adapter,
+)
 
 SCHEMA = "scoring"
 metadata = sa.MetaData(schema=SCHEMA)
 TIMESTAMP = sa.DateTime(timezone=True)
+JSON_OBJECT = sa.text("'{}'::jsonb")
 
 contacts = sa.Table(
     "contacts",
@@ -29,9 +42,31 @@ contacts = sa.Table(
     sa.Column("id", UUID(as_uuid=True), primary_key=True),
     sa.Column("workspace_id", sa.Text, nullable=False),
     sa.Column("user_id", sa.Text),
-    sa.Column("traits", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
+    sa.Column("traits", JSONB, nullable=False, server_default=JSON_OBJECT),
+    sa.Column("trait_sources", JSONB, nullable=False, server_default=JSON_OBJECT),
+    sa.Column("first_touch", JSONB),
     sa.Column("first_seen_at", TIMESTAMP, nullable=False),
     sa.Column("last_seen_at", TIMESTAMP, nullable=False),
+    # typed common traits, kept in step with ``traits`` (domain.profile.typed_traits)
+    sa.Column("name", sa.Text),
+    sa.Column("email", sa.Text),
+    sa.Column("phone", sa.Text),
+    sa.Column("birthday", sa.Date),
+    sa.Column("language", sa.Text),
+    sa.Column("country", sa.Text),
+    sa.Column("city", sa.Text),
+    sa.Column("timezone", sa.Text),
+    sa.Column("company", sa.Text),
+    sa.Column("job_title", sa.Text),
+    # transaction aggregates for RFM / value segments / CLV
+    sa.Column("orders_count", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("revenue_total", sa.Numeric(18, 4), nullable=False, server_default="0"),
+    sa.Column("first_order_at", TIMESTAMP),
+    sa.Column("last_order_at", TIMESTAMP),
+    sa.Column("merged_into", UUID(as_uuid=True)),
+    sa.Column("erased_at", TIMESTAMP),
+    sa.Index("contacts_workspace_email", "workspace_id", "email"),
+    sa.Index("contacts_merged_into", "merged_into"),
 )
 identities = sa.Table(
     "identities",
@@ -39,28 +74,67 @@ identities = sa.Table(
     sa.Column("workspace_id", sa.Text, primary_key=True),
     sa.Column("kind", sa.Text, primary_key=True),
     sa.Column("value", sa.Text, primary_key=True),
-    sa.Column("contact_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("contact_id", UUID(as_uuid=True), nullable=False, index=True),
+)
+event_ids = sa.Table(
+    "event_ids",
+    metadata,
+    sa.Column("workspace_id", sa.Text, primary_key=True),
+    sa.Column("message_id", sa.Text, primary_key=True),
+    sa.Column("occurred_at", TIMESTAMP, nullable=False),
+    sa.Column("contact_id", UUID(as_uuid=True), nullable=False, index=True),
 )
 events = sa.Table(
     "events",
     metadata,
     sa.Column("workspace_id", sa.Text, primary_key=True),
     sa.Column("message_id", sa.Text, primary_key=True),
+    sa.Column("occurred_at", TIMESTAMP, primary_key=True),
     sa.Column("contact_id", UUID(as_uuid=True), nullable=False),
     sa.Column("type", sa.Text, nullable=False),
     sa.Column("name", sa.Text),
     sa.Column("properties", JSONB, nullable=False),
-    sa.Column("occurred_at", TIMESTAMP, nullable=False),
+    sa.Column("context", JSONB, nullable=False, server_default=JSON_OBJECT),
     sa.Column("received_at", TIMESTAMP, nullable=False),
+    sa.Index("events_contact_occurred", "contact_id", "occurred_at"),
+    postgresql_partition_by="RANGE (occurred_at)",
+)
+transactions = sa.Table(
+    "transactions",
+    metadata,
+    sa.Column("workspace_id", sa.Text, primary_key=True),
+    sa.Column("message_id", sa.Text, primary_key=True),
+    sa.Column("contact_id", UUID(as_uuid=True), nullable=False, index=True),
+    sa.Column("kind", sa.Text, nullable=False),  # order | refund
+    sa.Column("order_id", sa.Text),
+    sa.Column("revenue", sa.Numeric(18, 4), nullable=False),
+    sa.Column("currency", sa.Text),
+    sa.Column("payment_method", sa.Text),
+    sa.Column("products", JSONB, nullable=False, server_default=sa.text("'[]'::jsonb")),
+    sa.Column("occurred_at", TIMESTAMP, nullable=False),
+)
+models = sa.Table(
+    "models",
+    metadata,
+    sa.Column("workspace_id", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("description", sa.Text, nullable=False, server_default=""),
+    sa.Column("stages", JSONB, nullable=False, server_default=sa.text("'[]'::jsonb")),
+    sa.Column("created_at", TIMESTAMP, nullable=False, server_default=sa.func.now()),
+    sa.Column("updated_at", TIMESTAMP, nullable=False, server_default=sa.func.now()),
 )
 rules = sa.Table(
     "rules",
     metadata,
     sa.Column("id", UUID(as_uuid=True), primary_key=True),
-    sa.Column("workspace_id", sa.Text, nullable=False),
+    sa.Column("workspace_id", sa.Text, nullable=False, index=True),
     sa.Column("model", sa.Text, nullable=False),
-    sa.Column("event", sa.Text, nullable=False),
+    sa.Column("event", sa.Text),
     sa.Column("points", sa.Integer, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False, server_default="behavioural"),
+    sa.Column("spec", JSONB),
+    sa.Column("name", sa.Text, nullable=False, server_default=""),
+    sa.Column("updated_at", TIMESTAMP, nullable=False, server_default=sa.func.now()),
 )
 scores = sa.Table(
     "scores",
@@ -75,14 +149,100 @@ score_changes = sa.Table(
     metadata,
     sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
     sa.Column("workspace_id", sa.Text, nullable=False),
-    sa.Column("contact_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("contact_id", UUID(as_uuid=True), nullable=False, index=True),
     sa.Column("model", sa.Text, nullable=False),
     sa.Column("rule_id", UUID(as_uuid=True), nullable=False),
     sa.Column("points", sa.Integer, nullable=False),
     sa.Column("message_id", sa.Text, nullable=False),
     sa.Column("at", TIMESTAMP, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False, server_default="event"),
+)
+rule_spending = sa.Table(
+    "rule_spending",
+    metadata,
+    sa.Column("contact_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("rule_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("period", sa.Text, primary_key=True),  # day:YYYY-MM-DD | ever | held
+    sa.Column("points", sa.Integer, nullable=False),
+)
+stages = sa.Table(
+    "stages",
+    metadata,
+    sa.Column("contact_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("model", sa.Text, primary_key=True),
+    sa.Column("workspace_id", sa.Text, nullable=False),
+    sa.Column("stage", sa.Text, nullable=False),
+    sa.Column("since", TIMESTAMP, nullable=False),
+)
+stage_history = sa.Table(
+    "stage_history",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("workspace_id", sa.Text, nullable=False),
+    sa.Column("contact_id", UUID(as_uuid=True), nullable=False, index=True),
+    sa.Column("model", sa.Text, nullable=False),
+    sa.Column("from_stage", sa.Text),
+    sa.Column("to_stage", sa.Text, nullable=False),
+    sa.Column("score", sa.Integer, nullable=False),
+    sa.Column("at", TIMESTAMP, nullable=False),
+)
+tags = sa.Table(
+    "tags",
+    metadata,
+    sa.Column("contact_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("tag", sa.Text, primary_key=True),
+    sa.Column("workspace_id", sa.Text, nullable=False),
+    sa.Column("assignments", sa.Integer, nullable=False),  # the tag score
+    sa.Column("active", sa.Boolean, nullable=False),
+    sa.Column("first_assigned_at", TIMESTAMP, nullable=False),
+    sa.Column("last_assigned_at", TIMESTAMP, nullable=False),
+)
+merges = sa.Table(
+    "merges",
+    metadata,
+    sa.Column("merged_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("workspace_id", sa.Text, nullable=False),
+    sa.Column("survivor_id", UUID(as_uuid=True), nullable=False, index=True),
+    sa.Column("reason", sa.Text, nullable=False),  # identify | alias | email
+    sa.Column("identity", sa.Text, nullable=False),
+    sa.Column("cause_message_id", sa.Text, nullable=False),
+    sa.Column("at", TIMESTAMP, nullable=False),
+)
+workspace_settings = sa.Table(
+    "workspace_settings",
+    metadata,
+    sa.Column("workspace_id", sa.Text, primary_key=True),
+    sa.Column("merge_on_email", sa.Boolean, nullable=False, server_default=sa.false()),
+)
+timers = sa.Table(
+    "timers",
+    metadata,
+    sa.Column("contact_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("rule_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("workspace_id", sa.Text, nullable=False),
+    sa.Column("due_at", TIMESTAMP, nullable=False, index=True),
+)
+"""Durable time-based work: one pending decay per (contact, decay rule), due when the
+contact has been inactive for the rule's period. Claimed with FOR UPDATE SKIP LOCKED."""
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("workspace_id", sa.Text, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False),  # recompute | import
+    sa.Column("status", sa.Text, nullable=False),  # pending | running | done | failed
+    sa.Column("params", JSONB, nullable=False, server_default=JSON_OBJECT),
+    sa.Column("total", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("done", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("errors", JSONB, nullable=False, server_default=sa.text("'[]'::jsonb")),
+    sa.Column("cursor", sa.Text),
+    sa.Column("created_at", TIMESTAMP, nullable=False, server_default=sa.func.now()),
+    sa.Column("finished_at", TIMESTAMP),
 )
 processed_messages = processed_messages_table(metadata)
+
+
+# --- contacts and identities -------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -90,104 +250,474 @@ class Contact:
     id: uuid.UUID
     user_id: str | None
     traits: dict[str, Any]
+    trait_sources: dict[str, Any]
+    first_touch: dict[str, Any] | None
+    orders_count: int
+    merged_into: uuid.UUID | None = None
 
 
-async def resolve_contact(
-    session: AsyncSession, *, workspace_id: str, event: SegmentEvent
+CONTACT_COLUMNS = (
+    contacts.c.id,
+    contacts.c.user_id,
+    contacts.c.traits,
+    contacts.c.trait_sources,
+    contacts.c.first_touch,
+    contacts.c.orders_count,
+    contacts.c.merged_into,
+)
+
+
+def _contact(row: Any) -> Contact:
+    return Contact(
+        row.id,
+        row.user_id,
+        row.traits,
+        row.trait_sources,
+        row.first_touch,
+        row.orders_count,
+        row.merged_into,
+    )
+
+
+async def identities_of(
+    session: AsyncSession, *, workspace_id: str, keys: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], uuid.UUID]:
+    if not keys:
+        return {}
+    rows = await session.execute(
+        sa.select(identities.c.kind, identities.c.value, identities.c.contact_id).where(
+            identities.c.workspace_id == workspace_id,
+            sa.tuple_(identities.c.kind, identities.c.value).in_(list(keys)),
+        )
+    )
+    return {(row.kind, row.value): row.contact_id for row in rows}
+
+
+async def claim_identities(
+    session: AsyncSession,
+    *,
+    workspace_id: str,
+    keys: Sequence[tuple[str, str]],
+    contact_id: uuid.UUID,
+) -> None:
+    """Point the unclaimed ``keys`` at ``contact_id``; keys another contact holds (even one
+    committed a moment ago by a concurrent transaction) keep their owner."""
+    if not keys:
+        return
+    await session.execute(
+        pg_insert(identities)
+        .values(
+            [
+                {"workspace_id": workspace_id, "kind": k, "value": v, "contact_id": contact_id}
+                for k, v in sorted(keys)
+            ]
+        )
+        .on_conflict_do_nothing()
+    )
+
+
+async def create_contact(
+    session: AsyncSession,
+    *,
+    workspace_id: str,
+    contact_id: uuid.UUID,
+    user_id: str | None,
+    at: datetime,
+) -> None:
+    await session.execute(
+        pg_insert(contacts)
+        .values(
+            id=contact_id,
+            workspace_id=workspace_id,
+            user_id=user_id,
+            first_seen_at=at,
+            last_seen_at=at,
+        )
+        .on_conflict_do_nothing()
+    )
+
+
+async def lock_contacts(
+    session: AsyncSession, ids: Iterable[uuid.UUID]
+) -> dict[uuid.UUID, Contact]:
+    """Lock the contacts' rows (in id order, so two merges never deadlock) and read them."""
+    rows = await session.execute(
+        sa.select(*CONTACT_COLUMNS)
+        .where(contacts.c.id.in_(sorted(set(ids))))
+        .order_by(contacts.c.id)
+        .with_for_update()
+    )
+    return {row.id: _contact(row) for row in rows}
+
+
+async def touch_contact(
+    session: AsyncSession, *, contact_id: uuid.UUID, user_id: str | None, at: datetime
 ) -> Contact:
-    """The contact an event belongs to, created on first sight. Its id derives from the
-    identity it was first seen with, so a replay after a crash finds the same contact."""
-    known = [(kind, value) for kind, value in _identities_of(event) if value]
-    rows = (
-        await session.execute(
-            sa.select(identities.c.kind, identities.c.contact_id).where(
-                identities.c.workspace_id == workspace_id,
-                sa.tuple_(identities.c.kind, identities.c.value).in_(known),
-            )
-        )
-    ).all()
-    by_kind = {row.kind: row.contact_id for row in rows}
-    contact_id = by_kind.get("user_id") or by_kind.get("anonymous_id")
-    seen_at = event.timestamp
-    if contact_id is None:
-        contact_id = stable_id(workspace_id, "contact", *known[0])
-        await session.execute(
-            pg_insert(contacts)
-            .values(
-                id=contact_id,
-                workspace_id=workspace_id,
-                user_id=event.user_id,
-                first_seen_at=seen_at,
-                last_seen_at=seen_at,
-            )
-            .on_conflict_do_nothing()
-        )
-    missing = [(kind, value) for kind, value in known if kind not in by_kind]
-    if missing:
-        await session.execute(
-            pg_insert(identities)
-            .values(
-                [
-                    {"workspace_id": workspace_id, "kind": k, "value": v, "contact_id": contact_id}
-                    for k, v in missing
-                ]
-            )
-            .on_conflict_do_nothing()
-        )
     row = (
         await session.execute(
             sa.update(contacts)
             .where(contacts.c.id == contact_id)
             .values(
-                last_seen_at=sa.func.greatest(contacts.c.last_seen_at, seen_at),
-                user_id=sa.func.coalesce(contacts.c.user_id, event.user_id),
+                last_seen_at=sa.func.greatest(contacts.c.last_seen_at, at),
+                first_seen_at=sa.func.least(contacts.c.first_seen_at, at),
+                user_id=sa.func.coalesce(contacts.c.user_id, user_id),
             )
-            .returning(contacts.c.id, contacts.c.user_id, contacts.c.traits)
+            .returning(*CONTACT_COLUMNS)
         )
     ).one()
-    return Contact(row.id, row.user_id, row.traits)
+    return _contact(row)
 
 
-def _identities_of(event: SegmentEvent) -> list[tuple[str, str | None]]:
-    return [("user_id", event.user_id), ("anonymous_id", event.anonymous_id)]
+async def get_contact(session: AsyncSession, *, contact_id: uuid.UUID) -> Contact | None:
+    row = (
+        await session.execute(sa.select(*CONTACT_COLUMNS).where(contacts.c.id == contact_id))
+    ).first()
+    return _contact(row) if row else None
+
+
+async def set_profile(
+    session: AsyncSession,
+    *,
+    contact_id: uuid.UUID,
+    traits: dict[str, Any],
+    trait_sources: dict[str, Any],
+    typed: dict[str, Any],
+) -> None:
+    await session.execute(
+        sa.update(contacts)
+        .where(contacts.c.id == contact_id)
+        .values(traits=traits, trait_sources=trait_sources, **typed)
+    )
+
+
+async def set_first_touch(
+    session: AsyncSession, *, contact_id: uuid.UUID, touch: dict[str, Any]
+) -> None:
+    await session.execute(
+        sa.update(contacts)
+        .where(contacts.c.id == contact_id, contacts.c.first_touch.is_(None))
+        .values(first_touch=touch)
+    )
+
+
+async def merge_on_email(session: AsyncSession, *, workspace_id: str) -> bool:
+    value = await session.scalar(
+        sa.select(workspace_settings.c.merge_on_email).where(
+            workspace_settings.c.workspace_id == workspace_id
+        )
+    )
+    return bool(value)
+
+
+async def put_workspace_settings(
+    session: AsyncSession, *, workspace_id: str, merge_on_email: bool
+) -> None:
+    upsert = pg_insert(workspace_settings).values(
+        workspace_id=workspace_id, merge_on_email=merge_on_email
+    )
+    await session.execute(
+        upsert.on_conflict_do_update(
+            index_elements=[workspace_settings.c.workspace_id],
+            set_={"merge_on_email": merge_on_email},
+        )
+    )
+
+
+async def merge_contacts(
+    session: AsyncSession,
+    *,
+    workspace_id: str,
+    survivor: Contact,
+    merged: Contact,
+    reason: str,
+    identity: str,
+    cause_message_id: str,
+    at: datetime,
+) -> None:
+    """Move everything ``merged`` has onto ``survivor`` and keep an audit record. Both rows
+    must be locked by the caller. Events stay where they are (append-only): the survivor's
+    history reads them through ``merged_into``."""
+    s, m = survivor.id, merged.id
+    await session.execute(
+        sa.update(identities).where(identities.c.contact_id == m).values(contact_id=s)
+    )
+    await session.execute(
+        sa.update(score_changes).where(score_changes.c.contact_id == m).values(contact_id=s)
+    )
+    await session.execute(
+        sa.update(transactions).where(transactions.c.contact_id == m).values(contact_id=s)
+    )
+    await session.execute(
+        sa.update(stage_history).where(stage_history.c.contact_id == m).values(contact_id=s)
+    )
+    for table, keys in (
+        (scores, ("model",)),
+        (rule_spending, ("rule_id", "period")),
+    ):
+        await _merge_sums(session, table, keys, "points", s, m)
+    await _merge_tags(session, s, m)
+    await session.execute(sa.delete(stages).where(stages.c.contact_id == m))
+    await session.execute(sa.delete(timers).where(timers.c.contact_id == m))
+    # the survivor's own traits win; the merged contact fills the gaps
+    merged_row = contacts.alias("merged_row")
+    await session.execute(
+        sa.update(contacts)
+        .where(contacts.c.id == s, merged_row.c.id == m)
+        .values(
+            traits=merged_row.c.traits.op("||")(contacts.c.traits),
+            trait_sources=merged_row.c.trait_sources.op("||")(contacts.c.trait_sources),
+            first_seen_at=sa.func.least(contacts.c.first_seen_at, merged_row.c.first_seen_at),
+            last_seen_at=sa.func.greatest(contacts.c.last_seen_at, merged_row.c.last_seen_at),
+            first_touch=sa.case(
+                (
+                    sa.and_(
+                        merged_row.c.first_touch.is_not(None),
+                        merged_row.c.first_seen_at < contacts.c.first_seen_at,
+                    ),
+                    merged_row.c.first_touch,
+                ),
+                else_=sa.func.coalesce(contacts.c.first_touch, merged_row.c.first_touch),
+            ),
+            user_id=sa.func.coalesce(contacts.c.user_id, merged_row.c.user_id),
+            orders_count=contacts.c.orders_count + merged_row.c.orders_count,
+            revenue_total=contacts.c.revenue_total + merged_row.c.revenue_total,
+            first_order_at=sa.func.least(contacts.c.first_order_at, merged_row.c.first_order_at),
+            last_order_at=sa.func.greatest(contacts.c.last_order_at, merged_row.c.last_order_at),
+        )
+    )
+    await session.execute(
+        sa.update(contacts)
+        .where(sa.or_(contacts.c.id == m, contacts.c.merged_into == m))
+        .values(merged_into=s)
+    )
+    await session.execute(
+        pg_insert(merges)
+        .values(
+            merged_id=m,
+            workspace_id=workspace_id,
+            survivor_id=s,
+            reason=reason,
+            identity=identity,
+            cause_message_id=cause_message_id,
+            at=at,
+        )
+        .on_conflict_do_nothing()
+    )
+
+
+async def _merge_sums(
+    session: AsyncSession,
+    table: sa.Table,
+    keys: tuple[str, ...],
+    column: str,
+    survivor: uuid.UUID,
+    merged: uuid.UUID,
+) -> None:
+    rows = (
+        await session.execute(sa.delete(table).where(table.c.contact_id == merged).returning(table))
+    ).all()
+    if not rows:
+        return
+    upsert = pg_insert(table).values([{**row._asdict(), "contact_id": survivor} for row in rows])
+    await session.execute(
+        upsert.on_conflict_do_update(
+            index_elements=[table.c.contact_id, *(table.c[k] for k in keys)],
+            set_={column: table.c[column] + upsert.excluded[column]},
+        )
+    )
+
+
+async def _merge_tags(session: AsyncSession, survivor: uuid.UUID, merged: uuid.UUID) -> None:
+    rows = (
+        await session.execute(sa.delete(tags).where(tags.c.contact_id == merged).returning(tags))
+    ).all()
+    if not rows:
+        return
+    upsert = pg_insert(tags).values([{**row._asdict(), "contact_id": survivor} for row in rows])
+    await session.execute(
+        upsert.on_conflict_do_update(
+            index_elements=[tags.c.contact_id, tags.c.tag],
+            set_={
+                "assignments": tags.c.assignments + upsert.excluded.assignments,
+                "active": tags.c.active | upsert.excluded.active,
+                "first_assigned_at": sa.func.least(
+                    tags.c.first_assigned_at, upsert.excluded.first_assigned_at
+                ),
+                "last_assigned_at": sa.func.greatest(
+                    tags.c.last_assigned_at, upsert.excluded.last_assigned_at
+                ),
+            },
+        )
+    )
+
+
+def family(contact_id: uuid.UUID) -> sa.ColumnElement[bool]:
+    """The contact and every contact merged into it, for reading events."""
+    merged = sa.select(contacts.c.id).where(contacts.c.merged_into == contact_id)
+    return sa.or_(events.c.contact_id == contact_id, events.c.contact_id.in_(merged))
+
+
+# --- events and transactions -------------------------------------------------------------
 
 
 async def store_event(
     session: AsyncSession, *, workspace_id: str, contact_id: uuid.UUID, event: SegmentEvent
 ) -> bool:
     """Append the event; False when this (workspace, messageId) was stored before."""
-    statement = (
-        pg_insert(events)
-        .values(
+    claimed = (
+        await session.execute(
+            pg_insert(event_ids)
+            .values(
+                workspace_id=workspace_id,
+                message_id=event.message_id,
+                occurred_at=event.timestamp,
+                contact_id=contact_id,
+            )
+            .on_conflict_do_nothing()
+            .returning(event_ids.c.message_id)
+        )
+    ).first()
+    if claimed is None:
+        return False
+    await session.execute(
+        sa.insert(events).values(
             workspace_id=workspace_id,
             message_id=event.message_id,
             contact_id=contact_id,
             type=event.type.value,
             name=event.event or event.name,
             properties=event.properties,
+            context=event.context,
             occurred_at=event.timestamp,
             received_at=event.received_at,
         )
-        .on_conflict_do_nothing()
-        .returning(events.c.message_id)
     )
-    return (await session.execute(statement)).first() is not None
+    return True
 
 
-async def set_traits(
-    session: AsyncSession, *, contact_id: uuid.UUID, traits: dict[str, Any]
+async def record_transaction(
+    session: AsyncSession,
+    *,
+    workspace_id: str,
+    contact_id: uuid.UUID,
+    event: SegmentEvent,
+    kind: str,
+    revenue: float,
 ) -> None:
+    properties = event.properties
+    products = properties.get("products")
+    method = properties.get("payment_method") or properties.get("paymentMethod")
     await session.execute(
-        sa.update(contacts).where(contacts.c.id == contact_id).values(traits=traits)
+        pg_insert(transactions)
+        .values(
+            workspace_id=workspace_id,
+            message_id=event.message_id,
+            contact_id=contact_id,
+            kind=kind,
+            order_id=str(properties["order_id"]) if properties.get("order_id") else None,
+            revenue=revenue,
+            currency=str(properties.get("currency") or "") or None,
+            payment_method=str(method) if method else None,
+            products=products if isinstance(products, list) else [],
+            occurred_at=event.timestamp,
+        )
+        .on_conflict_do_nothing()
+    )
+    is_order = kind == "order"
+    await session.execute(
+        sa.update(contacts)
+        .where(contacts.c.id == contact_id)
+        .values(
+            orders_count=contacts.c.orders_count + (1 if is_order else 0),
+            revenue_total=contacts.c.revenue_total + revenue,
+            first_order_at=sa.func.least(contacts.c.first_order_at, event.timestamp)
+            if is_order
+            else contacts.c.first_order_at,
+            last_order_at=sa.func.greatest(contacts.c.last_order_at, event.timestamp)
+            if is_order
+            else contacts.c.last_order_at,
+        )
     )
 
 
-async def list_rules(session: AsyncSession, *, workspace_id: str) -> list[Rule]:
-    rows = await session.execute(sa.select(rules).where(rules.c.workspace_id == workspace_id))
-    return [Rule(row.id, row.model, row.event, row.points) for row in rows]
+# --- models and rules --------------------------------------------------------------------
 
 
-async def create_rule(session: AsyncSession, *, workspace_id: str, rule: Rule) -> None:
+@dataclass(frozen=True)
+class Model:
+    name: str
+    description: str
+    stages: list[Stage]
+
+
+async def list_models(session: AsyncSession, *, workspace_id: str) -> list[Model]:
+    rows = await session.execute(
+        sa.select(models).where(models.c.workspace_id == workspace_id).order_by(models.c.name)
+    )
+    return [
+        Model(row.name, row.description, [Stage.model_validate(s) for s in row.stages])
+        for row in rows
+    ]
+
+
+async def put_model(
+    session: AsyncSession,
+    *,
+    workspace_id: str,
+    name: str,
+    description: str,
+    stages: list[Stage],
+) -> None:
+    values = {
+        "description": description,
+        "stages": [s.model_dump() for s in stages],
+        "updated_at": sa.func.now(),
+    }
+    upsert = pg_insert(models).values(workspace_id=workspace_id, name=name, **values)
+    await session.execute(
+        upsert.on_conflict_do_update(
+            index_elements=[models.c.workspace_id, models.c.name], set_=values
+        )
+    )
+
+
+async def delete_model(session: AsyncSession, *, workspace_id: str, name: str) -> bool:
+    await session.execute(
+        sa.delete(rules).where(rules.c.workspace_id == workspace_id, rules.c.model == name)
+    )
+    result = await session.execute(
+        sa.delete(models).where(models.c.workspace_id == workspace_id, models.c.name == name)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def _rule(row: Any) -> Rule:
+    spec = spec_adapter.validate_python(row.spec) if row.spec is not None else None
+    return Rule(row.id, row.model, row.event, row.points, spec)
+
+
+async def list_rules(
+    session: AsyncSession, *, workspace_id: str, model: str | None = None
+) -> list[Rule]:
+    query = sa.select(rules).where(rules.c.workspace_id == workspace_id)
+    if model is not None:
+        query = query.where(rules.c.model == model)
+    rows = await session.execute(query.order_by(rules.c.model, rules.c.id))
+    return [_rule(row) for row in rows]
+
+
+async def get_rule(session: AsyncSession, *, workspace_id: str, rule_id: uuid.UUID) -> Rule | None:
+    row = (
+        await session.execute(
+            sa.select(rules).where(rules.c.workspace_id == workspace_id, rules.c.id == rule_id)
+        )
+    ).first()
+    return _rule(row) if row else None
+
+
+async def create_rule(
+    session: AsyncSession, *, workspace_id: str, rule: Rule, name: str = ""
+) -> None:
     await session.execute(
         pg_insert(rules)
         .values(
@@ -196,9 +726,62 @@ async def create_rule(session: AsyncSession, *, workspace_id: str, rule: Rule) -
             model=rule.model,
             event=rule.event,
             points=rule.points,
+            kind=rule.kind,
+            spec=rule.spec.model_dump(mode="json") if rule.spec is not None else None,
+            name=name,
         )
         .on_conflict_do_nothing()
     )
+
+
+async def update_rule(session: AsyncSession, *, workspace_id: str, rule: Rule, name: str) -> bool:
+    result = await session.execute(
+        sa.update(rules)
+        .where(rules.c.workspace_id == workspace_id, rules.c.id == rule.id)
+        .values(
+            model=rule.model,
+            event=rule.event,
+            points=rule.points,
+            kind=rule.kind,
+            spec=rule.spec.model_dump(mode="json") if rule.spec is not None else None,
+            name=name,
+            updated_at=sa.func.now(),
+        )
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def delete_rule(session: AsyncSession, *, workspace_id: str, rule_id: uuid.UUID) -> bool:
+    result = await session.execute(
+        sa.delete(rules).where(rules.c.workspace_id == workspace_id, rules.c.id == rule_id)
+    )
+    await session.execute(sa.delete(timers).where(timers.c.rule_id == rule_id))
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def rules_version(session: AsyncSession, *, workspace_id: str) -> tuple[Any, ...]:
+    """Changes whenever a rule or model of the workspace is created, changed or deleted."""
+    rule_stats = sa.select(sa.func.count(), sa.func.max(rules.c.updated_at)).where(
+        rules.c.workspace_id == workspace_id
+    )
+    model_stats = sa.select(sa.func.count(), sa.func.max(models.c.updated_at)).where(
+        models.c.workspace_id == workspace_id
+    )
+    first = (await session.execute(rule_stats)).one()
+    second = (await session.execute(model_stats)).one()
+    return (*first, *second)
+
+
+# --- scores, spending, stages, tags --------------------------------------------------------
+
+
+async def scoring_spent(
+    session: AsyncSession, *, contact_id: uuid.UUID
+) -> dict[tuple[uuid.UUID, str], int]:
+    rows = await session.execute(
+        sa.select(rule_spending).where(rule_spending.c.contact_id == contact_id)
+    )
+    return {(row.rule_id, row.period): row.points for row in rows}
 
 
 async def add_points(
@@ -209,8 +792,10 @@ async def add_points(
     deltas: Sequence[ScoreDelta],
     message_id: str,
     at: datetime,
+    reason: str = "event",
 ) -> None:
-    """Apply score deltas and record each in the contact's score breakdown."""
+    """Apply score deltas, record each in the contact's score breakdown and count it
+    against its caps."""
     if not deltas:
         return
     totals: dict[str, int] = {}
@@ -219,7 +804,7 @@ async def add_points(
     upsert = pg_insert(scores).values(
         [
             {"contact_id": contact_id, "model": model, "workspace_id": workspace_id, "points": p}
-            for model, p in totals.items()
+            for model, p in sorted(totals.items())
         ]
     )
     await session.execute(
@@ -239,10 +824,33 @@ async def add_points(
                 "points": delta.points,
                 "message_id": message_id,
                 "at": at,
+                "reason": reason,
             }
             for delta in deltas
         ],
     )
+    spending: dict[tuple[uuid.UUID, str], int] = {}
+    for delta in deltas:
+        for period in delta.periods:
+            key = (delta.rule_id, period)
+            spending[key] = spending.get(key, 0) + delta.points
+    if spending:
+        spend = pg_insert(rule_spending).values(
+            [
+                {"contact_id": contact_id, "rule_id": r, "period": p, "points": v}
+                for (r, p), v in sorted(spending.items())
+            ]
+        )
+        await session.execute(
+            spend.on_conflict_do_update(
+                index_elements=[
+                    rule_spending.c.contact_id,
+                    rule_spending.c.rule_id,
+                    rule_spending.c.period,
+                ],
+                set_={"points": rule_spending.c.points + spend.excluded.points},
+            )
+        )
 
 
 async def scores_of(session: AsyncSession, *, contact_id: uuid.UUID) -> dict[str, int]:
@@ -250,3 +858,177 @@ async def scores_of(session: AsyncSession, *, contact_id: uuid.UUID) -> dict[str
         sa.select(scores.c.model, scores.c.points).where(scores.c.contact_id == contact_id)
     )
     return {row.model: row.points for row in rows}
+
+
+async def stages_of(session: AsyncSession, *, contact_id: uuid.UUID) -> dict[str, str]:
+    rows = await session.execute(
+        sa.select(stages.c.model, stages.c.stage).where(stages.c.contact_id == contact_id)
+    )
+    return {row.model: row.stage for row in rows}
+
+
+async def set_stage(
+    session: AsyncSession,
+    *,
+    workspace_id: str,
+    contact_id: uuid.UUID,
+    model: str,
+    previous: str | None,
+    stage: str,
+    score: int,
+    at: datetime,
+) -> None:
+    values = {"stage": stage, "since": at}
+    upsert = pg_insert(stages).values(
+        contact_id=contact_id, model=model, workspace_id=workspace_id, **values
+    )
+    await session.execute(
+        upsert.on_conflict_do_update(
+            index_elements=[stages.c.contact_id, stages.c.model], set_=values
+        )
+    )
+    await session.execute(
+        sa.insert(stage_history).values(
+            workspace_id=workspace_id,
+            contact_id=contact_id,
+            model=model,
+            from_stage=previous,
+            to_stage=stage,
+            score=score,
+            at=at,
+        )
+    )
+
+
+async def assign_tags(
+    session: AsyncSession,
+    *,
+    workspace_id: str,
+    contact_id: uuid.UUID,
+    add: Sequence[str],
+    remove: Sequence[str],
+    at: datetime,
+) -> None:
+    if add:
+        upsert = pg_insert(tags).values(
+            [
+                {
+                    "contact_id": contact_id,
+                    "tag": tag,
+                    "workspace_id": workspace_id,
+                    "assignments": 1,
+                    "active": True,
+                    "first_assigned_at": at,
+                    "last_assigned_at": at,
+                }
+                for tag in sorted(set(add))
+            ]
+        )
+        await session.execute(
+            upsert.on_conflict_do_update(
+                index_elements=[tags.c.contact_id, tags.c.tag],
+                set_={
+                    "assignments": tags.c.assignments + 1,
+                    "active": True,
+                    "last_assigned_at": sa.func.greatest(tags.c.last_assigned_at, at),
+                },
+            )
+        )
+    if remove:
+        await session.execute(
+            sa.update(tags)
+            .where(tags.c.contact_id == contact_id, tags.c.tag.in_(sorted(set(remove))))
+            .values(active=False)
+        )
+
+
+async def tags_of(session: AsyncSession, *, contact_id: uuid.UUID) -> dict[str, int]:
+    """Active tags and their tag scores."""
+    rows = await session.execute(
+        sa.select(tags.c.tag, tags.c.assignments).where(
+            tags.c.contact_id == contact_id, tags.c.active
+        )
+    )
+    return {row.tag: row.assignments for row in rows}
+
+
+# --- durable time-based work ---------------------------------------------------------------
+
+
+async def schedule_decay(
+    session: AsyncSession,
+    *,
+    workspace_id: str,
+    contact_id: uuid.UUID,
+    decays: Sequence[tuple[uuid.UUID, DecaySpec]],
+    active_at: datetime,
+) -> None:
+    """Activity at ``active_at`` pushes each decay of the contact back to one period after
+    it (never earlier than already scheduled)."""
+    if not decays:
+        return
+    upsert = pg_insert(timers).values(
+        [
+            {
+                "contact_id": contact_id,
+                "rule_id": rule_id,
+                "workspace_id": workspace_id,
+                "due_at": active_at + timedelta(days=spec.after_days),
+            }
+            for rule_id, spec in sorted(decays, key=lambda d: d[0])
+        ]
+    )
+    await session.execute(
+        upsert.on_conflict_do_update(
+            index_elements=[timers.c.contact_id, timers.c.rule_id],
+            set_={"due_at": sa.func.greatest(timers.c.due_at, upsert.excluded.due_at)},
+        )
+    )
+
+
+@dataclass(frozen=True)
+class DueTimer:
+    contact_id: uuid.UUID
+    rule_id: uuid.UUID
+    workspace_id: str
+    due_at: datetime
+
+
+async def claim_due_timers(session: AsyncSession, *, now: datetime, limit: int) -> list[DueTimer]:
+    """Due timers, locked for this transaction; timers another worker holds are skipped."""
+    rows = await session.execute(
+        sa.select(timers)
+        .where(timers.c.due_at <= now)
+        .order_by(timers.c.due_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return [DueTimer(r.contact_id, r.rule_id, r.workspace_id, r.due_at) for r in rows]
+
+
+async def reschedule_timer(
+    session: AsyncSession, *, timer: DueTimer, due_at: datetime | None
+) -> None:
+    if due_at is None:
+        await session.execute(
+            sa.delete(timers).where(
+                timers.c.contact_id == timer.contact_id, timers.c.rule_id == timer.rule_id
+            )
+        )
+    else:
+        await session.execute(
+            sa.update(timers)
+            .where(timers.c.contact_id == timer.contact_id, timers.c.rule_id == timer.rule_id)
+            .values(due_at=due_at)
+        )
+
+
+async def ensure_event_partitions(
+    session: AsyncSession, *, around: datetime, ahead: int = 3
+) -> None:
+    """Monthly partitions of ``events`` from the month of ``around`` to ``ahead`` months
+    after it (rows outside every range land in ``events_default``)."""
+    await session.execute(
+        sa.text("SELECT scoring.ensure_events_partition(:at, :ahead)"),
+        {"at": around, "ahead": ahead},
+    )

@@ -1,37 +1,15 @@
-"""Lead scoring and profile traits as pure functions of rules and events."""
+"""Profile traits as pure functions of events; rules and points live in
+:mod:`nudge_scoring.domain.rules` (re-exported here for existing callers)."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 from nudge_common.events import SegmentEvent, SegmentType
+from nudge_scoring.domain.rules import Rule, ScoreDelta, score_event
 
-
-@dataclass(frozen=True)
-class Rule:
-    id: uuid.UUID
-    model: str
-    event: str
-    points: int
-
-
-@dataclass(frozen=True)
-class ScoreDelta:
-    rule_id: uuid.UUID
-    model: str
-    points: int
-
-
-def score_event(rules: Iterable[Rule], event: SegmentEvent) -> list[ScoreDelta]:
-    """The points each behavioural rule gives (or takes) for one event."""
-    if event.type is not SegmentType.TRACK or not event.event:
-        return []
-    return [
-        ScoreDelta(rule.id, rule.model, rule.points) for rule in rules if rule.event == event.event
-    ]
+__all__ = ["Rule", "ScoreDelta", "incoming_traits", "merge_traits", "score_event"]
 
 
 def incoming_traits(event: SegmentEvent) -> dict[str, Any]:

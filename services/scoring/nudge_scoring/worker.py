@@ -1,0 +1,345 @@
+"""Scoring's durable time-based work, kept in PostgreSQL so nothing is lost on a restart:
+
+* **decay timers** (table ``timers``): one row per (contact, decay rule), pushed back by
+  each activity, claimed when due with ``FOR UPDATE SKIP LOCKED`` (replicas share the work;
+  no full-table scan: an index on ``due_at`` finds the due ones);
+* **jobs** (table ``jobs``): recomputing a model's scores over history after a rule change,
+  a chunk of contacts per step with its progress recorded;
+* upcoming monthly partitions of ``events``.
+
+The clock is a parameter (``now``) everywhere, so tests move time by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+import structlog
+from aiokafka import AIOKafkaProducer
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from nudge_common.consumer import TRANSIENT_ERRORS
+from nudge_common.db import SessionMaker, transaction
+from nudge_common.events import ContactUpdated, Envelope, SegmentEvent
+from nudge_common.ids import stable_id
+from nudge_common.kafka import publish
+from nudge_common.settings import NudgeSettings
+from nudge_scoring import metrics, store
+from nudge_scoring.consumer import Outputs, Rulebook, after_points, load_rulebook
+from nudge_scoring.domain.rules import (
+    ORDER_COMPLETED,
+    DecaySpec,
+    ScoreDelta,
+    ScoringState,
+    decay_points,
+    score_event,
+    score_profile,
+)
+
+log = structlog.get_logger(__name__)
+Clock = Callable[[], datetime]
+
+
+def system_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+def _cause(workspace_id: str, *parts: str, at: datetime) -> Envelope:
+    """A synthetic cause for time-based outputs: its id derives from what fired."""
+    return Envelope(
+        type="scoring.timer",
+        id=stable_id(workspace_id, *parts),
+        occurred_at=at,
+        workspace_id=workspace_id,
+        payload={},
+    )
+
+
+async def _contact_updated(
+    session: AsyncSession, out: Outputs, contact_id: uuid.UUID, cause: str
+) -> None:
+    contact = await store.get_contact(session, contact_id=contact_id)
+    if contact is None:
+        return
+    out.updated(
+        ContactUpdated(
+            contact_id=contact_id,
+            user_id=contact.user_id,
+            traits=contact.traits,
+            scores=await store.scores_of(session, contact_id=contact_id),
+            changed=["scores"],
+            cause_message_id=cause,
+        )
+    )
+
+
+async def run_due_timers(
+    sessionmaker: SessionMaker,
+    producer: AIOKafkaProducer,
+    settings: NudgeSettings,
+    *,
+    now: datetime,
+    limit: int = 200,
+) -> int:
+    """Handle up to ``limit`` due decay timers in one transaction; returns how many. Outputs
+    are published before the commit, with ids derived from (contact, rule, due time)."""
+    async with transaction(sessionmaker) as session:
+        due = await store.claim_due_timers(session, now=now, limit=limit)
+        messages = []
+        books: dict[str, Rulebook] = {}
+        for timer in due:
+            metrics.TIMERS_FIRED.inc()
+            book = books.get(timer.workspace_id)
+            if book is None:
+                book = books[timer.workspace_id] = await load_rulebook(
+                    session, workspace_id=timer.workspace_id
+                )
+            rule = next((r for r in book.rules if r.id == timer.rule_id), None)
+            if rule is None or not isinstance(rule.definition, DecaySpec):
+                await store.reschedule_timer(session, timer=timer, due_at=None)
+                continue
+            spec = rule.definition
+            before = await store.scores_of(session, contact_id=timer.contact_id)
+            points = decay_points(spec, before.get(rule.model, 0))
+            cause = f"decay:{rule.id}:{timer.due_at.isoformat()}"
+            out = Outputs(
+                timer.workspace_id,
+                _cause(timer.workspace_id, "decay", str(timer.contact_id), cause, at=timer.due_at),
+                timer.due_at,
+            )
+            if points:
+                await store.add_points(
+                    session,
+                    workspace_id=timer.workspace_id,
+                    contact_id=timer.contact_id,
+                    deltas=[ScoreDelta(rule.id, rule.model, points)],
+                    message_id=cause,
+                    at=timer.due_at,
+                    reason="decay",
+                )
+                metrics.DECAYS.labels(rule.model).inc()
+                await after_points(session, out, book, timer.contact_id, before, at=timer.due_at)
+                await _contact_updated(session, out, timer.contact_id, cause)
+            left = before.get(rule.model, 0) + points
+            next_due = timer.due_at + timedelta(days=spec.after_days) if left > 0 else None
+            await store.reschedule_timer(session, timer=timer, due_at=next_due)
+            messages.extend(out.messages)
+        await publish(producer, settings, messages)
+        return len(due)
+
+
+# --- recompute over history ----------------------------------------------------------------
+
+
+async def start_recompute(session: AsyncSession, *, workspace_id: str, model: str) -> uuid.UUID:
+    job_id = uuid.uuid4()
+    total = await session.scalar(
+        sa.select(sa.func.count())
+        .select_from(store.contacts)
+        .where(
+            store.contacts.c.workspace_id == workspace_id, store.contacts.c.merged_into.is_(None)
+        )
+    )
+    await session.execute(
+        sa.insert(store.jobs).values(
+            id=job_id,
+            workspace_id=workspace_id,
+            kind="recompute",
+            status="pending",
+            params={"model": model},
+            total=total or 0,
+        )
+    )
+    return job_id
+
+
+def _event_of(row: Any) -> SegmentEvent:
+    fields: dict[str, Any] = {
+        "type": row.type,
+        "messageId": row.message_id,
+        "userId": "replay",
+        "properties": row.properties,
+        "context": row.context,
+        "timestamp": row.occurred_at,
+        "receivedAt": row.received_at,
+    }
+    fields["event" if row.type == "track" else "name"] = row.name
+    return SegmentEvent.model_validate(fields)
+
+
+async def recompute_contact(
+    session: AsyncSession, out: Outputs, book: Rulebook, contact_id: uuid.UUID, model: str
+) -> None:
+    """Replay the contact's stored events under the model's current rules. Past decay is
+    not replayed: the decay timer resumes from the contact's last activity."""
+    rules = [r for r in book.rules if r.model == model]
+    before = await store.scores_of(session, contact_id=contact_id)
+    await session.execute(
+        sa.delete(store.score_changes).where(
+            store.score_changes.c.contact_id == contact_id, store.score_changes.c.model == model
+        )
+    )
+    rule_ids = [r.id for r in rules]
+    await session.execute(
+        sa.delete(store.rule_spending).where(
+            store.rule_spending.c.contact_id == contact_id,
+            store.rule_spending.c.rule_id.in_(rule_ids),
+        )
+    )
+    await session.execute(
+        sa.delete(store.scores).where(
+            store.scores.c.contact_id == contact_id, store.scores.c.model == model
+        )
+    )
+    contact = await store.get_contact(session, contact_id=contact_id)
+    if contact is None:
+        return
+    rows = await session.execute(
+        sa.select(store.events)
+        .where(store.family(contact_id))
+        .order_by(store.events.c.occurred_at, store.events.c.message_id)
+    )
+    state = ScoringState()
+    for row in rows:
+        event = _event_of(row)
+        deltas = score_event(rules, event, state)
+        if row.type == "track" and row.name == ORDER_COMPLETED:
+            state.orders_before += 1
+        await store.add_points(
+            session,
+            workspace_id=out.workspace_id,
+            contact_id=contact_id,
+            deltas=deltas,
+            message_id=row.message_id,
+            at=row.occurred_at,
+            reason="recompute",
+        )
+    await store.add_points(
+        session,
+        workspace_id=out.workspace_id,
+        contact_id=contact_id,
+        deltas=score_profile(rules, contact.traits, {}),
+        message_id="recompute:profile",
+        at=out.occurred_at,
+        reason="recompute",
+    )
+    now = await after_points(session, out, book, contact_id, before, at=out.occurred_at)
+    if now.get(model, 0) != before.get(model, 0):
+        await _contact_updated(session, out, contact_id, f"recompute:{model}")
+
+
+async def run_job_step(
+    sessionmaker: SessionMaker,
+    producer: AIOKafkaProducer,
+    settings: NudgeSettings,
+    *,
+    now: datetime,
+    chunk: int = 100,
+) -> bool:
+    """Advance one pending job by a chunk of contacts; returns whether one was found."""
+    async with transaction(sessionmaker) as session:
+        job = (
+            await session.execute(
+                sa.select(store.jobs)
+                .where(
+                    store.jobs.c.status.in_(["pending", "running"]),
+                    store.jobs.c.kind == "recompute",
+                )
+                .order_by(store.jobs.c.created_at)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            )
+        ).first()
+        if job is None:
+            return False
+        model = job.params["model"]
+        query = (
+            sa.select(store.contacts.c.id)
+            .where(
+                store.contacts.c.workspace_id == job.workspace_id,
+                store.contacts.c.merged_into.is_(None),
+            )
+            .order_by(store.contacts.c.id)
+            .limit(chunk)
+        )
+        if job.cursor:
+            query = query.where(store.contacts.c.id > uuid.UUID(job.cursor))
+        ids = list((await session.execute(query)).scalars())
+        book = await load_rulebook(session, workspace_id=job.workspace_id)
+        messages = []
+        for contact_id in ids:
+            out = Outputs(
+                job.workspace_id,
+                _cause(job.workspace_id, "recompute", str(job.id), str(contact_id), at=now),
+                now,
+            )
+            await recompute_contact(session, out, book, contact_id, model)
+            messages.extend(out.messages)
+        finished = len(ids) < chunk
+        await session.execute(
+            sa.update(store.jobs)
+            .where(store.jobs.c.id == job.id)
+            .values(
+                status="done" if finished else "running",
+                done=store.jobs.c.done + len(ids),
+                cursor=str(ids[-1]) if ids else job.cursor,
+                finished_at=now if finished else None,
+            )
+        )
+        await publish(producer, settings, messages)
+        return True
+
+
+class TimerWorker:
+    """Runs the durable time-based work in the service's event loop; stops like a consumer
+    runner (``stop()`` finishes the transaction in hand)."""
+
+    name = "scoring-timers"
+
+    def __init__(
+        self,
+        *,
+        settings: NudgeSettings,
+        sessionmaker: SessionMaker,
+        producer: AIOKafkaProducer,
+        clock: Clock = system_clock,
+        interval_s: float = 1.0,
+    ) -> None:
+        self.settings = settings
+        self.sessionmaker = sessionmaker
+        self.producer = producer
+        self.clock = clock
+        self.interval_s = interval_s
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        last_partition_check: datetime | None = None
+        while not self._stopping.is_set():
+            busy = False
+            try:
+                now = self.clock()
+                if last_partition_check is None or now - last_partition_check > timedelta(hours=1):
+                    async with transaction(self.sessionmaker) as session:
+                        await store.ensure_event_partitions(session, around=now)
+                    last_partition_check = now
+                fired = await run_due_timers(
+                    self.sessionmaker, self.producer, self.settings, now=now
+                )
+                stepped = await run_job_step(
+                    self.sessionmaker, self.producer, self.settings, now=now
+                )
+                busy = fired > 0 or stepped
+            except TRANSIENT_ERRORS as error:
+                log.warning("timer work failed, retrying", error=repr(error))
+            if not busy:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), timeout=self.interval_s)
