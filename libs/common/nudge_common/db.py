@@ -6,8 +6,10 @@ consumer runner for a batch, a route for a request) opens it with :func:`transac
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import UUID
@@ -17,20 +19,61 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.pool import QueuePool
 
+from nudge_common import metrics
 from nudge_common.settings import NudgeSettings
 
 SessionMaker = async_sessionmaker[AsyncSession]
 
 
 def create_engine(settings: NudgeSettings) -> AsyncEngine:
-    return create_async_engine(
+    engine = create_async_engine(
         settings.database_url,
         pool_size=settings.database_pool_size,
         max_overflow=settings.database_pool_size,
         pool_pre_ping=True,
         pool_timeout=10,
     )
+    instrument(engine)
+    return engine
+
+
+def instrument(engine: AsyncEngine) -> None:
+    """Time every statement and follow the pool's connections in the shared metrics."""
+    sync_engine = engine.sync_engine
+
+    @sa.event.listens_for(sync_engine, "before_cursor_execute")
+    def started(conn: sa.Connection, *_: Any) -> None:
+        conn.info.setdefault(_STARTED, []).append(time.perf_counter())
+
+    @sa.event.listens_for(sync_engine, "after_cursor_execute")
+    def finished(conn: sa.Connection, _cursor: Any, statement: str, *_: Any) -> None:
+        began = conn.info[_STARTED].pop()
+        kind = statement.lstrip().split(None, 1)[0].lower() if statement.strip() else "empty"
+        metrics.DB_QUERY_DURATION.labels(kind if kind in _KINDS else "other").observe(
+            time.perf_counter() - began
+        )
+
+    @sa.event.listens_for(sync_engine, "handle_error")
+    def failed(context: sa.engine.ExceptionContext) -> None:
+        started_at = context.connection.info.get(_STARTED) if context.connection else None
+        if started_at:
+            started_at.pop()
+
+    pool = sync_engine.pool
+
+    def observe_pool(*_: Any) -> None:
+        if isinstance(pool, QueuePool):
+            metrics.DB_POOL_CHECKED_OUT.set(pool.checkedout())
+            metrics.DB_POOL_SIZE.set(pool.checkedout() + pool.checkedin())
+
+    for event_name in ("checkout", "checkin", "connect", "close"):
+        sa.event.listen(pool, event_name, observe_pool)
+
+
+_STARTED = "nudge_query_started"
+_KINDS = frozenset({"select", "insert", "update", "delete", "with", "begin", "commit", "rollback"})
 
 
 def create_sessionmaker(engine: AsyncEngine) -> SessionMaker:

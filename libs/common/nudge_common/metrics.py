@@ -68,6 +68,23 @@ DEAD_LETTERS = Counter(
     ["consumer", "topic", "error"],
 )
 
+DB_QUERY_DURATION = Histogram(
+    "nudge_db_query_duration_seconds",
+    "Time of one SQL statement, from sent to result, by statement kind (select, insert, ...).",
+    ["statement"],
+    buckets=LATENCY_BUCKETS,
+)
+DB_POOL_CHECKED_OUT = Gauge(
+    "nudge_db_pool_checked_out_connections",
+    "Connections of the service's pool in use right now.",
+    multiprocess_mode="livesum",
+)
+DB_POOL_SIZE = Gauge(
+    "nudge_db_pool_size_connections",
+    "Connections the pool holds open (in use or idle).",
+    multiprocess_mode="livesum",
+)
+
 metrics_router = APIRouter()
 
 
