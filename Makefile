@@ -13,6 +13,9 @@ stack-down:
 test-tools:
 	scripts/test-tools
 
+monitor:
+	scripts/monitor
+
 browser:
 	scripts/install-chromium
 
