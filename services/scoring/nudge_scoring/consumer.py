@@ -196,7 +196,7 @@ async def resolve_contact(
         survivor = locked[survivor_id]
         for other_id in others:
             other = locked[other_id]
-            reason, identity = _merge_reason(event, found, other_id, email)
+            reason, identity = _merge_reason(event, found, survivor_id, other_id)
             if (
                 reason != "alias"
                 and other.user_id is not None
@@ -242,18 +242,19 @@ async def _owner_of_previous(
 def _merge_reason(
     event: SegmentEvent,
     found: dict[tuple[str, str], uuid.UUID],
+    survivor: uuid.UUID,
     other: uuid.UUID,
-    email: str | None,
 ) -> tuple[MergeReason, str]:
-    if event.type is SegmentType.ALIAS and not any(v == other for v in found.values()):
+    """Why two contacts are one, and the identity that showed it."""
+    own = [key for key, owner in found.items() if owner == survivor]
+    theirs = [key for key, owner in found.items() if owner == other]
+    for kind, value in [*theirs, *own]:
+        if kind == "email":
+            return "email", f"email:{value}"
+    if event.type is SegmentType.ALIAS:
         return "alias", f"previous_id:{event.previous_id}"
-    if event.anonymous_id and found.get(("anonymous_id", event.anonymous_id)) == other:
-        return ("alias" if event.type is SegmentType.ALIAS else "identify"), (
-            f"anonymous_id:{event.anonymous_id}"
-        )
-    if email and found.get(("email", email)) == other:
-        return "email", f"email:{email}"
-    return ("alias" if event.type is SegmentType.ALIAS else "identify"), "user_id"
+    kind, value = theirs[0] if theirs else own[0]
+    return "identify", f"{kind}:{value}"
 
 
 # --- the handler ---------------------------------------------------------------------------
@@ -400,7 +401,10 @@ async def apply_event(
         scores_now = await after_points(
             session, out, book, contact.id, scores_before, at=event.timestamp
         )
-        if scores_now != scores_before and "scores" not in changed:
+        moved = any(
+            scores_now.get(m, 0) != scores_before.get(m, 0) for m in {*scores_now, *scores_before}
+        )
+        if moved and "scores" not in changed:
             changed.append("scores")
     if changed:
         out.updated(

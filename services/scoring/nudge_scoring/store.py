@@ -13,7 +13,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -35,6 +35,7 @@ SCHEMA = "scoring"
 metadata = sa.MetaData(schema=SCHEMA)
 TIMESTAMP = sa.DateTime(timezone=True)
 JSON_OBJECT = sa.text("'{}'::jsonb")
+EPOCH = datetime.min.replace(tzinfo=UTC)
 
 contacts = sa.Table(
     "contacts",
@@ -254,6 +255,7 @@ class Contact:
     first_touch: dict[str, Any] | None
     orders_count: int
     merged_into: uuid.UUID | None = None
+    first_seen_at: datetime = EPOCH
 
 
 CONTACT_COLUMNS = (
@@ -264,6 +266,7 @@ CONTACT_COLUMNS = (
     contacts.c.first_touch,
     contacts.c.orders_count,
     contacts.c.merged_into,
+    contacts.c.first_seen_at,
 )
 
 
@@ -276,6 +279,7 @@ def _contact(row: Any) -> Contact:
         row.first_touch,
         row.orders_count,
         row.merged_into,
+        row.first_seen_at,
     )
 
 
@@ -459,30 +463,23 @@ async def merge_contacts(
     await session.execute(sa.delete(stages).where(stages.c.contact_id == m))
     await session.execute(sa.delete(timers).where(timers.c.contact_id == m))
     # the survivor's own traits win; the merged contact fills the gaps
-    merged_row = contacts.alias("merged_row")
+    other = (await session.execute(sa.select(contacts).where(contacts.c.id == m))).one()
     await session.execute(
         sa.update(contacts)
-        .where(contacts.c.id == s, merged_row.c.id == m)
+        .where(contacts.c.id == s)
         .values(
-            traits=merged_row.c.traits.op("||")(contacts.c.traits),
-            trait_sources=merged_row.c.trait_sources.op("||")(contacts.c.trait_sources),
-            first_seen_at=sa.func.least(contacts.c.first_seen_at, merged_row.c.first_seen_at),
-            last_seen_at=sa.func.greatest(contacts.c.last_seen_at, merged_row.c.last_seen_at),
-            first_touch=sa.case(
-                (
-                    sa.and_(
-                        merged_row.c.first_touch.is_not(None),
-                        merged_row.c.first_seen_at < contacts.c.first_seen_at,
-                    ),
-                    merged_row.c.first_touch,
-                ),
-                else_=sa.func.coalesce(contacts.c.first_touch, merged_row.c.first_touch),
-            ),
-            user_id=sa.func.coalesce(contacts.c.user_id, merged_row.c.user_id),
-            orders_count=contacts.c.orders_count + merged_row.c.orders_count,
-            revenue_total=contacts.c.revenue_total + merged_row.c.revenue_total,
-            first_order_at=sa.func.least(contacts.c.first_order_at, merged_row.c.first_order_at),
-            last_order_at=sa.func.greatest(contacts.c.last_order_at, merged_row.c.last_order_at),
+            traits=sa.cast(other.traits, JSONB).op("||")(contacts.c.traits),
+            trait_sources=sa.cast(other.trait_sources, JSONB).op("||")(contacts.c.trait_sources),
+            first_seen_at=sa.func.least(contacts.c.first_seen_at, other.first_seen_at),
+            last_seen_at=sa.func.greatest(contacts.c.last_seen_at, other.last_seen_at),
+            first_touch=sa.cast(other.first_touch, JSONB)
+            if other.first_touch is not None and other.first_seen_at < _first_seen(survivor)
+            else sa.func.coalesce(contacts.c.first_touch, sa.cast(other.first_touch, JSONB)),
+            user_id=sa.func.coalesce(contacts.c.user_id, other.user_id),
+            orders_count=contacts.c.orders_count + other.orders_count,
+            revenue_total=contacts.c.revenue_total + other.revenue_total,
+            first_order_at=sa.func.least(contacts.c.first_order_at, other.first_order_at),
+            last_order_at=sa.func.greatest(contacts.c.last_order_at, other.last_order_at),
         )
     )
     await session.execute(
@@ -503,6 +500,10 @@ async def merge_contacts(
         )
         .on_conflict_do_nothing()
     )
+
+
+def _first_seen(contact: Contact) -> datetime:
+    return contact.first_seen_at
 
 
 async def _merge_sums(
