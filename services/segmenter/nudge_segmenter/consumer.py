@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from nudge_common.consumer import ConsumerRunner
 from nudge_common.events import (
+    CONTACT_MERGED,
     CONTACT_UPDATED,
     SEGMENT_ENTERED,
     SEGMENT_EXITED,
@@ -26,6 +27,12 @@ from nudge_segmenter.domain.conditions import Profile, matches
 async def handle_contact_updated(
     session: AsyncSession, envelope: Envelope
 ) -> Sequence[OutgoingMessage]:
+    if envelope.type == CONTACT_MERGED.name:
+        merge = CONTACT_MERGED.parse(envelope)
+        await store.merge_contacts(
+            session, survivor_id=merge.survivor_id, merged_id=merge.merged_id, at=merge.at
+        )
+        return []
     if envelope.type != CONTACT_UPDATED.name:
         return []
     update = CONTACT_UPDATED.parse(envelope)

@@ -152,3 +152,24 @@ async def exit_(
         )
         .values(exited_at=at)
     )
+
+
+async def merge_contacts(
+    session: AsyncSession, *, survivor_id: uuid.UUID, merged_id: uuid.UUID, at: datetime
+) -> None:
+    """Scoring merged two contacts: the merged one's memberships (and their open history)
+    move to the survivor, except where the survivor is already a member, and its state goes.
+    The survivor's next ``contact.updated`` re-evaluates every segment."""
+    already = await segment_ids_of(session, contact_id=survivor_id)
+    for segment_id in await segment_ids_of(session, contact_id=merged_id):
+        if segment_id in already:
+            await exit_(session, segment_id=segment_id, contact_id=merged_id, at=at)
+            continue
+        for table in (memberships, membership_history):
+            query = sa.update(table).where(
+                table.c.segment_id == segment_id, table.c.contact_id == merged_id
+            )
+            if table is membership_history:
+                query = query.where(membership_history.c.exited_at.is_(None))
+            await session.execute(query.values(contact_id=survivor_id))
+    await session.execute(sa.delete(contacts).where(contacts.c.contact_id == merged_id))
