@@ -1,5 +1,7 @@
 """The segment condition language, and its evaluation against one contact. Pure.
 
+Shared by the segmenter (segments) and the orchestrator (workflow branches).
+
 A condition is JSON: ``{"kind": "all", "conditions": [...]}``, ``{"kind": "any", ...}``,
 ``{"kind": "not", "condition": {...}}``, ``{"kind": "score", "model": "lead", "op": "gte",
 "value": 50}`` or ``{"kind": "trait", "name": "country", "op": "eq", "value": "IT"}``.

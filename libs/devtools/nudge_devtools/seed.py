@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
+from nudge_common.conditions import ScoreAtLeast
 from nudge_common.db import create_engine, create_sessionmaker, transaction
 from nudge_common.ids import stable_id
 from nudge_common.settings import NudgeSettings
@@ -20,7 +21,6 @@ from nudge_orchestrator.domain.workflows import SegmentEntered, SendMessage, Wor
 from nudge_scoring import store as scoring_store
 from nudge_scoring.domain.scoring import Rule
 from nudge_segmenter import store as segmenter_store
-from nudge_segmenter.domain.conditions import ScoreAtLeast
 
 PRICING_POINTS = 20
 QUALIFIED_SCORE = 50

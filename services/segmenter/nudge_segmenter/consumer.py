@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from nudge_common.conditions import Profile, matches
 from nudge_common.consumer import ConsumerRunner
 from nudge_common.events import (
     CONTACT_MERGED,
@@ -21,7 +22,6 @@ from nudge_common.events import (
 from nudge_common.kafka import OutgoingMessage
 from nudge_common.service import Runtime
 from nudge_segmenter import metrics, store
-from nudge_segmenter.domain.conditions import Profile, matches
 
 
 async def handle_contact_updated(

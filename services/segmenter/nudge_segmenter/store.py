@@ -12,9 +12,9 @@ from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from nudge_common.conditions import Condition, condition_adapter
 from nudge_common.db import processed_messages_table
 from nudge_common.events import ContactUpdated
-from nudge_segmenter.domain.conditions import Condition, condition_adapter
 
 SCHEMA = "segmenter"
 metadata = sa.MetaData(schema=SCHEMA)

@@ -5,7 +5,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from nudge_segmenter.domain.conditions import Profile, condition_adapter, matches
+from nudge_common.conditions import Profile, condition_adapter, matches
 
 PROFILE = Profile(traits={"country": "IT", "plan": "pro", "tags": ["shoes"]}, scores={"lead": 60})
 

@@ -8,11 +8,11 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
+from nudge_common.conditions import ScoreAtLeast
 from nudge_common.db import SessionMaker, transaction
 from nudge_common.events import CONTACT_MERGED, ContactMerged
 from nudge_segmenter import store
 from nudge_segmenter.consumer import handle_contact_updated
-from nudge_segmenter.domain.conditions import ScoreAtLeast
 
 NOW = datetime(2026, 11, 23, tzinfo=UTC)
 
