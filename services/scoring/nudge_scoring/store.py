@@ -1033,3 +1033,22 @@ async def ensure_event_partitions(
         sa.text("SELECT scoring.ensure_events_partition(:at, :ahead)"),
         {"at": around, "ahead": ahead},
     )
+
+
+async def erase_contacts(
+    session: AsyncSession, *, workspace_id: str, contact_ids: Sequence[uuid.UUID]
+) -> None:
+    """GDPR erase: delete the contacts and everything about them, events included."""
+    ids = list(contact_ids)
+    for table in (events, event_ids, transactions, score_changes, stage_history, tags):
+        await session.execute(
+            sa.delete(table).where(
+                table.c.workspace_id == workspace_id, table.c.contact_id.in_(ids)
+            )
+        )
+    for table in (scores, rule_spending, stages, timers, identities):
+        await session.execute(sa.delete(table).where(table.c.contact_id.in_(ids)))
+    await session.execute(
+        sa.delete(merges).where(sa.or_(merges.c.merged_id.in_(ids), merges.c.survivor_id.in_(ids)))
+    )
+    await session.execute(sa.delete(contacts).where(contacts.c.id.in_(ids)))

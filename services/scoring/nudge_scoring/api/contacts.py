@@ -1,0 +1,225 @@
+"""Contacts: search, the 360 view, tags, workspace settings and GDPR erase."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from fastapi import APIRouter, HTTPException, Query
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
+
+from nudge_common.events import CONTACT_ERASED, ContactErased, Topic
+from nudge_common.ids import stable_id
+from nudge_common.kafka import OutgoingMessage, publish
+from nudge_common.service import RuntimeDep
+from nudge_scoring import store
+from nudge_scoring.api.deps import SessionDep, WorkspaceDep
+from nudge_scoring.domain.profile import is_valid_tag
+
+router = APIRouter(prefix="/api/v1", tags=["contacts"])
+
+
+class SettingsPut(BaseModel):
+    merge_on_email: bool
+
+
+class TagsPost(BaseModel):
+    add: list[str] = []
+    remove: list[str] = []
+
+
+def _profile(row: Any) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "user_id": row.user_id,
+        "name": row.name,
+        "email": row.email,
+        "traits": row.traits,
+        "trait_sources": row.trait_sources,
+        "first_touch": row.first_touch,
+        "first_seen_at": row.first_seen_at,
+        "last_seen_at": row.last_seen_at,
+        "orders_count": row.orders_count,
+        "revenue_total": float(row.revenue_total),
+    }
+
+
+@router.put("/settings")
+async def put_settings(
+    body: SettingsPut, workspace: WorkspaceDep, session: SessionDep
+) -> SettingsPut:
+    await store.put_workspace_settings(
+        session, workspace_id=workspace, merge_on_email=body.merge_on_email
+    )
+    return body
+
+
+@router.get("/contacts")
+async def search(
+    workspace: WorkspaceDep,
+    session: SessionDep,
+    q: str | None = Query(default=None, max_length=200),
+    tag: str | None = None,
+    limit: int = Query(default=50, ge=1, le=500),
+) -> list[dict[str, Any]]:
+    """Contacts whose name, email, user id or company contains ``q``, and/or with ``tag``."""
+    c = store.contacts.c
+    query = sa.select(store.contacts).where(c.workspace_id == workspace, c.merged_into.is_(None))
+    if q:
+        like = f"%{q}%"
+        query = query.where(
+            sa.or_(
+                c.name.ilike(like),
+                c.email.ilike(like),
+                c.user_id.ilike(like),
+                c.company.ilike(like),
+            )
+        )
+    if tag:
+        query = query.where(
+            c.id.in_(
+                sa.select(store.tags.c.contact_id).where(
+                    store.tags.c.tag == tag, store.tags.c.active
+                )
+            )
+        )
+    rows = await session.execute(query.order_by(c.last_seen_at.desc()).limit(limit))
+    return [_profile(row) for row in rows]
+
+
+async def _contact_or_404(session: SessionDep, workspace: str, contact_id: uuid.UUID) -> Any:
+    row = (
+        await session.execute(
+            sa.select(store.contacts).where(
+                store.contacts.c.id == contact_id, store.contacts.c.workspace_id == workspace
+            )
+        )
+    ).first()
+    if row is None:
+        raise HTTPException(404, detail=f"no contact {contact_id}")
+    if row.merged_into is not None:
+        return await _contact_or_404(session, workspace, row.merged_into)
+    return row
+
+
+@router.get("/contacts/{contact_id}")
+async def contact_360(
+    contact_id: uuid.UUID, workspace: WorkspaceDep, session: SessionDep
+) -> dict[str, Any]:
+    """Profile, identities, scores with their breakdown, tags with tag scores, lifecycle
+    stages and their history, merges and the recent events timeline."""
+    row = await _contact_or_404(session, workspace, contact_id)
+    cid = row.id
+
+    async def rows(query: sa.Select[Any]) -> list[dict[str, Any]]:
+        return [dict(r._mapping) for r in await session.execute(query)]
+
+    sc, t, sh, ev = store.score_changes, store.tags, store.stage_history, store.events
+    return {
+        "profile": _profile(row),
+        "identities": await rows(
+            sa.select(store.identities.c.kind, store.identities.c.value).where(
+                store.identities.c.contact_id == cid
+            )
+        ),
+        "scores": await store.scores_of(session, contact_id=cid),
+        "score_breakdown": await rows(
+            sa.select(
+                sc.c.model,
+                sc.c.rule_id,
+                store.rules.c.name.label("rule_name"),
+                sc.c.points,
+                sc.c.reason,
+                sc.c.message_id,
+                sc.c.at,
+            )
+            .outerjoin(store.rules, store.rules.c.id == sc.c.rule_id)
+            .where(sc.c.contact_id == cid)
+            .order_by(sc.c.at.desc(), sc.c.id.desc())
+            .limit(200)
+        ),
+        "tags": await rows(
+            sa.select(t.c.tag, t.c.assignments.label("tag_score"), t.c.last_assigned_at)
+            .where(t.c.contact_id == cid, t.c.active)
+            .order_by(t.c.assignments.desc())
+        ),
+        "stages": await store.stages_of(session, contact_id=cid),
+        "stage_history": await rows(
+            sa.select(sh.c.model, sh.c.from_stage, sh.c.to_stage, sh.c.score, sh.c.at)
+            .where(sh.c.contact_id == cid)
+            .order_by(sh.c.id)
+        ),
+        "merged": await rows(
+            sa.select(store.merges.c.merged_id, store.merges.c.reason, store.merges.c.at).where(
+                store.merges.c.survivor_id == cid
+            )
+        ),
+        "timeline": await rows(
+            sa.select(ev.c.type, ev.c.name, ev.c.properties, ev.c.occurred_at, ev.c.message_id)
+            .where(store.family(cid))
+            .order_by(ev.c.occurred_at.desc())
+            .limit(50)
+        ),
+    }
+
+
+@router.post("/contacts/{contact_id}/tags")
+async def tag(
+    contact_id: uuid.UUID, body: TagsPost, workspace: WorkspaceDep, session: SessionDep
+) -> dict[str, int]:
+    for field, names in (("add", body.add), ("remove", body.remove)):
+        for index, name in enumerate(names):
+            if not is_valid_tag(name):
+                raise RequestValidationError(
+                    [
+                        {
+                            "loc": ["body", field, index],
+                            "msg": f"{name!r} is not a tag name "
+                            "(lower-case namespace:value, e.g. interest:shoes)",
+                            "type": "value_error",
+                        }
+                    ]
+                )
+    row = await _contact_or_404(session, workspace, contact_id)
+    await store.assign_tags(
+        session,
+        workspace_id=workspace,
+        contact_id=row.id,
+        add=body.add,
+        remove=body.remove,
+        at=datetime.now(UTC),
+    )
+    return await store.tags_of(session, contact_id=row.id)
+
+
+@router.delete("/contacts/{contact_id}", status_code=202)
+async def erase(
+    contact_id: uuid.UUID, workspace: WorkspaceDep, session: SessionDep, runtime: RuntimeDep
+) -> dict[str, Any]:
+    """GDPR erase: the contact, the contacts merged into it, their events and everything
+    derived from them are deleted here, and ``contact.erased`` tells downstream services."""
+    row = await _contact_or_404(session, workspace, contact_id)
+    ids = [
+        row.id,
+        *(
+            await session.execute(
+                sa.select(store.contacts.c.id).where(store.contacts.c.merged_into == row.id)
+            )
+        ).scalars(),
+    ]
+    await store.erase_contacts(session, workspace_id=workspace, contact_ids=ids)
+    at = datetime.now(UTC)
+    erased = ContactErased(contact_id=row.id, contact_ids=ids, at=at)
+    envelope = CONTACT_ERASED.envelope(
+        workspace_id=workspace,
+        payload=erased,
+        occurred_at=at,
+        id=stable_id(workspace, "erase", str(row.id)),
+    )
+    await publish(
+        runtime.producer, runtime.settings, [OutgoingMessage(Topic.CONTACTS, str(row.id), envelope)]
+    )
+    return {"erased": [str(i) for i in ids]}
