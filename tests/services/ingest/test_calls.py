@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from nudge_common.events import SegmentType
 from nudge_ingest.domain.calls import SegmentCall, check_call, normalise
+from nudge_ingest.domain.payload import unstorable
 
 RECEIVED = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
 
@@ -63,3 +65,33 @@ def test_spec_rules_name_the_missing_field(
 def test_a_complete_identify_passes() -> None:
     call = SegmentCall.model_validate({"userId": "u", "traits": {"email": "a@b.c"}})
     assert check_call(call, SegmentType.IDENTIFY) == []
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"event": "a\x00b"}, "event"),
+        ({"properties": {"list": [1, {"x": "\x00"}]}}, "properties.list.1.x"),
+        ({"properties": {"k\x00": 1}}, "properties.k\x00"),
+        ({"properties": {"n": 2**64}}, "properties.n"),
+        ({"properties": {"n": -(2**63) - 1}}, "properties.n"),
+    ],
+)
+def test_values_the_stores_cannot_hold_are_named(body: dict[str, object], field: str) -> None:
+    raw = json.dumps(body).encode()
+    problem = unstorable(raw, json.loads(raw))
+    assert problem is not None
+    assert problem.field == field
+
+
+def test_ordinary_bodies_are_storable() -> None:
+    body = {"properties": {"n": 2**63 - 1, "m": -(2**63), "s": "\\u0000 as text", "f": 1e300}}
+    raw = json.dumps(body).encode()
+    assert unstorable(raw, json.loads(raw)) is None
+
+
+def test_a_gap_too_wide_to_correct_is_refused_naming_sent_at() -> None:
+    call = SegmentCall.model_validate(
+        {"userId": "u", "event": "E", "timestamp": "0001-01-01T00:00:00", "sentAt": "9999-01-01"}
+    )
+    assert [e.field for e in check_call(call, SegmentType.TRACK)] == ["sentAt"]

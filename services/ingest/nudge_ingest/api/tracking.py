@@ -22,6 +22,7 @@ from nudge_ingest.api.errors import IngestError
 from nudge_ingest.api.schemas import batch_body, call_body
 from nudge_ingest.domain.calls import FieldError, SegmentCall, check_call, normalise
 from nudge_ingest.domain.network import client_ip
+from nudge_ingest.domain.payload import unstorable
 from nudge_ingest.metrics import EVENTS_ACCEPTED, KAFKA_UNAVAILABLE, REQUESTS_REJECTED
 from nudge_ingest.settings import IngestSettings
 
@@ -154,6 +155,9 @@ async def read_json_object(request: Request, *, limit: int) -> dict[str, Any]:
         raise _invalid(f"body is not valid JSON: {error}", "body") from error
     if not isinstance(body, dict):
         raise _invalid("body must be a JSON object", "body")
+    problem = unstorable(raw, body)
+    if problem:
+        raise _invalid(problem.message, problem.field)
     return body
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -13,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from nudge_common.events import SegmentEvent, SegmentType
 
 MAX_ID_LENGTH = 255
+MAX_CLOCK_SKEW = timedelta(days=36525)
+"""Beyond this gap between ``sentAt`` and ``timestamp`` the correction is meaningless (and
+could leave the calendar)."""
 
 
 class SegmentCall(BaseModel):
@@ -63,6 +66,9 @@ def check_call(call: SegmentCall, call_type: SegmentType) -> list[FieldError]:
         errors.append(FieldError("groupId", "groupId is required on group"))
     if call_type is SegmentType.ALIAS and not call.previous_id:
         errors.append(FieldError("previousId", "previousId is required on alias"))
+    original, sent_at = _aware(call.timestamp), _aware(call.sent_at)
+    if original and sent_at and abs(sent_at - original) > MAX_CLOCK_SKEW:
+        errors.append(FieldError("sentAt", "sentAt and timestamp are more than 100 years apart"))
     return errors
 
 
