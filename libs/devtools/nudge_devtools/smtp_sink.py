@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Collection
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -17,16 +18,21 @@ class _Collect:
         self.sink = sink
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 - aiosmtpd's hook name
+        arrived = time.monotonic()
         message = message_from_bytes(envelope.content, policy=policy.default)
         assert isinstance(message, EmailMessage)
         with self.sink.lock:
             self.sink.messages.append(message)
+            self.sink.arrivals.append((arrived, str(message["To"])))
         return "250 Message accepted for delivery"
 
 
 class SmtpSink:
     def __init__(self, port: int, host: str = "127.0.0.1") -> None:
         self.messages: list[EmailMessage] = []
+        self.arrivals: list[tuple[float, str]] = []
+        """(``time.monotonic()`` when accepted, the ``To`` header) of every message, in the
+        order accepted: what latency measurements compare with their own clock."""
         self.lock = threading.Lock()
         self.controller = Controller(_Collect(self), hostname=host, port=port)
         self.port = port
