@@ -20,6 +20,11 @@ from prometheus_client import (
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+MULTIPROC_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+if os.environ.get(MULTIPROC_DIR_VARIABLE):
+    # Multiprocess mode writes each metric to a file there as soon as it is declared.
+    os.makedirs(os.environ[MULTIPROC_DIR_VARIABLE], exist_ok=True)
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 HTTP_REQUESTS = Counter(
@@ -86,9 +91,6 @@ DB_POOL_SIZE = Gauge(
 )
 
 metrics_router = APIRouter()
-
-
-MULTIPROC_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def multiprocess_mode() -> bool:

@@ -79,3 +79,16 @@ async def events_of(
         if where_event is None or event.message_id in where_event:
             events.append(event)
     return events
+
+
+def uvicorn_workers(pid: int) -> list[int]:
+    """The worker processes of uvicorn's supervisor ``pid`` (not multiprocessing helpers)."""
+    workers = []
+    for child in children(pid):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmdline:
+            workers.append(child)
+    return workers
