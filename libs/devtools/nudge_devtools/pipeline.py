@@ -16,6 +16,8 @@ CONSUMERS: dict[str, tuple[Topic, ...]] = {
     "scoring": (Topic.EVENTS,),
     "segmenter": (Topic.CONTACTS,),
     "orchestrator": (Topic.MEMBERSHIPS,),
+    "orchestrator-events": (Topic.EVENTS,),
+    "orchestrator-contacts": (Topic.CONTACTS,),
     "notifier": (Topic.NOTIFICATIONS,),
 }
 

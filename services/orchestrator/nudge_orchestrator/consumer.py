@@ -1,91 +1,170 @@
-"""Orchestrator's Kafka wiring: a contact entering a segment starts the workflows it
-triggers, and their send steps become notification requests."""
+"""Orchestrator's Kafka wiring: three consumers on the one runner.
+
+* ``orchestrator`` (memberships): a contact entering or leaving a segment starts the
+  workflows it triggers;
+* ``orchestrator-events`` (events): a track event starts event-triggered workflows, ends
+  the waits for it, converts goals, and is remembered by the contact's active runs;
+* ``orchestrator-contacts`` (contacts): the orchestrator's copy of each contact's traits
+  and scores, read when a step runs (messages go to the address known *then*).
+"""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from nudge_common.consumer import ConsumerRunner
+from nudge_common.conditions import Profile, matches
+from nudge_common.consumer import ConsumerRunner, MessageHandler
 from nudge_common.events import (
-    NOTIFICATION_REQUESTED,
+    CONTACT_UPDATED,
+    EVENT_RECEIVED,
     SEGMENT_ENTERED,
+    SEGMENT_EXITED,
     Envelope,
-    NotificationRequested,
+    SegmentType,
     Topic,
 )
 from nudge_common.ids import stable_id
 from nudge_common.kafka import OutgoingMessage
-from nudge_common.service import Runtime
-from nudge_orchestrator import metrics, store
-from nudge_orchestrator.domain.workflows import run_steps
+from nudge_common.service import Runtime, Worker
+from nudge_orchestrator import execution, store
+from nudge_orchestrator.clock import Clock, clock_from
+from nudge_orchestrator.domain.workflows import EventPerformed
+from nudge_orchestrator.settings import OrchestratorSettings
+from nudge_orchestrator.worker import TimerWorker
 
 
-async def handle_membership(session: AsyncSession, envelope: Envelope) -> Sequence[OutgoingMessage]:
-    if envelope.type != SEGMENT_ENTERED.name:
-        return []
-    change = SEGMENT_ENTERED.parse(envelope)
-    contact = change.contact
-    now = datetime.now(UTC)
-    outgoing: list[OutgoingMessage] = []
-    workflows = await store.workflows_entered_by(
-        session, workspace_id=envelope.workspace_id, segment_id=change.segment_id
-    )
-    for workflow in workflows:
-        # Derived from the trigger, so a replay of it can never mint a second run (and with
-        # it a second idempotency key).
-        run_id = stable_id(str(envelope.id), str(workflow.id))
-        if not await store.start_run(
-            session,
-            run_id=run_id,
-            workflow_id=workflow.id,
-            workspace_id=envelope.workspace_id,
-            contact_id=contact.contact_id,
-            at=now,
+def membership_handler(clock: Clock) -> MessageHandler:
+    async def handle(session: AsyncSession, envelope: Envelope) -> Sequence[OutgoingMessage]:
+        if envelope.type not in (SEGMENT_ENTERED.name, SEGMENT_EXITED.name):
+            return []
+        kind = "segment_entered" if envelope.type == SEGMENT_ENTERED.name else "segment_exited"
+        change = SEGMENT_ENTERED.parse(envelope)
+        contact = change.contact
+        out = execution.Outputs(origin_received_at=envelope.origin_received_at)
+        now = clock()
+        for workflow in await store.triggered_workflows(
+            session, workspace_id=envelope.workspace_id, kind=kind, key=str(change.segment_id)
         ):
-            continue
-        metrics.RUNS_STARTED.inc()
-        for send in run_steps(workflow.definition, run_id):
-            if not await store.record_step(session, run_id=run_id, step=send.step, at=now):
-                continue
-            request = NotificationRequested(
-                idempotency_key=send.idempotency_key,
-                channel=send.channel,
-                template_id=send.template_id,
-                contact=contact,
-                workflow_id=workflow.id,
-                run_id=run_id,
-                step=send.step,
+            await execution.enter(
+                session,
+                out,
+                workflow=workflow,
+                contact_id=contact.contact_id,
+                contact=contact.model_dump(mode="json", exclude={"contact_id"}),
+                cause=str(envelope.id),
+                now=now,
             )
-            outgoing.append(
-                OutgoingMessage(
-                    Topic.NOTIFICATIONS,
-                    key=str(contact.contact_id),
-                    envelope=NOTIFICATION_REQUESTED.envelope(
-                        workspace_id=envelope.workspace_id,
-                        payload=request,
-                        occurred_at=now,
-                        caused_by=envelope,
-                        scope=send.idempotency_key,
-                    ),
+        return out.messages
+
+    return handle
+
+
+async def contact_of(
+    session: AsyncSession, workspace_id: str, user_id: str | None, anonymous_id: str | None
+) -> uuid.UUID:
+    """The contact an event belongs to: the one known with this user id, else the id
+    scoring gives a contact first seen with this identity."""
+    if user_id:
+        known = await store.contact_by_user_id(session, workspace_id=workspace_id, user_id=user_id)
+        if known is not None:
+            return known
+        return stable_id(workspace_id, "contact", "user_id", user_id)
+    return stable_id(workspace_id, "contact", "anonymous_id", anonymous_id or "")
+
+
+def event_handler(clock: Clock) -> MessageHandler:
+    async def handle(session: AsyncSession, envelope: Envelope) -> Sequence[OutgoingMessage]:
+        event = EVENT_RECEIVED.parse(envelope)
+        if event.type is not SegmentType.TRACK or not event.event:
+            return []
+        workspace_id = envelope.workspace_id
+        contact_id = await contact_of(session, workspace_id, event.user_id, event.anonymous_id)
+        out = execution.Outputs(origin_received_at=envelope.origin_received_at)
+        now = clock()
+        await execution.on_event(
+            session,
+            out,
+            workspace_id=workspace_id,
+            contact_id=contact_id,
+            event=event.event,
+            now=now,
+        )
+        workflows = await store.triggered_workflows(
+            session, workspace_id=workspace_id, kind="event", key=event.event
+        )
+        if workflows:
+            known = await store.get_contact(session, contact_id=contact_id)
+            contact: dict[str, Any] = known or {
+                "user_id": event.user_id,
+                "traits": {},
+                "scores": {},
+            }
+            for workflow in workflows:
+                trigger = workflow.definition.trigger
+                assert isinstance(trigger, EventPerformed)
+                if trigger.properties is not None and not matches(
+                    trigger.properties, Profile(traits=event.properties)
+                ):
+                    continue
+                await execution.enter(
+                    session,
+                    out,
+                    workflow=workflow,
+                    contact_id=contact_id,
+                    contact=contact,
+                    cause=str(envelope.id),
+                    now=now,
                 )
-            )
-            metrics.MESSAGES_REQUESTED.labels(send.channel).inc()
-        await store.finish_run(session, run_id=run_id, at=now)
-    return outgoing
+        return out.messages
+
+    return handle
 
 
-def consumers(runtime: Runtime) -> list[ConsumerRunner]:
-    return [
-        ConsumerRunner(
-            name="orchestrator",
-            topics=[Topic.MEMBERSHIPS],
-            handler=handle_membership,
-            settings=runtime.settings,
+async def handle_contact(session: AsyncSession, envelope: Envelope) -> Sequence[OutgoingMessage]:
+    if envelope.type != CONTACT_UPDATED.name:
+        return []
+    update = CONTACT_UPDATED.parse(envelope)
+    await store.upsert_contact(
+        session,
+        workspace_id=envelope.workspace_id,
+        contact_id=update.contact_id,
+        user_id=update.user_id,
+        traits=update.traits,
+        scores=update.scores,
+    )
+    return []
+
+
+def consumers(runtime: Runtime) -> list[Worker]:
+    settings = runtime.settings
+    assert isinstance(settings, OrchestratorSettings)
+    clock = clock_from(settings.clock_file)
+
+    def runner(name: str, topic: Topic, handler: MessageHandler) -> ConsumerRunner:
+        return ConsumerRunner(
+            name=name,
+            topics=[topic],
+            handler=handler,
+            settings=settings,
             sessionmaker=runtime.sessionmaker,
             producer=runtime.producer,
             processed_messages=store.processed_messages,
         )
+
+    return [
+        runner("orchestrator-contacts", Topic.CONTACTS, handle_contact),
+        runner("orchestrator", Topic.MEMBERSHIPS, membership_handler(clock)),
+        runner("orchestrator-events", Topic.EVENTS, event_handler(clock)),
+        TimerWorker(
+            settings=settings,
+            sessionmaker=runtime.sessionmaker,
+            producer=runtime.producer,
+            clock=clock,
+            batch=settings.timer_batch,
+            idle_s=settings.timer_idle_s,
+        ),
     ]

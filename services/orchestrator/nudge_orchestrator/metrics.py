@@ -1,12 +1,45 @@
-"""Orchestrator's business metrics."""
+"""Orchestrator's business metrics, each with its meaning."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 
 RUNS_STARTED = Counter("nudge_orchestrator_runs_started_total", "Workflow runs started.")
+ENTRIES_REFUSED = Counter(
+    "nudge_orchestrator_entries_refused_total",
+    "Triggers that did not start a run: the entry rule (once, cooldown, one at a time) refused.",
+)
+RUNS_FINISHED = Counter(
+    "nudge_orchestrator_runs_finished_total",
+    "Runs that ended, by how: completed, exited, converted (goal), cancelled.",
+    ["status"],
+)
 MESSAGES_REQUESTED = Counter(
     "nudge_orchestrator_messages_requested_total",
     "Notification requests published, by channel.",
     ["channel"],
+)
+MESSAGES_CAPPED = Counter(
+    "nudge_orchestrator_messages_capped_total",
+    "Send steps skipped because the contact reached a frequency cap, by channel.",
+    ["channel"],
+)
+MESSAGES_DEFERRED = Counter(
+    "nudge_orchestrator_messages_deferred_total",
+    "Send steps postponed to the end of the contact's quiet hours.",
+)
+TIMERS_SCHEDULED = Counter(
+    "nudge_orchestrator_timers_scheduled_total",
+    "Waits written to the timers table, by step kind.",
+    ["kind"],
+)
+TIMERS_FIRED = Counter(
+    "nudge_orchestrator_timers_fired_total",
+    "Due timers claimed and executed, by timer kind (wait, event timeout, quiet).",
+    ["kind"],
+)
+TIMER_LAG = Histogram(
+    "nudge_orchestrator_timer_lag_seconds",
+    "From a timer's due time to its execution.",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300),
 )

@@ -1,8 +1,31 @@
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Self
+
+from pydantic import Field, model_validator
+
 from nudge_common.settings import NudgeSettings
 
 
 class OrchestratorSettings(NudgeSettings):
     service_name: str = "orchestrator"
     http_port: int = 8004
+
+    timer_batch: int = Field(default=500, ge=1)
+    """Due timers claimed (FOR UPDATE SKIP LOCKED) per transaction."""
+    timer_idle_s: float = Field(default=0.2, gt=0)
+    """How long the timer worker sleeps when nothing is due."""
+    clock_file: Path | None = None
+    """Tests only: a file holding an ISO-8601 instant that is "now" for workflows (waits,
+    timers, quiet hours). Refused in production."""
+    scoring_url: str | None = None
+    """Base URL of scoring's internal API, fronted under /api/v1 (contacts, scoring)."""
+    notifier_url: str | None = None
+    """Base URL of the notifier's internal API, fronted under /api/v1 (suppression)."""
+
+    @model_validator(mode="after")
+    def no_test_clock_in_production(self) -> Self:
+        if self.environment == "production" and self.clock_file is not None:
+            raise ValueError("NUDGE_CLOCK_FILE is for tests and refused in production")
+        return self

@@ -1,23 +1,35 @@
-"""Orchestrator's tables (schema ``orchestrator``): workflows, their runs and the steps each
-run has executed."""
+"""Orchestrator's tables (schema ``orchestrator``) and the queries on them; never commits.
+
+* ``workflows`` and their immutable published ``workflow_versions`` (a run keeps the version
+  it started on);
+* ``runs``, ``step_executions`` (one row per (run, step): a step executes once), ``timers``
+  (at most one pending wait per run, found by the index on ``due_at``; waits for an event
+  are also found by (workspace, contact, event)), ``sends`` (frequency caps and analytics);
+* ``contacts``: the orchestrator's copy of what scoring announces on the contacts topic;
+* ``api_keys`` (hashed), ``idempotency_keys`` of POST requests, ``templates`` announced
+  through the API, and per-workspace ``messaging_settings`` (caps, quiet hours).
+"""
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from nudge_common.db import processed_messages_table
-from nudge_orchestrator.domain.workflows import WorkflowDefinition
+from nudge_orchestrator.domain.workflows import WorkflowDefinition, trigger_key
 
 SCHEMA = "orchestrator"
 metadata = sa.MetaData(schema=SCHEMA)
 TIMESTAMP = sa.DateTime(timezone=True)
+JSON_OBJECT = sa.text("'{}'::jsonb")
+ACTIVE = "active"
 
 workflows = sa.Table(
     "workflows",
@@ -25,23 +37,59 @@ workflows = sa.Table(
     sa.Column("id", UUID(as_uuid=True), primary_key=True),
     sa.Column("workspace_id", sa.Text, nullable=False),
     sa.Column("name", sa.Text, nullable=False),
+    # draft (never published) | active | paused | archived
     sa.Column("status", sa.Text, nullable=False, server_default="active"),
-    sa.Column("trigger_segment_id", UUID(as_uuid=True), index=True),
+    sa.Column("version", sa.Integer, nullable=False, server_default="0"),
+    # The published version new runs start on (0: none yet).
+    sa.Column("trigger_kind", sa.Text, nullable=False, server_default=""),
+    sa.Column("trigger_key", sa.Text, nullable=False, server_default=""),
     sa.Column("definition", JSONB, nullable=False),
+    # The latest definition (the draft; equal to the published one after publishing).
     sa.Column("created_at", TIMESTAMP, nullable=False, server_default=sa.func.now()),
+    sa.Column("updated_at", TIMESTAMP, nullable=False, server_default=sa.func.now()),
+    sa.Index("ix_workflows_trigger", "workspace_id", "trigger_kind", "trigger_key"),
+)
+workflow_versions = sa.Table(
+    "workflow_versions",
+    metadata,
+    sa.Column("workflow_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("definition", JSONB, nullable=False),
+    sa.Column("published_at", TIMESTAMP, nullable=False, server_default=sa.func.now()),
 )
 runs = sa.Table(
     "runs",
     metadata,
     sa.Column("id", UUID(as_uuid=True), primary_key=True),
     sa.Column("workflow_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False, server_default="1"),
     sa.Column("workspace_id", sa.Text, nullable=False),
     sa.Column("contact_id", UUID(as_uuid=True), nullable=False),
+    # active | completed | exited | converted | cancelled
     sa.Column("status", sa.Text, nullable=False),
+    sa.Column("exclusive", sa.Boolean, nullable=False, server_default=sa.true()),
+    sa.Column("variant", sa.Text),
+    sa.Column("performed", ARRAY(sa.Text), nullable=False, server_default="{}"),
+    # Events the contact performed since the run started (branches and waits read it).
+    sa.Column("goal_event", sa.Text),
+    sa.Column("contact", JSONB, nullable=False, server_default=JSON_OBJECT),
+    # The contact as the trigger saw it (traits, scores), used until a fresher copy exists.
     sa.Column("started_at", TIMESTAMP, nullable=False),
     sa.Column("finished_at", TIMESTAMP),
-    # Entry rule of the skeleton: once per contact.
-    sa.UniqueConstraint("workflow_id", "contact_id", name="runs_once_per_contact"),
+    sa.Index("ix_runs_entries", "workflow_id", "contact_id", "started_at"),
+    sa.Index(
+        "ix_runs_one_active",
+        "workflow_id",
+        "contact_id",
+        unique=True,
+        postgresql_where=sa.text("status = 'active' AND exclusive"),
+    ),
+    sa.Index(
+        "ix_runs_active_by_contact",
+        "workspace_id",
+        "contact_id",
+        postgresql_where=sa.text("status = 'active'"),
+    ),
 )
 step_executions = sa.Table(
     "step_executions",
@@ -49,15 +97,128 @@ step_executions = sa.Table(
     sa.Column("run_id", UUID(as_uuid=True), primary_key=True),
     sa.Column("step", sa.Integer, primary_key=True),
     sa.Column("executed_at", TIMESTAMP, nullable=False),
+    sa.Column("outcome", sa.Text, nullable=False, server_default=""),
+)
+timers = sa.Table(
+    "timers",
+    metadata,
+    sa.Column("run_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("workspace_id", sa.Text, nullable=False),
+    sa.Column("contact_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("step", sa.Integer, nullable=False),
+    # The step that is waiting.
+    sa.Column("due_at", TIMESTAMP, nullable=False, index=True),
+    sa.Column("resume_step", sa.Integer),
+    # Where the run goes on when due (None: it ends).
+    sa.Column("event", sa.Text),
+    sa.Column("event_step", sa.Integer),
+    sa.Column("kind", sa.Text, nullable=False),  # wait | event | quiet
+    sa.Index(
+        "ix_timers_waiting_for_event",
+        "workspace_id",
+        "contact_id",
+        "event",
+        postgresql_where=sa.text("event IS NOT NULL"),
+    ),
+)
+sends = sa.Table(
+    "sends",
+    metadata,
+    sa.Column("run_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("step", sa.Integer, primary_key=True),
+    sa.Column("workspace_id", sa.Text, nullable=False),
+    sa.Column("workflow_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("contact_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("channel", sa.Text, nullable=False),
+    sa.Column("variant", sa.Text),
+    sa.Column("idempotency_key", sa.Text, nullable=False, unique=True),
+    sa.Column("at", TIMESTAMP, nullable=False),
+    sa.Index("ix_sends_caps", "contact_id", "channel", "at"),
+)
+contacts = sa.Table(
+    "contacts",
+    metadata,
+    sa.Column("contact_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("workspace_id", sa.Text, nullable=False),
+    sa.Column("user_id", sa.Text),
+    sa.Column("traits", JSONB, nullable=False, server_default=JSON_OBJECT),
+    sa.Column("scores", JSONB, nullable=False, server_default=JSON_OBJECT),
+    sa.Column("updated_at", TIMESTAMP, nullable=False, server_default=sa.func.now()),
+    sa.Index("ix_contacts_user", "workspace_id", "user_id"),
+)
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("workspace_id", sa.Text, nullable=False, index=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("prefix", sa.Text, nullable=False),
+    sa.Column("hash", sa.Text, nullable=False, unique=True),
+    sa.Column("scopes", ARRAY(sa.Text), nullable=False),
+    sa.Column("created_at", TIMESTAMP, nullable=False, server_default=sa.func.now()),
+    sa.Column("revoked_at", TIMESTAMP),
+)
+idempotency_keys = sa.Table(
+    "idempotency_keys",
+    metadata,
+    sa.Column("workspace_id", sa.Text, primary_key=True),
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("request", sa.Text, nullable=False),
+    # Method and path: the same key on another request is a conflict.
+    sa.Column("status_code", sa.Integer, nullable=False),
+    sa.Column("body", JSONB, nullable=False),
+    sa.Column("created_at", TIMESTAMP, nullable=False, server_default=sa.func.now()),
+)
+templates = sa.Table(
+    "templates",
+    metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("workspace_id", sa.Text, nullable=False, index=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("channel", sa.Text, nullable=False),
+    sa.Column("definition", JSONB, nullable=False),
+    sa.Column("created_at", TIMESTAMP, nullable=False, server_default=sa.func.now()),
+    sa.Column("updated_at", TIMESTAMP, nullable=False, server_default=sa.func.now()),
+    sa.Column("deleted_at", TIMESTAMP),
+)
+messaging_settings = sa.Table(
+    "messaging_settings",
+    metadata,
+    sa.Column("workspace_id", sa.Text, primary_key=True),
+    sa.Column("caps", JSONB, nullable=False, server_default=JSON_OBJECT),
+    # {channel: {"per_day": n, "per_week": n}} across all workflows, per contact.
+    sa.Column("quiet_hours", JSONB),
+    # {"start": "21:00", "end": "08:00"} in the contact's timezone (trait ``timezone``).
 )
 processed_messages = processed_messages_table(metadata)
+
+
+# --- workflows ----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Workflow:
     id: uuid.UUID
+    workspace_id: str
     name: str
+    status: str
+    version: int
     definition: WorkflowDefinition
+    created_at: datetime
+    updated_at: datetime
+
+
+def _workflow(row: Any) -> Workflow:
+    return Workflow(
+        row.id,
+        row.workspace_id,
+        row.name,
+        row.status,
+        row.version,
+        WorkflowDefinition.model_validate(row.definition),
+        row.created_at,
+        row.updated_at,
+    )
 
 
 async def create_workflow(
@@ -67,34 +228,241 @@ async def create_workflow(
     workflow_id: uuid.UUID,
     name: str,
     definition: WorkflowDefinition,
+    publish: bool = True,
 ) -> None:
-    await session.execute(
+    """Create a workflow; published (version 1, active) unless ``publish`` is false."""
+    inserted = await session.execute(
         pg_insert(workflows)
         .values(
             id=workflow_id,
             workspace_id=workspace_id,
             name=name,
-            trigger_segment_id=definition.trigger.segment_id,
-            definition=definition.model_dump(mode="json"),
+            status="draft",
+            version=0,
+            trigger_kind=definition.trigger.kind,
+            trigger_key=trigger_key(definition.trigger),
+            definition=definition.model_dump(mode="json", by_alias=True),
         )
         .on_conflict_do_nothing()
+        .returning(workflows.c.id)
     )
+    if publish and inserted.first() is not None:
+        await publish_workflow(session, workflow_id=workflow_id)
 
 
-async def workflows_entered_by(
-    session: AsyncSession, *, workspace_id: str, segment_id: uuid.UUID
-) -> list[Workflow]:
+async def get_workflow(
+    session: AsyncSession, *, workspace_id: str, workflow_id: uuid.UUID
+) -> Workflow | None:
+    row = (
+        await session.execute(
+            sa.select(workflows).where(
+                workflows.c.id == workflow_id, workflows.c.workspace_id == workspace_id
+            )
+        )
+    ).first()
+    return _workflow(row) if row else None
+
+
+async def list_workflows(
+    session: AsyncSession, *, workspace_id: str, status: str | None, limit: int, offset: int
+) -> tuple[list[Workflow], int]:
+    where = [workflows.c.workspace_id == workspace_id]
+    if status:
+        where.append(workflows.c.status == status)
+    total = await session.scalar(sa.select(sa.func.count()).select_from(workflows).where(*where))
     rows = await session.execute(
-        sa.select(workflows).where(
+        sa.select(workflows)
+        .where(*where)
+        .order_by(workflows.c.created_at, workflows.c.id)
+        .limit(limit)
+        .offset(offset)
+    )
+    return [_workflow(row) for row in rows], total or 0
+
+
+async def update_workflow(
+    session: AsyncSession,
+    *,
+    workflow_id: uuid.UUID,
+    name: str | None = None,
+    definition: WorkflowDefinition | None = None,
+    status: str | None = None,
+) -> None:
+    values: dict[str, Any] = {"updated_at": sa.func.now()}
+    if name is not None:
+        values["name"] = name
+    if status is not None:
+        values["status"] = status
+    if definition is not None:
+        values["definition"] = definition.model_dump(mode="json", by_alias=True)
+    await session.execute(sa.update(workflows).where(workflows.c.id == workflow_id).values(values))
+
+
+async def publish_workflow(session: AsyncSession, *, workflow_id: uuid.UUID) -> int:
+    """Freeze the current definition as the next version; new runs start on it, runs in
+    flight keep theirs. Returns the version."""
+    row = (
+        await session.execute(
+            sa.select(workflows).where(workflows.c.id == workflow_id).with_for_update()
+        )
+    ).one()
+    version: int = row.version + 1
+    definition = WorkflowDefinition.model_validate(row.definition)
+    await session.execute(
+        sa.insert(workflow_versions).values(
+            workflow_id=workflow_id, version=version, definition=row.definition
+        )
+    )
+    await session.execute(
+        sa.update(workflows)
+        .where(workflows.c.id == workflow_id)
+        .values(
+            version=version,
+            status="active" if row.status in ("draft", "active") else row.status,
+            trigger_kind=definition.trigger.kind,
+            trigger_key=trigger_key(definition.trigger),
+            updated_at=sa.func.now(),
+        )
+    )
+    return version
+
+
+@dataclass(frozen=True)
+class Published:
+    id: uuid.UUID
+    workspace_id: str
+    version: int
+    definition: WorkflowDefinition
+
+
+_versions_cache: dict[tuple[uuid.UUID, int], WorkflowDefinition] = {}
+
+
+async def version_definition(
+    session: AsyncSession, *, workflow_id: uuid.UUID, version: int
+) -> WorkflowDefinition:
+    """A published version (immutable, so cached in the process)."""
+    key = (workflow_id, version)
+    cached = _versions_cache.get(key)
+    if cached is None:
+        raw = await session.scalar(
+            sa.select(workflow_versions.c.definition).where(
+                workflow_versions.c.workflow_id == workflow_id,
+                workflow_versions.c.version == version,
+            )
+        )
+        cached = _versions_cache[key] = WorkflowDefinition.model_validate(raw)
+    return cached
+
+
+async def triggered_workflows(
+    session: AsyncSession, *, workspace_id: str, kind: str, key: str
+) -> list[Published]:
+    """Active workflows whose published trigger listens to (kind, key)."""
+    rows = await session.execute(
+        sa.select(workflows.c.id, workflows.c.version).where(
             workflows.c.workspace_id == workspace_id,
-            workflows.c.trigger_segment_id == segment_id,
+            workflows.c.trigger_kind == kind,
+            workflows.c.trigger_key == key,
             workflows.c.status == "active",
+            workflows.c.version > 0,
         )
     )
     return [
-        Workflow(row.id, row.name, WorkflowDefinition.model_validate(row.definition))
-        for row in rows
+        Published(
+            row.id,
+            workspace_id,
+            row.version,
+            await version_definition(session, workflow_id=row.id, version=row.version),
+        )
+        for row in rows.all()
     ]
+
+
+async def cancel_runs(session: AsyncSession, *, workflow_id: uuid.UUID, at: datetime) -> int:
+    """End every active run of a workflow (archiving) and drop their timers."""
+    ended = await session.execute(
+        sa.update(runs)
+        .where(runs.c.workflow_id == workflow_id, runs.c.status == ACTIVE)
+        .values(status="cancelled", finished_at=at)
+        .returning(runs.c.id)
+    )
+    ids = list(ended.scalars())
+    if ids:
+        await session.execute(sa.delete(timers).where(timers.c.run_id.in_(ids)))
+    return len(ids)
+
+
+# --- runs ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Run:
+    id: uuid.UUID
+    workflow_id: uuid.UUID
+    version: int
+    workspace_id: str
+    contact_id: uuid.UUID
+    status: str
+    variant: str | None
+    performed: list[str]
+    contact: dict[str, Any]
+    started_at: datetime
+
+
+def _run(row: Any) -> Run:
+    return Run(
+        row.id,
+        row.workflow_id,
+        row.version,
+        row.workspace_id,
+        row.contact_id,
+        row.status,
+        row.variant,
+        list(row.performed),
+        row.contact,
+        row.started_at,
+    )
+
+
+async def may_enter(
+    session: AsyncSession,
+    *,
+    workflow_id: uuid.UUID,
+    contact_id: uuid.UUID,
+    rule: str,
+    cooldown_s: int | None,
+    concurrent: bool,
+    at: datetime,
+) -> bool:
+    """The entry rule: once, every time, or after a cooldown; never while the contact is in
+    a run of this workflow, unless concurrent runs are allowed."""
+    previous = (
+        await session.execute(
+            sa.select(runs.c.started_at, runs.c.status)
+            .where(runs.c.workflow_id == workflow_id, runs.c.contact_id == contact_id)
+            .order_by(runs.c.started_at.desc())
+            .limit(1)
+        )
+    ).first()
+    if previous is None:
+        return True
+    if rule == "once":
+        return False
+    if not concurrent and await session.scalar(
+        sa.select(sa.literal(True)).where(
+            sa.exists().where(
+                runs.c.workflow_id == workflow_id,
+                runs.c.contact_id == contact_id,
+                runs.c.status == ACTIVE,
+            )
+        )
+    ):
+        return False
+    if rule == "cooldown" and cooldown_s is not None:
+        elapsed: float = (at - previous.started_at).total_seconds()
+        return elapsed >= cooldown_s
+    return True
 
 
 async def start_run(
@@ -102,19 +470,28 @@ async def start_run(
     *,
     run_id: uuid.UUID,
     workflow_id: uuid.UUID,
+    version: int,
     workspace_id: str,
     contact_id: uuid.UUID,
+    exclusive: bool,
+    goal_event: str | None,
+    contact: dict[str, Any],
     at: datetime,
 ) -> bool:
-    """False when the contact already has a run of this workflow."""
+    """False when this run exists already (a replayed trigger) or the contact is in an
+    active exclusive run of the workflow (the partial unique index decides races)."""
     statement = (
         pg_insert(runs)
         .values(
             id=run_id,
             workflow_id=workflow_id,
+            version=version,
             workspace_id=workspace_id,
             contact_id=contact_id,
-            status="running",
+            status=ACTIVE,
+            exclusive=exclusive,
+            goal_event=goal_event,
+            contact=contact,
             started_at=at,
         )
         .on_conflict_do_nothing()
@@ -123,18 +500,279 @@ async def start_run(
     return (await session.execute(statement)).first() is not None
 
 
-async def record_step(session: AsyncSession, *, run_id: uuid.UUID, step: int, at: datetime) -> bool:
+async def get_run(session: AsyncSession, *, run_id: uuid.UUID, lock: bool = False) -> Run | None:
+    query = sa.select(runs).where(runs.c.id == run_id)
+    if lock:
+        query = query.with_for_update()
+    row = (await session.execute(query)).first()
+    return _run(row) if row else None
+
+
+async def active_runs_of(
+    session: AsyncSession, *, workspace_id: str, contact_id: uuid.UUID
+) -> list[Run]:
+    rows = await session.execute(
+        sa.select(runs)
+        .where(
+            runs.c.workspace_id == workspace_id,
+            runs.c.contact_id == contact_id,
+            runs.c.status == ACTIVE,
+        )
+        .with_for_update()
+    )
+    return [_run(row) for row in rows]
+
+
+async def note_performed(session: AsyncSession, *, run_ids: list[uuid.UUID], event: str) -> None:
+    await session.execute(
+        sa.update(runs)
+        .where(runs.c.id.in_(run_ids), sa.not_(runs.c.performed.any(event)))
+        .values(performed=runs.c.performed + sa.cast([event], ARRAY(sa.Text)))
+    )
+
+
+async def set_variant(session: AsyncSession, *, run_id: uuid.UUID, variant: str) -> None:
+    await session.execute(sa.update(runs).where(runs.c.id == run_id).values(variant=variant))
+
+
+async def finish_run(
+    session: AsyncSession, *, run_id: uuid.UUID, status: str, at: datetime
+) -> None:
+    await session.execute(
+        sa.update(runs)
+        .where(runs.c.id == run_id, runs.c.status == ACTIVE)
+        .values(status=status, finished_at=at)
+    )
+    await session.execute(sa.delete(timers).where(timers.c.run_id == run_id))
+
+
+async def record_step(
+    session: AsyncSession, *, run_id: uuid.UUID, step: int, at: datetime, outcome: str
+) -> bool:
     """False when this step of this run was executed before."""
     statement = (
         pg_insert(step_executions)
-        .values(run_id=run_id, step=step, executed_at=at)
+        .values(run_id=run_id, step=step, executed_at=at, outcome=outcome)
         .on_conflict_do_nothing()
         .returning(step_executions.c.step)
     )
     return (await session.execute(statement)).first() is not None
 
 
-async def finish_run(session: AsyncSession, *, run_id: uuid.UUID, at: datetime) -> None:
-    await session.execute(
-        sa.update(runs).where(runs.c.id == run_id).values(status="completed", finished_at=at)
+# --- timers -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Timer:
+    run_id: uuid.UUID
+    workspace_id: str
+    contact_id: uuid.UUID
+    step: int
+    due_at: datetime
+    resume_step: int | None
+    event: str | None
+    event_step: int | None
+    kind: str
+
+
+def _timer(row: Any) -> Timer:
+    return Timer(
+        row.run_id,
+        row.workspace_id,
+        row.contact_id,
+        row.step,
+        row.due_at,
+        row.resume_step,
+        row.event,
+        row.event_step,
+        row.kind,
     )
+
+
+async def schedule(session: AsyncSession, timer: Timer) -> None:
+    await session.execute(
+        pg_insert(timers)
+        .values(
+            run_id=timer.run_id,
+            workspace_id=timer.workspace_id,
+            contact_id=timer.contact_id,
+            step=timer.step,
+            due_at=timer.due_at,
+            resume_step=timer.resume_step,
+            event=timer.event,
+            event_step=timer.event_step,
+            kind=timer.kind,
+        )
+        .on_conflict_do_nothing()
+    )
+
+
+async def claim_due_timers(session: AsyncSession, *, now: datetime, limit: int) -> list[Timer]:
+    """Due timers, deleted and locked by this transaction: a timer another replica holds is
+    skipped, and a crash before the commit brings the timer back. The index on ``due_at``
+    finds them without scanning."""
+    due = (
+        sa.select(timers.c.run_id)
+        .where(timers.c.due_at <= now)
+        .order_by(timers.c.due_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    rows = await session.execute(
+        sa.delete(timers).where(timers.c.run_id.in_(due)).returning(timers)
+    )
+    return sorted((_timer(row) for row in rows), key=lambda t: t.due_at)
+
+
+async def claim_event_waits(
+    session: AsyncSession, *, workspace_id: str, contact_id: uuid.UUID, event: str
+) -> list[Timer]:
+    """Waits of this contact for ``event``, deleted by this transaction. Blocks (rather
+    than skips) a wait a timer worker is firing: once it commits, the wait is gone and the
+    event is late."""
+    rows = await session.execute(
+        sa.delete(timers)
+        .where(
+            timers.c.workspace_id == workspace_id,
+            timers.c.contact_id == contact_id,
+            timers.c.event == event,
+        )
+        .returning(timers)
+    )
+    return [_timer(row) for row in rows]
+
+
+# --- sends, caps --------------------------------------------------------------------------
+
+
+async def record_send(
+    session: AsyncSession,
+    *,
+    run: Run,
+    step: int,
+    channel: str,
+    variant: str | None,
+    idempotency_key: str,
+    at: datetime,
+) -> None:
+    await session.execute(
+        pg_insert(sends)
+        .values(
+            run_id=run.id,
+            step=step,
+            workspace_id=run.workspace_id,
+            workflow_id=run.workflow_id,
+            contact_id=run.contact_id,
+            channel=channel,
+            variant=variant,
+            idempotency_key=idempotency_key,
+            at=at,
+        )
+        .on_conflict_do_nothing()
+    )
+
+
+async def sends_since(
+    session: AsyncSession, *, contact_id: uuid.UUID, channel: str, since: datetime
+) -> int:
+    count = await session.scalar(
+        sa.select(sa.func.count())
+        .select_from(sends)
+        .where(sends.c.contact_id == contact_id, sends.c.channel == channel, sends.c.at > since)
+    )
+    return count or 0
+
+
+async def get_messaging_settings(
+    session: AsyncSession, *, workspace_id: str
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    row = (
+        await session.execute(
+            sa.select(messaging_settings).where(messaging_settings.c.workspace_id == workspace_id)
+        )
+    ).first()
+    return (row.caps, row.quiet_hours) if row else ({}, None)
+
+
+async def put_messaging_settings(
+    session: AsyncSession,
+    *,
+    workspace_id: str,
+    caps: dict[str, Any],
+    quiet_hours: dict[str, Any] | None,
+) -> None:
+    statement = pg_insert(messaging_settings).values(
+        workspace_id=workspace_id, caps=caps, quiet_hours=quiet_hours
+    )
+    await session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[messaging_settings.c.workspace_id],
+            set_={"caps": statement.excluded.caps, "quiet_hours": statement.excluded.quiet_hours},
+        )
+    )
+
+
+# --- contacts (the orchestrator's copy) ---------------------------------------------------
+
+
+async def upsert_contact(
+    session: AsyncSession,
+    *,
+    workspace_id: str,
+    contact_id: uuid.UUID,
+    user_id: str | None,
+    traits: dict[str, Any],
+    scores: dict[str, int],
+) -> None:
+    statement = pg_insert(contacts).values(
+        contact_id=contact_id,
+        workspace_id=workspace_id,
+        user_id=user_id,
+        traits=traits,
+        scores=scores,
+    )
+    await session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[contacts.c.contact_id],
+            set_={
+                "user_id": sa.func.coalesce(statement.excluded.user_id, contacts.c.user_id),
+                "traits": statement.excluded.traits,
+                "scores": statement.excluded.scores,
+                "updated_at": sa.func.now(),
+            },
+        )
+    )
+
+
+async def get_contact(session: AsyncSession, *, contact_id: uuid.UUID) -> dict[str, Any] | None:
+    row = (
+        await session.execute(
+            sa.select(contacts.c.user_id, contacts.c.traits, contacts.c.scores).where(
+                contacts.c.contact_id == contact_id
+            )
+        )
+    ).first()
+    return {"user_id": row.user_id, "traits": row.traits, "scores": row.scores} if row else None
+
+
+async def contact_by_user_id(
+    session: AsyncSession, *, workspace_id: str, user_id: str
+) -> uuid.UUID | None:
+    return await session.scalar(
+        sa.select(contacts.c.contact_id)
+        .where(contacts.c.workspace_id == workspace_id, contacts.c.user_id == user_id)
+        .limit(1)
+    )
+
+
+# --- templates ----------------------------------------------------------------------------
+
+
+async def template_ids(session: AsyncSession, *, workspace_id: str) -> set[uuid.UUID]:
+    rows = await session.execute(
+        sa.select(templates.c.id).where(
+            templates.c.workspace_id == workspace_id, templates.c.deleted_at.is_(None)
+        )
+    )
+    return set(rows.scalars())
