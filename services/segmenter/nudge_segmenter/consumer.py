@@ -1,5 +1,8 @@
 """Segmenter's Kafka wiring: each contact change re-evaluates the workspace's segments and
-publishes one ``segment.entered`` or ``segment.exited`` per real transition."""
+publishes one ``segment.entered`` or ``segment.exited`` per real transition. A merge moves
+the merged contact's memberships to the survivor and leaves a tombstone (later updates of
+the merged id are stale and ignored); an erasure deletes the contacts' state, memberships
+and history."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from nudge_common.conditions import Profile, matches
 from nudge_common.consumer import ConsumerRunner
 from nudge_common.events import (
+    CONTACT_ERASED,
     CONTACT_MERGED,
     CONTACT_UPDATED,
     SEGMENT_ENTERED,
@@ -33,9 +37,20 @@ async def handle_contact_updated(
             session, survivor_id=merge.survivor_id, merged_id=merge.merged_id, at=merge.at
         )
         return []
+    if envelope.type == CONTACT_ERASED.name:
+        erased = CONTACT_ERASED.parse(envelope)
+        await store.erase_contacts(
+            session,
+            workspace_id=envelope.workspace_id,
+            contact_ids=sorted({erased.contact_id, *erased.contact_ids}),
+        )
+        return []
     if envelope.type != CONTACT_UPDATED.name:
         return []
     update = CONTACT_UPDATED.parse(envelope)
+    if await store.was_merged(session, contact_id=update.contact_id):
+        metrics.STALE_UPDATES.inc()
+        return []  # an update from before the merge, overtaken by it: nothing to re-create
     workspace_id = envelope.workspace_id
     at = envelope.occurred_at
     await store.save_contact(session, workspace_id=workspace_id, update=update, at=at)

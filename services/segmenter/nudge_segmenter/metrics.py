@@ -9,3 +9,8 @@ TRANSITIONS = Counter(
     "Segment membership transitions published, by direction (entered, exited).",
     ["direction"],
 )
+STALE_UPDATES = Counter(
+    "nudge_segmenter_stale_updates_total",
+    "contact.updated messages ignored because their contact had been merged away before "
+    "they arrived.",
+)

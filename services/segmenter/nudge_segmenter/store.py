@@ -58,6 +58,17 @@ membership_history = sa.Table(
     sa.Column("exited_at", TIMESTAMP),
     sa.Index("membership_history_segment_contact", "segment_id", "contact_id"),
 )
+merged_contacts = sa.Table(
+    "merged_contacts",
+    metadata,
+    sa.Column("contact_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("survivor_id", UUID(as_uuid=True), nullable=False, index=True),
+    sa.Column("at", TIMESTAMP, nullable=False),
+)
+"""Tombstones of contacts merged away: a ``contact.updated`` for one of them that arrives
+after the merge (it travels keyed by the merged id, the merge by the survivor's) is stale
+and ignored. Merged ids never come back (``ContactMerged``), so the rows are final; they
+are three columns, and erasure deletes them with the survivor's family."""
 processed_messages = processed_messages_table(metadata)
 
 
@@ -173,3 +184,38 @@ async def merge_contacts(
                 query = query.where(membership_history.c.exited_at.is_(None))
             await session.execute(query.values(contact_id=survivor_id))
     await session.execute(sa.delete(contacts).where(contacts.c.contact_id == merged_id))
+    await session.execute(
+        pg_insert(merged_contacts)
+        .values(contact_id=merged_id, survivor_id=survivor_id, at=at)
+        .on_conflict_do_nothing()
+    )
+
+
+async def was_merged(session: AsyncSession, *, contact_id: uuid.UUID) -> bool:
+    found = await session.scalar(
+        sa.select(merged_contacts.c.contact_id).where(merged_contacts.c.contact_id == contact_id)
+    )
+    return found is not None
+
+
+async def erase_contacts(
+    session: AsyncSession, *, workspace_id: str, contact_ids: list[uuid.UUID]
+) -> None:
+    """GDPR erase: the contacts' state, memberships and membership history go (and the
+    tombstones of contacts merged into them)."""
+    for table, column in (
+        (memberships, memberships.c.contact_id),
+        (membership_history, membership_history.c.contact_id),
+        (contacts, contacts.c.contact_id),
+    ):
+        await session.execute(
+            sa.delete(table).where(table.c.workspace_id == workspace_id, column.in_(contact_ids))
+        )
+    await session.execute(
+        sa.delete(merged_contacts).where(
+            sa.or_(
+                merged_contacts.c.contact_id.in_(contact_ids),
+                merged_contacts.c.survivor_id.in_(contact_ids),
+            )
+        )
+    )
