@@ -526,7 +526,7 @@ async def active_runs_of(
 async def note_performed(session: AsyncSession, *, run_ids: list[uuid.UUID], event: str) -> None:
     await session.execute(
         sa.update(runs)
-        .where(runs.c.id.in_(run_ids), sa.not_(runs.c.performed.any(event)))
+        .where(runs.c.id.in_(run_ids), sa.not_(sa.literal(event) == sa.any_(runs.c.performed)))
         .values(performed=runs.c.performed + sa.cast([event], ARRAY(sa.Text)))
     )
 

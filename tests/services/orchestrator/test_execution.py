@@ -1,0 +1,329 @@
+"""Runs on the real database and broker: the abandoned cart (both ways), entry rules, goals,
+caps, quiet hours, versions, and two timer workers sharing due timers."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import sqlalchemy as sa
+
+from nudge_common.db import transaction
+from nudge_common.events import NOTIFICATION_REQUESTED, Envelope, Topic
+from nudge_devtools.pipeline import read_topic
+from nudge_orchestrator import store
+from nudge_orchestrator.domain.workflows import WorkflowDefinition
+from nudge_orchestrator.worker import fire_due_timers
+from tests.services.orchestrator.conftest import Engine
+
+EMAIL = uuid.uuid4()
+SMS = uuid.uuid4()
+
+
+def abandoned_cart(**extra: Any) -> dict[str, Any]:
+    return {
+        "trigger": {"kind": "event", "event": "Product Added"},
+        "entry": {"rule": "every_time"},
+        "goal": {"event": "Order Completed"},
+        "steps": [
+            {
+                "kind": "wait_for_event",
+                "event": "Order Completed",
+                "timeout_s": 3 * 3600,
+                "on_event": "done",
+            },
+            {"kind": "send", "channel": "email", "template_id": str(EMAIL)},
+            {"kind": "wait", "seconds": 86400},
+            {
+                "kind": "branch",
+                "not_performed": ["Order Completed", "Email Link Clicked"],
+                "else": "done",
+            },
+            {"kind": "send", "channel": "sms", "template_id": str(SMS)},
+            {"id": "done", "kind": "exit"},
+        ],
+        **extra,
+    }
+
+
+async def test_abandoned_cart_without_an_order_sends_email_then_sms(engine: Engine) -> None:
+    workflow = await engine.workflow(abandoned_cart())
+    contact = await engine.contact("cart-1")
+    await engine.track("cart-1", "Product Added", sku="A1")
+    [run] = await engine.runs(workflow)
+    assert run.status == "active"
+    assert run.contact_id == contact
+    engine.advance(hours=2, minutes=59)
+    assert await engine.fire() == 0
+    assert await engine.sent(workflow) == []
+    engine.advance(minutes=1)
+    assert await engine.fire() == 1
+    assert await engine.sent(workflow) == [("email", 1)]
+    engine.advance(days=1)
+    assert await engine.fire() == 1
+    assert await engine.sent(workflow) == [("email", 1), ("sms", 4)]
+    [run] = await engine.runs(workflow)
+    assert run.status == "exited"
+    assert await engine.timers(workflow) == []
+    # the requests are on Kafka, with keys <run>:<step>
+    keys = {f"{run.id}:1", f"{run.id}:4"}
+    found = await read_topic(
+        engine.settings,
+        Topic.NOTIFICATIONS,
+        where=lambda r: NOTIFICATION_REQUESTED.parse(_decode(r)).idempotency_key in keys,
+        expected=2,
+    )
+    requests = [NOTIFICATION_REQUESTED.parse(_decode(r)) for r in found]
+    assert sorted(r.channel for r in requests) == ["email", "sms"]
+    assert all(r.contact.traits["email"] == "cart-1@example.com" for r in requests)
+
+
+async def test_an_order_in_time_cancels_the_reminder(engine: Engine) -> None:
+    workflow = await engine.workflow(abandoned_cart())
+    await engine.contact("cart-2")
+    await engine.track("cart-2", "Product Added")
+    engine.advance(hours=1)
+    await engine.track("cart-2", "Order Completed")
+    [run] = await engine.runs(workflow)
+    assert run.status == "converted"
+    assert await engine.timers(workflow) == []
+    engine.advance(days=3)
+    assert await engine.fire() == 0
+    assert await engine.sent(workflow) == []
+
+
+async def test_a_clicked_email_means_no_sms(engine: Engine) -> None:
+    workflow = await engine.workflow(abandoned_cart())
+    await engine.contact("cart-3")
+    await engine.track("cart-3", "Product Added")
+    engine.advance(hours=3)
+    await engine.fire()
+    engine.advance(hours=2)
+    await engine.track("cart-3", "Email Link Clicked")
+    engine.advance(days=1)
+    await engine.fire()
+    assert await engine.sent(workflow) == [("email", 1)]
+    [run] = await engine.runs(workflow)
+    assert run.status == "exited"
+
+
+async def test_entry_rules_once_cooldown_and_one_run_at_a_time(engine: Engine) -> None:
+    wait_then_send = [
+        {"kind": "wait", "seconds": 3600},
+        {"kind": "send", "channel": "email", "template_id": str(EMAIL)},
+    ]
+    once = await engine.workflow(
+        {"trigger": {"kind": "event", "event": "Signed Up"}, "steps": wait_then_send}
+    )
+    every = await engine.workflow(
+        {
+            "trigger": {"kind": "event", "event": "Signed Up"},
+            "entry": {"rule": "every_time"},
+            "steps": wait_then_send,
+        }
+    )
+    cooldown = await engine.workflow(
+        {
+            "trigger": {"kind": "event", "event": "Signed Up"},
+            "entry": {"rule": "cooldown", "cooldown_s": 86400},
+            "steps": wait_then_send,
+        }
+    )
+    await engine.contact("rules-1")
+    await engine.track("rules-1", "Signed Up")
+    await engine.track("rules-1", "Signed Up")  # all three runs still active: no second run
+    assert [len(await engine.runs(w)) for w in (once, every, cooldown)] == [1, 1, 1]
+    engine.advance(hours=2)
+    await engine.fire()  # all runs complete
+    await engine.track("rules-1", "Signed Up")
+    assert [len(await engine.runs(w)) for w in (once, every, cooldown)] == [1, 2, 1]
+    engine.advance(days=1)
+    await engine.fire()
+    await engine.track("rules-1", "Signed Up")
+    assert [len(await engine.runs(w)) for w in (once, every, cooldown)] == [1, 3, 2]
+
+
+async def test_event_trigger_property_filter(engine: Engine) -> None:
+    workflow = await engine.workflow(
+        {
+            "trigger": {
+                "kind": "event",
+                "event": "Viewed Product",
+                "properties": {"kind": "trait", "name": "price", "op": "gte", "value": 100},
+            },
+            "steps": [{"kind": "send", "channel": "email", "template_id": str(EMAIL)}],
+        }
+    )
+    await engine.contact("filter-1")
+    await engine.track("filter-1", "Viewed Product", price=20)
+    assert await engine.runs(workflow) == []
+    await engine.track("filter-1", "Viewed Product", price=250)
+    [run] = await engine.runs(workflow)
+    assert run.status == "completed"
+
+
+async def test_frequency_cap_across_workflows(engine: Engine) -> None:
+    async with transaction(engine.sessionmaker) as session:
+        await store.put_messaging_settings(
+            session,
+            workspace_id=engine.workspace_id,
+            caps={"email": {"per_day": 1}},
+            quiet_hours=None,
+        )
+    send = [{"kind": "send", "channel": "email", "template_id": str(EMAIL)}]
+    first = await engine.workflow({"trigger": {"kind": "event", "event": "A"}, "steps": send})
+    second = await engine.workflow({"trigger": {"kind": "event", "event": "B"}, "steps": send})
+    await engine.contact("cap-1")
+    await engine.track("cap-1", "A")
+    await engine.track("cap-1", "B")
+    assert await engine.sent(first) == [("email", 0)]
+    assert await engine.sent(second) == []
+    async with transaction(engine.sessionmaker) as session:
+        [outcome] = (
+            await session.execute(
+                sa.select(store.step_executions.c.outcome)
+                .join(store.runs, store.runs.c.id == store.step_executions.c.run_id)
+                .where(store.runs.c.workflow_id == second)
+            )
+        ).scalars()
+    assert outcome == "capped"
+    engine.advance(days=1, seconds=1)
+    await engine.track("cap-1", "B")  # once (default entry): no second run of B
+    third = await engine.workflow({"trigger": {"kind": "event", "event": "C"}, "steps": send})
+    await engine.track("cap-1", "C")
+    assert await engine.sent(third) == [("email", 0)]
+
+
+async def test_quiet_hours_make_messages_wait(engine: Engine) -> None:
+    async with transaction(engine.sessionmaker) as session:
+        await store.put_messaging_settings(
+            session,
+            workspace_id=engine.workspace_id,
+            caps={},
+            quiet_hours={"start": "21:00", "end": "08:00"},
+        )
+    workflow = await engine.workflow(
+        {
+            "trigger": {"kind": "event", "event": "Late"},
+            "steps": [{"kind": "send", "channel": "email", "template_id": str(EMAIL)}],
+        }
+    )
+    await engine.contact("quiet-1", timezone="Europe/Rome")
+    engine.advance(hours=9, minutes=30)  # 21:30 UTC = 22:30 in Rome
+    await engine.track("quiet-1", "Late")
+    assert await engine.sent(workflow) == []
+    [timer] = await engine.timers(workflow)
+    assert timer.kind == "quiet"
+    assert timer.due_at.isoformat() == "2030-03-05T07:00:00+00:00"  # 08:00 in Rome
+    engine.advance(hours=9, minutes=30)
+    assert await engine.fire() == 1
+    assert await engine.sent(workflow) == [("email", 0)]
+
+
+async def test_publishing_a_version_does_not_change_runs_in_flight(engine: Engine) -> None:
+    other = uuid.uuid4()
+    definition = {
+        "trigger": {"kind": "event", "event": "Joined"},
+        "entry": {"rule": "every_time", "concurrent": True},
+        "steps": [
+            {"kind": "wait", "seconds": 600},
+            {"kind": "send", "channel": "email", "template_id": str(EMAIL)},
+        ],
+    }
+    workflow = await engine.workflow(definition)
+    await engine.contact("version-1")
+    await engine.track("version-1", "Joined")
+    edited = {
+        **definition,
+        "steps": [{"kind": "send", "channel": "sms", "template_id": str(other)}],
+    }
+    async with transaction(engine.sessionmaker) as session:
+        await store.update_workflow(
+            session, workflow_id=workflow, definition=WorkflowDefinition.model_validate(edited)
+        )
+        assert await store.publish_workflow(session, workflow_id=workflow) == 2
+    await engine.track("version-1", "Joined")  # a new run, on version 2
+    engine.advance(minutes=10)
+    await engine.fire()
+    runs = sorted(await engine.runs(workflow), key=lambda r: r.version)
+    assert [(r.version, r.status) for r in runs] == [(1, "completed"), (2, "completed")]
+    assert sorted(await engine.sent(workflow)) == [("email", 1), ("sms", 0)]
+
+
+async def test_branch_on_the_segment_language_and_a_split(engine: Engine) -> None:
+    workflow = await engine.workflow(
+        {
+            "trigger": {"kind": "event", "event": "Visited"},
+            "steps": [
+                {
+                    "kind": "branch",
+                    "condition": {"kind": "trait", "name": "plan", "op": "eq", "value": "pro"},
+                    "else": "end",
+                },
+                {
+                    "kind": "split",
+                    "variants": [
+                        {"name": "a", "weight": 1},
+                        {"name": "b", "weight": 1, "next": "b"},
+                    ],
+                },
+                {"kind": "send", "channel": "email", "template_id": str(EMAIL), "next": "end"},
+                {"id": "b", "kind": "send", "channel": "email", "template_id": str(SMS)},
+                {"id": "end", "kind": "exit"},
+            ],
+        }
+    )
+    await engine.contact("branch-free", plan="free")
+    await engine.track("branch-free", "Visited")
+    for i in range(20):
+        await engine.contact(f"branch-pro-{i}", plan="pro")
+        await engine.track(f"branch-pro-{i}", "Visited")
+    runs = await engine.runs(workflow)
+    assert len(runs) == 21
+    variants = [r.variant for r in runs if r.variant]
+    assert len(variants) == 20  # the free contact took the else branch, before the split
+    assert {"a", "b"} == set(variants)
+    sent_steps = sorted(step for _, step in await engine.sent(workflow))
+    assert sent_steps == sorted(2 if v == "a" else 3 for v in variants)
+
+
+async def test_two_timer_workers_share_due_timers_and_never_double_a_step(engine: Engine) -> None:
+    workflow = await engine.workflow(
+        {
+            "trigger": {"kind": "event", "event": "Bulk"},
+            "steps": [
+                {"kind": "wait", "seconds": 60},
+                {"kind": "send", "channel": "email", "template_id": str(EMAIL)},
+            ],
+        }
+    )
+    users = [f"bulk-{i}" for i in range(300)]
+    for user in users:
+        await engine.track(user, "Bulk")
+    engine.advance(minutes=2)
+
+    async def worker() -> int:
+        fired = 0
+        while batch := await fire_due_timers(
+            engine.sessionmaker, engine.producer, engine.settings, clock=engine.clock, limit=25
+        ):
+            fired += batch
+        return fired
+
+    counts = await asyncio.gather(worker(), worker())
+    assert sum(counts) == 300
+    sent = await engine.sent(workflow)
+    assert len(sent) == 300
+    async with transaction(engine.sessionmaker) as session:
+        executions = await session.scalar(
+            sa.select(sa.func.count())
+            .select_from(store.step_executions)
+            .join(store.runs, store.runs.c.id == store.step_executions.c.run_id)
+            .where(store.runs.c.workflow_id == workflow)
+        )
+    assert executions == 600  # (wait, send) once per run
+
+
+def _decode(record: Any) -> Envelope:
+    return Envelope.decode(record.value)
