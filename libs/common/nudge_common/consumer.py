@@ -29,7 +29,7 @@ import uuid
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import sqlalchemy as sa
 import structlog
@@ -76,6 +76,16 @@ class MessageHandler(Protocol):
     async def __call__(
         self, session: AsyncSession, envelope: Envelope
     ) -> Sequence[OutgoingMessage]: ...
+
+
+@runtime_checkable
+class BatchPreparer(Protocol):
+    """Optional: a handler that also has ``prepare`` is given the whole decoded batch before
+    the batch's transaction opens, to do slow outside work for all messages concurrently
+    (the notifier's sends) in its own transactions. It must keep per-message failures for
+    ``__call__`` to raise, and raise only what retries the whole batch."""
+
+    async def prepare(self, envelopes: Sequence[Envelope]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -198,6 +208,8 @@ class ConsumerRunner:
 
     async def _apply(self, records: list[Record]) -> None:
         decoded, dead_letters = decode(records)
+        if isinstance(self.handler, BatchPreparer):
+            await self.handler.prepare([item.envelope for item in decoded])
         outgoing: list[OutgoingMessage] = []
         async with transaction(self.sessionmaker) as session:
             unclaimed = await self._claim(session, [item.envelope.id for item in decoded])

@@ -181,7 +181,19 @@ class NotificationRequested(BaseModel):
     step: int | None = None
 
 
-DeliveryStatus = Literal["sent", "failed", "skipped", "unknown"]
+DeliveryStatus = Literal[
+    "sent",
+    "failed",
+    "skipped",
+    "unknown",
+    # Later news about a sent message, from providers' webhooks and tracking:
+    "delivered",
+    "bounced",
+    "complained",
+    "opened",
+    "clicked",
+    "unsubscribed",
+]
 
 
 class DeliveryReported(BaseModel):
@@ -192,6 +204,27 @@ class DeliveryReported(BaseModel):
     recipient: str | None = None
     provider_message_id: str | None = None
     reason: str | None = None
+    detail: dict[str, Any] = Field(default_factory=dict)
+    """What the status carries: the clicked URL, ``bot: true`` for a prefetch open, the
+    bounce's SMTP status, the unsubscribed topic."""
+
+
+ConsentStatus = Literal["pending", "subscribed", "unsubscribed"]
+
+
+class ConsentChanged(BaseModel):
+    """A recipient's consent to a channel (and subscription topic) changed, or an address
+    was suppressed or released (``suppressed`` set): published by the notifier, which owns
+    consent and the suppression list."""
+
+    channel: Channel
+    address: str
+    topic: str | None = None
+    status: ConsentStatus | None = None
+    suppressed: bool | None = None
+    reason: str
+    contact_id: uuid.UUID | None = None
+    at: datetime
 
 
 class ContactMerged(BaseModel):
@@ -236,9 +269,31 @@ NOTIFICATION_REQUESTED = EventType(
     "notification.requested", NotificationRequested, Topic.NOTIFICATIONS
 )
 DELIVERY_REPORTED = EventType("delivery.reported", DeliveryReported, Topic.DELIVERIES)
+CONSENT_CHANGED = EventType("consent.changed", ConsentChanged, Topic.DELIVERIES)
 
 
 def segment_event_id(workspace_id: str, message_id: str) -> uuid.UUID:
     """The envelope id of an inbound event: an SDK retry of the same ``messageId`` maps to
     the same id, so every consumer counts it once."""
     return stable_id(workspace_id, "message", message_id)
+
+
+# --- definitions announced on the config topic --------------------------------------------
+
+
+class TemplateDefined(BaseModel):
+    """A message template created, changed or deleted through the marketers' API (served
+    by the orchestrator); the notifier, which renders and sends, stores it. Keyed by the
+    template id on the compacted config topic, so the latest definition is kept."""
+
+    template_id: uuid.UUID
+    name: str
+    channel: Channel
+    subject: str = ""
+    html: str = ""
+    text: str = ""
+    topic: str = "marketing"
+    deleted: bool = False
+
+
+TEMPLATE_DEFINED = EventType("template.defined", TemplateDefined, Topic.CONFIG)

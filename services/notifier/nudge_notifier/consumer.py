@@ -1,27 +1,42 @@
-"""Notifier's Kafka wiring: each notification request is rendered, claimed, sent at most
-once, and reported on the deliveries topic.
+"""Notifier's Kafka wiring: each notification request is checked (address, hygiene,
+suppression, consent), rendered, claimed, sent at most once, and reported on the
+deliveries topic.
 
 The at-most-once rule: a key is claimed (status ``sending``) and committed before the
 provider is called, and its outcome is committed right after. A key found still
 ``sending`` belongs to a process that died mid-send; whether the provider took the message
 cannot be known, so it is recorded as ``unknown`` and never sent again.
+
+A batch is sent concurrently: :meth:`NotificationHandler.prepare` gets the whole batch
+from the consumer runner before its transaction opens, claims every sendable key in one
+commit, sends them all at once (each provider bounded by its own rate limit and
+concurrency), and records every outcome in one commit. The runner then calls the handler
+per message, which hands back what ``prepare`` found.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from nudge_common.consumer import ConsumerRunner
 from nudge_common.db import SessionMaker, transaction
 from nudge_common.errors import InvalidMessage, RetryLater
 from nudge_common.events import (
+    CONSENT_CHANGED,
     DELIVERY_REPORTED,
     NOTIFICATION_REQUESTED,
+    Channel,
+    ConsentChanged,
     DeliveryReported,
     DeliveryStatus,
     Envelope,
@@ -30,9 +45,23 @@ from nudge_common.events import (
 )
 from nudge_common.kafka import OutgoingMessage
 from nudge_common.service import Runtime
-from nudge_notifier import metrics, store
-from nudge_notifier.domain.templates import TemplateRenderError, render
-from nudge_notifier.providers.email import PermanentFailure, SmtpEmailProvider, TransientFailure
+from nudge_common.tracking import engagement_event
+from nudge_notifier import feedback, metrics, store
+from nudge_notifier.domain import links
+from nudge_notifier.domain.consent import decide
+from nudge_notifier.domain.hygiene import InvalidPhone, check_email, to_e164
+from nudge_notifier.domain.templates import Template, TemplateRenderError, render
+from nudge_notifier.providers.base import (
+    Limiter,
+    Outbound,
+    PermanentFailure,
+    Provider,
+    TransientFailure,
+    with_retries,
+)
+from nudge_notifier.providers.email import SmtpEmailProvider
+from nudge_notifier.providers.push import FcmPushProvider, WebPushProvider
+from nudge_notifier.providers.sms import TwilioSmsProvider
 from nudge_notifier.settings import NotifierSettings
 
 log = structlog.get_logger(__name__)
@@ -40,79 +69,386 @@ DELIVERY_STATUS: TypeAdapter[DeliveryStatus] = TypeAdapter(DeliveryStatus)
 INTERRUPTED = "interrupted while sending; not resent"
 
 
+class Providers:
+    """Every channel's provider with its own limiter."""
+
+    def __init__(self, settings: NotifierSettings, **overrides: Provider) -> None:
+        s = settings
+        self.providers: dict[str, Provider] = {
+            "smtp": overrides.get("smtp") or SmtpEmailProvider(s),
+            "sms": overrides.get("sms") or TwilioSmsProvider(s),
+            "fcm": overrides.get("fcm") or FcmPushProvider(s),
+            "webpush": overrides.get("webpush") or WebPushProvider(s),
+        }
+        self.limiters = {
+            "smtp": Limiter(rate_per_s=s.smtp_rate_per_s, concurrency=s.smtp_max_connections),
+            "sms": Limiter(rate_per_s=s.sms_rate_per_s, concurrency=s.sms_concurrency),
+            "fcm": Limiter(rate_per_s=s.push_rate_per_s, concurrency=s.push_concurrency),
+            "webpush": Limiter(rate_per_s=s.push_rate_per_s, concurrency=s.push_concurrency),
+        }
+
+    async def close(self) -> None:
+        for provider in self.providers.values():
+            await provider.close()
+
+
+@dataclass
+class Item:
+    """One request on its way through a batch."""
+
+    envelope: Envelope
+    request: NotificationRequested | None = None
+    provider: str | None = None
+    outbound: Outbound | None = None
+    address: str | None = None
+    attempts: int = 0
+    outputs: list[OutgoingMessage] = field(default_factory=list)
+    error: Exception | None = None
+    outcome: store.Outcome | None = None
+    hard_bounce: bool = False
+    soft_bounce: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.error is not None or bool(self.outputs)
+
+
 class NotificationHandler:
-    def __init__(self, sessionmaker: SessionMaker, email: SmtpEmailProvider) -> None:
+    def __init__(
+        self, settings: NotifierSettings, sessionmaker: SessionMaker, providers: Providers
+    ) -> None:
+        self.settings = settings
         self.sessionmaker = sessionmaker
-        self.email = email
+        self.providers = providers
+        self._prepared: dict[uuid.UUID, Item] = {}
+
+    async def prepare(self, envelopes: Sequence[Envelope]) -> None:
+        requests = [e for e in envelopes if e.type == NOTIFICATION_REQUESTED.name]
+        items = await self._process(requests) if requests else []
+        self._prepared = {item.envelope.id: item for item in items}
 
     async def __call__(
         self, session: AsyncSession, envelope: Envelope
     ) -> Sequence[OutgoingMessage]:
         if envelope.type != NOTIFICATION_REQUESTED.name:
             return []
-        request = NOTIFICATION_REQUESTED.parse(envelope)
-        if request.channel != "email":
-            raise InvalidMessage(f"channel {request.channel!r} is not supported yet")
-        template = await store.get_template(
-            session, workspace_id=envelope.workspace_id, template_id=request.template_id
+        item = self._prepared.pop(envelope.id, None)
+        if item is None:
+            (item,) = await self._process([envelope])
+        if item.error is not None:
+            raise item.error
+        return item.outputs
+
+    # --- the batch -----------------------------------------------------------------------
+
+    async def _process(self, envelopes: Sequence[Envelope]) -> list[Item]:
+        items = [Item(envelope) for envelope in envelopes]
+        for item in items:
+            try:
+                item.request = NOTIFICATION_REQUESTED.parse(item.envelope)
+            except ValidationError as error:
+                item.error = InvalidMessage(f"invalid notification request: {error}")
+        await self._plan(items)
+        await self._claim(items)
+        sendable = [item for item in items if not item.done and item.outbound is not None]
+        if sendable:
+            await asyncio.gather(*(self._send(item) for item in sendable))
+            await self._record(sendable)
+        return items
+
+    async def _plan(self, items: list[Item]) -> None:
+        """Address, hygiene, suppression and consent, template: in one read transaction.
+        Requests that must not be sent are recorded as skipped, with the reason."""
+        pending = [item for item in items if item.request is not None and item.error is None]
+        if not pending:
+            return
+        skipped: list[tuple[Item, str]] = []
+        async with transaction(self.sessionmaker) as session:
+            templates: dict[tuple[str, uuid.UUID], Template | None] = {}
+            by_workspace: dict[str, list[Item]] = {}
+            for item in pending:
+                request = item.request
+                assert request is not None
+                workspace = item.envelope.workspace_id
+                key = (workspace, request.template_id)
+                if key not in templates:
+                    templates[key] = await store.get_template(
+                        session, workspace_id=workspace, template_id=request.template_id
+                    )
+                template = templates[key]
+                if template is None:
+                    item.error = InvalidMessage(f"template {request.template_id} does not exist")
+                    continue
+                if template.channel != request.channel:
+                    item.error = InvalidMessage(
+                        f"template {template.name!r} is for {template.channel}, "
+                        f"not {request.channel}"
+                    )
+                    continue
+                address, provider, data, problem = await self._address(session, item)
+                if problem is not None:
+                    skipped.append((item, problem))
+                    continue
+                assert address is not None
+                assert provider is not None
+                item.address, item.provider = address, provider
+                try:
+                    rendered = render(template, self._variables(item, template, address))
+                except TemplateRenderError as error:
+                    item.error = InvalidMessage(str(error))
+                    continue
+                headers: dict[str, str] = {}
+                if request.channel == "email":
+                    ctx = self._links(item, template, address)
+                    headers = links.unsubscribe_headers(ctx)
+                    rendered = type(rendered)(
+                        rendered.subject,
+                        links.track_html(
+                            rendered.html,
+                            ctx,
+                            opens=self.settings.track_opens,
+                            clicks=self.settings.track_clicks,
+                        ),
+                        rendered.text,
+                    )
+                item.outbound = Outbound(
+                    request.channel, address, rendered, request.idempotency_key, headers, data
+                )
+                by_workspace.setdefault(workspace, []).append(item)
+            for workspace, group in by_workspace.items():
+                pairs = {(i.request.channel, i.address) for i in group if i.request and i.address}
+                suppressed, consents = await store.sending_policy(
+                    session, workspace_id=workspace, pairs=pairs
+                )
+                for item in group:
+                    assert item.request is not None
+                    assert item.address is not None
+                    pair = (item.request.channel, item.address)
+                    template = templates[(workspace, item.request.template_id)]
+                    assert template is not None
+                    decision = decide(
+                        channel=item.request.channel,
+                        topic=template.topic,
+                        suppression_reason=suppressed.get(pair),
+                        consents=consents.get(pair, {}),
+                        opt_in_channels=self._opt_in_channels(),
+                    )
+                    if not decision.allowed:
+                        item.outbound = None
+                        skipped.append((item, decision.reason or "not allowed"))
+            for item, reason in skipped:
+                assert item.request is not None
+                await store.record_skipped(
+                    session,
+                    idempotency_key=item.request.idempotency_key,
+                    workspace_id=item.envelope.workspace_id,
+                    channel=item.request.channel,
+                    contact_id=item.request.contact.contact_id,
+                    reason=reason,
+                )
+                item.outputs.append(self._report(item, "skipped", reason=reason))
+
+    def _opt_in_channels(self) -> list[Channel]:
+        channels = list(self.settings.opt_in_channels)
+        if self.settings.email_double_opt_in and "email" not in channels:
+            channels.append("email")
+        return channels
+
+    async def _address(
+        self, session: AsyncSession, item: Item
+    ) -> tuple[str | None, str | None, dict[str, Any], str | None]:
+        """(address, provider, provider data, why not) for the request's channel."""
+        request = item.request
+        assert request is not None
+        traits = request.contact.traits
+        workspace = item.envelope.workspace_id
+        if request.channel == "email":
+            raw = traits.get("email")
+            if not isinstance(raw, str) or not raw:
+                return None, None, {}, "no email address"
+            check = check_email(raw)
+            if not check.valid or check.normalized is None:
+                await store.note_hygiene(
+                    session,
+                    workspace_id=workspace,
+                    channel="email",
+                    address=raw.lower(),
+                    invalid=True,
+                    suggestion=check.suggestion,
+                )
+                return None, None, {}, f"invalid email address: {check.reason}"
+            address = check.normalized.lower()
+            if check.disposable or check.role or check.suggestion:
+                await store.note_hygiene(
+                    session,
+                    workspace_id=workspace,
+                    channel="email",
+                    address=address,
+                    disposable=check.disposable,
+                    role=check.role,
+                    suggestion=check.suggestion,
+                )
+            return address, "smtp", {}, None
+        if request.channel == "sms":
+            raw = traits.get("phone")
+            if not isinstance(raw, str) or not raw:
+                return None, None, {}, "no phone number"
+            try:
+                return to_e164(raw, self.settings.sms_default_region), "sms", {}, None
+            except InvalidPhone as error:
+                return None, None, {}, str(error)
+        subscription = traits.get("web_push")
+        if isinstance(subscription, dict) and isinstance(subscription.get("endpoint"), str):
+            return subscription["endpoint"], "webpush", {"subscription": subscription}, None
+        token = traits.get("fcm_token")
+        if isinstance(token, str) and token:
+            return token, "fcm", {}, None
+        return None, None, {}, "no push subscription or device token"
+
+    def _links(self, item: Item, template: Template, address: str) -> links.LinkContext:
+        request = item.request
+        assert request is not None
+        s = self.settings
+        return links.LinkContext(
+            secret=s.tracking_secret.get_secret_value(),
+            tracking_url=s.tracking_url,
+            public_url=s.public_url,
+            email_domain=s.email_domain,
+            workspace_id=item.envelope.workspace_id,
+            contact_id=str(request.contact.contact_id),
+            user_id=request.contact.user_id,
+            idempotency_key=request.idempotency_key,
+            channel=request.channel,
+            address=address,
+            topic=template.topic,
         )
-        if template is None:
-            raise InvalidMessage(f"template {request.template_id} does not exist")
-        recipient = request.contact.traits.get("email")
-        if not isinstance(recipient, str) or not recipient:
-            await store.record_skipped(
-                session,
-                idempotency_key=request.idempotency_key,
-                workspace_id=envelope.workspace_id,
-                channel=request.channel,
-                contact_id=request.contact.contact_id,
-                reason="no email address",
-            )
-            return [self._report(envelope, request, "skipped", reason="no email address")]
-        try:
-            rendered = render(template, {"contact": request.contact.model_dump(mode="json")})
-        except TemplateRenderError as error:
-            raise InvalidMessage(str(error)) from error
 
-        async with transaction(self.sessionmaker) as claim_session:
-            claimed = await store.claim(
-                claim_session,
-                idempotency_key=request.idempotency_key,
-                workspace_id=envelope.workspace_id,
-                channel=request.channel,
-                contact_id=request.contact.contact_id,
-                recipient=recipient,
-            )
-        if not claimed:
-            return [await self._settle_earlier_claim(envelope, request)]
+    def _variables(self, item: Item, template: Template, address: str) -> dict[str, Any]:
+        request = item.request
+        assert request is not None
+        return {
+            "contact": request.contact.model_dump(mode="json"),
+            "unsubscribe_url": links.unsubscribe_url(self._links(item, template, address)),
+        }
 
+    async def _claim(self, items: list[Item]) -> None:
+        candidates = [i for i in items if not i.done and i.outbound is not None]
+        if not candidates:
+            return
+        claims = []
+        for item in candidates:
+            assert item.request is not None
+            assert item.address is not None
+            claims.append(
+                store.Claim(
+                    item.request.idempotency_key,
+                    item.envelope.workspace_id,
+                    item.request.channel,
+                    item.request.contact.contact_id,
+                    item.address,
+                )
+            )
+        async with transaction(self.sessionmaker) as session:
+            claimed = await store.claim_many(session, claims)
+        for item in candidates:
+            assert item.request is not None
+            if item.request.idempotency_key in claimed:
+                item.attempts = claimed[item.request.idempotency_key]
+            else:
+                item.outbound = None
+                item.outputs.append(await self._settle_earlier_claim(item))
+
+    async def _send(self, item: Item) -> None:
+        assert item.outbound is not None
+        assert item.provider is not None
+        assert item.request is not None
+        provider = self.providers.providers[item.provider]
+        limiter = self.providers.limiters[item.provider]
+        key = item.request.idempotency_key
+        started = time.perf_counter()
         try:
-            message_id = await self.email.send(
-                to=recipient, rendered=rendered, idempotency_key=request.idempotency_key
+            message_id, attempts = await with_retries(
+                lambda: limiter.run(lambda: provider.send(item.outbound)),  # type: ignore[arg-type]
+                attempts=self.settings.send_attempts,
+                base_s=self.settings.retry_base_delay_s,
+                max_s=self.settings.retry_max_delay_s,
             )
         except TransientFailure as error:
-            await self._record(request.idempotency_key, store.RETRY, reason=str(error))
-            raise RetryLater(str(error)) from error
+            metrics.PROVIDER_CALLS.labels(item.provider, "transient").inc()
+            if error.per_recipient and item.attempts >= self.settings.max_batch_attempts:
+                item.soft_bounce = True
+                reason = f"soft bounce after {item.attempts} batch attempts: {error}"
+                item.outcome = store.Outcome(key, "failed", reason=reason)
+                item.outputs.append(self._report(item, "failed", reason=reason))
+                return
+            item.outcome = store.Outcome(key, store.RETRY, reason=str(error))
+            item.error = RetryLater(str(error))
+            return
         except PermanentFailure as error:
-            await self._record(request.idempotency_key, "failed", reason=str(error))
-            return [self._report(envelope, request, "failed", recipient, reason=str(error))]
-        except Exception as error:
-            await self._record(request.idempotency_key, "unknown", reason=repr(error))
-            log.exception("send outcome unknown", idempotency_key=request.idempotency_key)
-            return [self._report(envelope, request, "unknown", recipient, reason=repr(error))]
+            metrics.PROVIDER_CALLS.labels(item.provider, "permanent").inc()
+            item.hard_bounce = error.hard_bounce
+            status: DeliveryStatus = "bounced" if error.hard_bounce else "failed"
+            item.outcome = store.Outcome(key, status, reason=str(error))
+            item.outputs.append(self._report(item, status, reason=str(error)))
+            return
+        except Exception as error:  # the provider may have taken it: never resend
+            metrics.PROVIDER_CALLS.labels(item.provider, "unknown").inc()
+            log.exception("send outcome unknown", idempotency_key=key)
+            item.outcome = store.Outcome(key, "unknown", reason=repr(error))
+            item.outputs.append(self._report(item, "unknown", reason=repr(error)))
+            return
+        metrics.PROVIDER_CALLS.labels(item.provider, "sent").inc()
+        metrics.PROVIDER_ATTEMPTS.labels(item.provider).observe(attempts)
+        metrics.SEND_DURATION.labels(item.provider).observe(time.perf_counter() - started)
+        item.outcome = store.Outcome(key, "sent", provider_message_id=message_id)
+        if item.envelope.origin_received_at:
+            latency = datetime.now(UTC) - item.envelope.origin_received_at
+            metrics.END_TO_END_LATENCY.labels(item.request.channel).observe(latency.total_seconds())
+        item.outputs.append(self._report(item, "sent", message_id=message_id))
 
-        await self._record(request.idempotency_key, "sent", provider_message_id=message_id)
-        if envelope.origin_received_at:
-            latency = datetime.now(UTC) - envelope.origin_received_at
-            metrics.END_TO_END_LATENCY.labels(request.channel).observe(latency.total_seconds())
-        return [self._report(envelope, request, "sent", recipient, message_id=message_id)]
+    async def _record(self, items: list[Item]) -> None:
+        """Every outcome of the batch in one commit, with what follows from it: a hard
+        bounce suppresses the address, a soft bounce counts towards the sunset."""
+        outcomes = [item.outcome for item in items if item.outcome is not None]
+        async with transaction(self.sessionmaker) as session:
+            await store.record_outcomes(session, outcomes)
+            by_workspace: dict[str, list[tuple[str, str]]] = {}
+            for item in items:
+                if item.outcome is None or item.request is None or item.address is None:
+                    continue
+                workspace = item.envelope.workspace_id
+                pair = (item.request.channel, item.address)
+                if item.outcome.status == "sent":
+                    by_workspace.setdefault(workspace, []).append(pair)
+                elif item.hard_bounce:
+                    reason = item.outcome.reason or "hard bounce"
+                    if await store.suppress(
+                        session,
+                        workspace_id=workspace,
+                        channel=item.request.channel,
+                        address=item.address,
+                        reason="hard_bounce",
+                        detail=reason,
+                    ):
+                        item.outputs.append(self._suppressed(item, "hard_bounce"))
+                        item.outputs.append(bounce_event(item))
+                elif item.soft_bounce:
+                    item.outputs += await feedback.soft_bounce(
+                        session,
+                        self.settings,
+                        workspace,
+                        channel=item.request.channel,
+                        address=item.address,
+                    )
+            for workspace, pairs in by_workspace.items():
+                await store.note_sends(session, workspace_id=workspace, sent=pairs)
 
-    async def _settle_earlier_claim(
-        self, envelope: Envelope, request: NotificationRequested
-    ) -> OutgoingMessage:
+    async def _settle_earlier_claim(self, item: Item) -> OutgoingMessage:
         """The key was claimed before. Report its recorded outcome again (the report of
         the first attempt may not have been published); a claim still ``sending`` is a
         send interrupted by a crash and becomes ``unknown``."""
+        request = item.request
+        assert request is not None
         async with transaction(self.sessionmaker) as session:
             delivery = await store.get_delivery(session, idempotency_key=request.idempotency_key)
             status: DeliveryStatus
@@ -126,48 +462,31 @@ class NotificationHandler:
                 status, reason = DELIVERY_STATUS.validate_python(delivery.status), delivery.reason
         metrics.MESSAGES.labels(request.channel, "duplicate").inc()
         return self._report(
-            envelope,
-            request,
+            item,
             status,
-            delivery.recipient,
+            recipient=delivery.recipient,
             message_id=delivery.provider_message_id,
             reason=reason,
         )
 
-    async def _record(
-        self,
-        key: str,
-        status: str,
-        *,
-        provider_message_id: str | None = None,
-        reason: str | None = None,
-    ) -> None:
-        async with transaction(self.sessionmaker) as session:
-            await store.record_outcome(
-                session,
-                idempotency_key=key,
-                status=status,
-                provider_message_id=provider_message_id,
-                reason=reason,
-            )
-
     def _report(
         self,
-        envelope: Envelope,
-        request: NotificationRequested,
+        item: Item,
         status: DeliveryStatus,
-        recipient: str | None = None,
         *,
+        recipient: str | None = None,
         message_id: str | None = None,
         reason: str | None = None,
     ) -> OutgoingMessage:
+        request = item.request
+        assert request is not None
         metrics.MESSAGES.labels(request.channel, status).inc()
         report = DeliveryReported(
             idempotency_key=request.idempotency_key,
             channel=request.channel,
             status=status,
             contact_id=request.contact.contact_id,
-            recipient=recipient,
+            recipient=recipient or item.address,
             provider_message_id=message_id,
             reason=reason,
         )
@@ -175,25 +494,69 @@ class NotificationHandler:
             Topic.DELIVERIES,
             key=str(request.contact.contact_id),
             envelope=DELIVERY_REPORTED.envelope(
-                workspace_id=envelope.workspace_id,
+                workspace_id=item.envelope.workspace_id,
                 payload=report,
                 occurred_at=datetime.now(UTC),
-                caused_by=envelope,
+                caused_by=item.envelope,
+            ),
+        )
+
+    def _suppressed(self, item: Item, reason: str) -> OutgoingMessage:
+        request = item.request
+        assert request is not None
+        assert item.address is not None
+        now = datetime.now(UTC)
+        return OutgoingMessage(
+            Topic.DELIVERIES,
+            key=str(request.contact.contact_id),
+            envelope=CONSENT_CHANGED.envelope(
+                workspace_id=item.envelope.workspace_id,
+                payload=ConsentChanged(
+                    channel=request.channel,
+                    address=item.address,
+                    suppressed=True,
+                    reason=reason,
+                    contact_id=request.contact.contact_id,
+                    at=now,
+                ),
+                occurred_at=now,
+                caused_by=item.envelope,
             ),
         )
 
 
-def consumers(runtime: Runtime) -> list[ConsumerRunner]:
-    settings = runtime.settings
-    assert isinstance(settings, NotifierSettings)
-    return [
-        ConsumerRunner(
-            name="notifier",
-            topics=[Topic.NOTIFICATIONS],
-            handler=NotificationHandler(runtime.sessionmaker, SmtpEmailProvider(settings)),
-            settings=settings,
-            sessionmaker=runtime.sessionmaker,
-            producer=runtime.producer,
-            processed_messages=store.processed_messages,
-        )
-    ]
+def bounce_event(item: Item) -> OutgoingMessage:
+    """The bounce as a Segment event for scoring and segments."""
+    request = item.request
+    assert request is not None
+    now = datetime.now(UTC)
+    return engagement_event(
+        workspace_id=item.envelope.workspace_id,
+        event="Email Bounced",
+        contact_id=str(request.contact.contact_id),
+        user_id=request.contact.user_id,
+        properties={"idempotency_key": request.idempotency_key, "type": "hard"},
+        message_id=f"bounce:{request.idempotency_key}",
+        at=now,
+    )
+
+
+def consumers(providers: Providers) -> Callable[[Runtime], list[ConsumerRunner]]:
+    """The notifier's one consumer, sending through ``providers`` (shared with the API)."""
+
+    def build(runtime: Runtime) -> list[ConsumerRunner]:
+        settings = runtime.settings
+        assert isinstance(settings, NotifierSettings)
+        return [
+            ConsumerRunner(
+                name="notifier",
+                topics=[Topic.NOTIFICATIONS],
+                handler=NotificationHandler(settings, runtime.sessionmaker, providers),
+                settings=settings,
+                sessionmaker=runtime.sessionmaker,
+                producer=runtime.producer,
+                processed_messages=store.processed_messages,
+            )
+        ]
+
+    return build

@@ -1,20 +1,85 @@
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
+from nudge_common.events import Channel
 from nudge_common.settings import NudgeSettings
+from nudge_common.tracking import DEVELOPMENT_SECRET
 
 
 class NotifierSettings(NudgeSettings):
     service_name: str = "notifier"
     http_port: int = 8005
 
+    # --- email over SMTP -------------------------------------------------------------------
     smtp_host: str = "127.0.0.1"
     smtp_port: int = Field(default=2525, ge=1, le=65535)
     smtp_username: str | None = None
-    smtp_password: str | None = None
+    smtp_password: SecretStr | None = None
     smtp_use_tls: bool = False
+    """Implicit TLS from the first byte (port 465)."""
     smtp_start_tls: bool | None = None
-    """None: upgrade with STARTTLS when the server offers it."""
+    """None: upgrade with STARTTLS when the server offers it; True: require it."""
+    smtp_validate_certs: bool = True
     smtp_timeout_s: float = Field(default=10.0, gt=0)
+    smtp_max_connections: int = Field(default=8, ge=1)
+    """Connections kept open to the SMTP server and used concurrently (the pool's size)."""
+    smtp_rate_per_s: float = Field(default=0.0, ge=0)
+    """Messages per second handed to the SMTP server; 0 means no limit."""
     email_from: str = "Nudge <no-reply@nudge.localhost>"
+    email_domain: str = "nudge.localhost"
+    """Right-hand side of Message-IDs and of the List-Unsubscribe mailto address."""
+    dkim_domain: str | None = None
+    dkim_selector: str | None = None
+    dkim_private_key: SecretStr | None = None
+    """PEM; with domain and selector set, every email is DKIM-signed."""
+    email_double_opt_in: bool = False
+    """True: email needs a confirmed (double opt-in) subscription, like SMS."""
+
+    # --- SMS through a Twilio-style REST API ------------------------------------------------
+    sms_api_url: str = "https://api.twilio.com"
+    sms_account_sid: str = "AC-development"
+    sms_auth_token: SecretStr = SecretStr("development")
+    sms_from: str = "+15005550006"
+    sms_default_region: str = "US"
+    """Region used to read phone numbers written without a country code."""
+    sms_rate_per_s: float = Field(default=10.0, ge=0)
+    sms_concurrency: int = Field(default=4, ge=1)
+
+    # --- push: FCM HTTP v1 and Web Push (VAPID) -----------------------------------------------
+    fcm_api_url: str = "https://fcm.googleapis.com"
+    fcm_project_id: str = "nudge-development"
+    fcm_access_token: SecretStr = SecretStr("development")
+    """An OAuth2 access token for FCM, refreshed by the deployment from the service account."""
+    vapid_private_key: SecretStr | None = None
+    """PEM or base64url raw key; without it Web Push subscriptions are skipped."""
+    vapid_subject: str = "mailto:no-reply@nudge.localhost"
+    push_rate_per_s: float = Field(default=50.0, ge=0)
+    push_concurrency: int = Field(default=8, ge=1)
+
+    # --- retries, batches, consent, hygiene ---------------------------------------------------
+    send_attempts: int = Field(default=3, ge=1)
+    """Attempts of a transient failure inside one batch, with exponential backoff and full
+    jitter, before the batch is handed back to the consumer runner to retry later."""
+    max_batch_attempts: int = Field(default=5, ge=1)
+    """Batches in which a recipient may be refused for now (4xx to RCPT or DATA) before
+    the message is given up as a soft bounce; a server that cannot be reached at all is
+    retried without end instead (back-pressure, nothing is given up)."""
+    retry_base_delay_s: float = Field(default=0.05, ge=0)
+    retry_max_delay_s: float = Field(default=2.0, ge=0)
+    http_timeout_s: float = Field(default=10.0, gt=0)
+    opt_in_channels: list[Channel] = Field(default_factory=lambda: list[Channel](["sms"]))
+    """Channels that need a recorded subscription before anything is sent."""
+    soft_bounce_sunset_threshold: int = Field(default=3, ge=1)
+    """Soft bounces in a row after which an address is sunset."""
+    unengaged_sunset_days: int = Field(default=180, ge=1)
+    unengaged_sunset_min_sends: int = Field(default=5, ge=1)
+
+    # --- public links --------------------------------------------------------------------------
+    public_url: str = "http://127.0.0.1:8005"
+    """Where readers reach the notifier's public pages (unsubscribe, opt-in confirmation)."""
+    tracking_url: str = "http://127.0.0.1:8001"
+    """Where readers reach ingest's tracking routes (open pixel, click redirect)."""
+    tracking_secret: SecretStr = SecretStr(DEVELOPMENT_SECRET)
+    track_opens: bool = True
+    track_clicks: bool = True

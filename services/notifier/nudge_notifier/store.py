@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import UUID
@@ -12,7 +13,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from nudge_common.db import processed_messages_table
-from nudge_common.events import Channel, DeliveryStatus
+from nudge_common.events import Channel, ConsentStatus, DeliveryStatus
+from nudge_notifier.domain.hygiene import Health
 from nudge_notifier.domain.templates import Template
 
 SCHEMA = "notifier"
@@ -29,6 +31,7 @@ templates = sa.Table(
     sa.Column("subject", sa.Text, nullable=False),
     sa.Column("html", sa.Text, nullable=False),
     sa.Column("text", sa.Text, nullable=False),
+    sa.Column("topic", sa.Text, nullable=False, server_default="marketing"),
 )
 deliveries = sa.Table(
     "deliveries",
@@ -44,6 +47,45 @@ deliveries = sa.Table(
     sa.Column("reason", sa.Text),
     sa.Column("created_at", TIMESTAMP, nullable=False, server_default=sa.func.now()),
     sa.Column("updated_at", TIMESTAMP, nullable=False, server_default=sa.func.now()),
+)
+sa.Index("deliveries_provider_message_id", deliveries.c.provider_message_id)
+consents = sa.Table(
+    "consents",
+    metadata,
+    sa.Column("workspace_id", sa.Text, primary_key=True),
+    sa.Column("channel", sa.Text, primary_key=True),
+    sa.Column("address", sa.Text, primary_key=True),
+    sa.Column("topic", sa.Text, primary_key=True),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("updated_at", TIMESTAMP, nullable=False, server_default=sa.func.now()),
+)
+suppressions = sa.Table(
+    "suppressions",
+    metadata,
+    sa.Column("workspace_id", sa.Text, primary_key=True),
+    sa.Column("channel", sa.Text, primary_key=True),
+    sa.Column("address", sa.Text, primary_key=True),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("detail", sa.Text),
+    sa.Column("created_at", TIMESTAMP, nullable=False, server_default=sa.func.now()),
+)
+address_health = sa.Table(
+    "address_health",
+    metadata,
+    sa.Column("workspace_id", sa.Text, primary_key=True),
+    sa.Column("channel", sa.Text, primary_key=True),
+    sa.Column("address", sa.Text, primary_key=True),
+    sa.Column("soft_bounces_in_a_row", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("sends_since_engaged", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("first_sent_at", TIMESTAMP),
+    sa.Column("last_engaged_at", TIMESTAMP),
+    sa.Column("disposable", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("role", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("invalid", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("suggestion", sa.Text),
+    sa.Column("sunset_at", TIMESTAMP),
+    sa.Column("sunset_reason", sa.Text),
 )
 processed_messages = processed_messages_table(metadata)
 
@@ -72,7 +114,7 @@ async def get_template(
     ).one_or_none()
     if row is None:
         return None
-    return Template(row.id, row.name, row.channel, row.subject, row.html, row.text)
+    return Template(row.id, row.name, row.channel, row.subject, row.html, row.text, row.topic)
 
 
 async def create_template(session: AsyncSession, *, workspace_id: str, template: Template) -> None:
@@ -86,6 +128,7 @@ async def create_template(session: AsyncSession, *, workspace_id: str, template:
             subject=template.subject,
             html=template.html,
             text=template.text,
+            topic=template.topic,
         )
         .on_conflict_do_nothing()
     )
@@ -174,3 +217,388 @@ async def record_skipped(
         )
         .on_conflict_do_nothing()
     )
+
+
+# --- the ledger, batch-wise ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claim:
+    idempotency_key: str
+    workspace_id: str
+    channel: Channel
+    contact_id: uuid.UUID
+    recipient: str
+
+
+async def claim_many(session: AsyncSession, claims: list[Claim]) -> dict[str, int]:
+    """Take many keys at once (see :func:`claim`); returns the keys taken with their
+    attempt count. Commit before sending."""
+    if not claims:
+        return {}
+    statement = pg_insert(deliveries).values(
+        [
+            {
+                "idempotency_key": c.idempotency_key,
+                "workspace_id": c.workspace_id,
+                "channel": c.channel,
+                "contact_id": c.contact_id,
+                "recipient": c.recipient,
+                "status": SENDING,
+            }
+            for c in claims
+        ]
+    )
+    returning = statement.on_conflict_do_update(
+        index_elements=[deliveries.c.idempotency_key],
+        set_={
+            "status": SENDING,
+            "attempts": deliveries.c.attempts + 1,
+            "updated_at": sa.func.now(),
+        },
+        where=deliveries.c.status == RETRY,
+    ).returning(deliveries.c.idempotency_key, deliveries.c.attempts)
+    return {row.idempotency_key: row.attempts for row in await session.execute(returning)}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    idempotency_key: str
+    status: str
+    provider_message_id: str | None = None
+    reason: str | None = None
+
+
+async def record_outcomes(session: AsyncSession, outcomes: list[Outcome]) -> None:
+    if not outcomes:
+        return
+    values = sa.values(
+        sa.column("k", sa.Text),
+        sa.column("s", sa.Text),
+        sa.column("m", sa.Text),
+        sa.column("r", sa.Text),
+        name="outcome",
+    ).data([(o.idempotency_key, o.status, o.provider_message_id, o.reason) for o in outcomes])
+    await session.execute(
+        sa.update(deliveries)
+        .where(deliveries.c.idempotency_key == values.c.k)
+        .values(
+            status=values.c.s,
+            provider_message_id=values.c.m,
+            reason=values.c.r,
+            updated_at=sa.func.now(),
+        )
+    )
+
+
+async def find_delivery(
+    session: AsyncSession,
+    *,
+    workspace_id: str,
+    idempotency_key: str | None = None,
+    provider_message_id: str | None = None,
+) -> sa.Row[Any] | None:
+    condition = (
+        deliveries.c.idempotency_key == idempotency_key
+        if idempotency_key
+        else deliveries.c.provider_message_id == provider_message_id
+    )
+    return (
+        await session.execute(
+            sa.select(deliveries).where(condition, deliveries.c.workspace_id == workspace_id)
+        )
+    ).first()
+
+
+# --- consent and suppression ---------------------------------------------------------------
+
+
+async def sending_policy(
+    session: AsyncSession, *, workspace_id: str, pairs: set[tuple[Channel, str]]
+) -> tuple[dict[tuple[str, str], str], dict[tuple[str, str], dict[str, ConsentStatus]]]:
+    """For many (channel, address): the suppression reasons and the consents by topic."""
+    if not pairs:
+        return {}, {}
+    key = sa.tuple_(suppressions.c.channel, suppressions.c.address)
+    suppressed = {
+        (row.channel, row.address): row.reason
+        for row in await session.execute(
+            sa.select(suppressions.c.channel, suppressions.c.address, suppressions.c.reason).where(
+                suppressions.c.workspace_id == workspace_id, key.in_(list(pairs))
+            )
+        )
+    }
+    consent_key = sa.tuple_(consents.c.channel, consents.c.address)
+    found: dict[tuple[str, str], dict[str, ConsentStatus]] = {}
+    for row in await session.execute(
+        sa.select(
+            consents.c.channel, consents.c.address, consents.c.topic, consents.c.status
+        ).where(consents.c.workspace_id == workspace_id, consent_key.in_(list(pairs)))
+    ):
+        found.setdefault((row.channel, row.address), {})[row.topic] = row.status
+    return suppressed, found
+
+
+async def set_consent(
+    session: AsyncSession,
+    *,
+    workspace_id: str,
+    channel: str,
+    address: str,
+    topic: str,
+    status: ConsentStatus,
+    source: str,
+) -> None:
+    statement = pg_insert(consents).values(
+        workspace_id=workspace_id,
+        channel=channel,
+        address=address,
+        topic=topic,
+        status=status,
+        source=source,
+    )
+    await session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[
+                consents.c.workspace_id,
+                consents.c.channel,
+                consents.c.address,
+                consents.c.topic,
+            ],
+            set_={"status": status, "source": source, "updated_at": sa.func.now()},
+        )
+    )
+
+
+async def get_consents(
+    session: AsyncSession, *, workspace_id: str, channel: str, address: str
+) -> dict[str, str]:
+    rows = await session.execute(
+        sa.select(consents.c.topic, consents.c.status).where(
+            consents.c.workspace_id == workspace_id,
+            consents.c.channel == channel,
+            consents.c.address == address,
+        )
+    )
+    return {row.topic: row.status for row in rows}
+
+
+async def suppress(
+    session: AsyncSession,
+    *,
+    workspace_id: str,
+    channel: str,
+    address: str,
+    reason: str,
+    detail: str | None = None,
+) -> bool:
+    """Add the address to the suppression list; False if it was there already."""
+    result = await session.execute(
+        pg_insert(suppressions)
+        .values(
+            workspace_id=workspace_id,
+            channel=channel,
+            address=address,
+            reason=reason,
+            detail=detail,
+        )
+        .on_conflict_do_nothing()
+        .returning(suppressions.c.address)
+    )
+    return result.first() is not None
+
+
+async def unsuppress(
+    session: AsyncSession, *, workspace_id: str, channel: str, address: str
+) -> bool:
+    result = await session.execute(
+        sa.delete(suppressions)
+        .where(
+            suppressions.c.workspace_id == workspace_id,
+            suppressions.c.channel == channel,
+            suppressions.c.address == address,
+        )
+        .returning(suppressions.c.address)
+    )
+    return result.first() is not None
+
+
+async def list_suppressions(
+    session: AsyncSession, *, workspace_id: str, channel: str | None, limit: int, after: str | None
+) -> list[sa.Row[Any]]:
+    query = sa.select(suppressions).where(suppressions.c.workspace_id == workspace_id)
+    if channel:
+        query = query.where(suppressions.c.channel == channel)
+    if after:
+        query = query.where(suppressions.c.address > after)
+    return list(await session.execute(query.order_by(suppressions.c.address).limit(limit)))
+
+
+# --- address health and hygiene ------------------------------------------------------------
+
+
+async def note_sends(
+    session: AsyncSession, *, workspace_id: str, sent: list[tuple[str, str]]
+) -> None:
+    """Count a successful send for each (channel, address): resets the soft-bounce run."""
+    if not sent:
+        return
+    statement = pg_insert(address_health).values(
+        [
+            {
+                "workspace_id": workspace_id,
+                "channel": ch,
+                "address": a,
+                "sends_since_engaged": 1,
+                "first_sent_at": sa.func.now(),
+            }
+            for ch, a in sorted(set(sent))
+        ]
+    )
+    await session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[
+                address_health.c.workspace_id,
+                address_health.c.channel,
+                address_health.c.address,
+            ],
+            set_={
+                "sends_since_engaged": address_health.c.sends_since_engaged + 1,
+                "soft_bounces_in_a_row": 0,
+            },
+        )
+    )
+
+
+async def note_hygiene(
+    session: AsyncSession,
+    *,
+    workspace_id: str,
+    channel: str,
+    address: str,
+    invalid: bool = False,
+    disposable: bool = False,
+    role: bool = False,
+    suggestion: str | None = None,
+) -> None:
+    values = {"invalid": invalid, "disposable": disposable, "role": role, "suggestion": suggestion}
+    await session.execute(
+        pg_insert(address_health)
+        .values(workspace_id=workspace_id, channel=channel, address=address, **values)
+        .on_conflict_do_update(
+            index_elements=[
+                address_health.c.workspace_id,
+                address_health.c.channel,
+                address_health.c.address,
+            ],
+            set_=values,
+        )
+    )
+
+
+async def note_engagement(
+    session: AsyncSession, *, workspace_id: str, channel: str, address: str
+) -> None:
+    await session.execute(
+        pg_insert(address_health)
+        .values(
+            workspace_id=workspace_id,
+            channel=channel,
+            address=address,
+            last_engaged_at=sa.func.now(),
+        )
+        .on_conflict_do_update(
+            index_elements=[
+                address_health.c.workspace_id,
+                address_health.c.channel,
+                address_health.c.address,
+            ],
+            set_={"last_engaged_at": sa.func.now(), "sends_since_engaged": 0},
+        )
+    )
+
+
+async def note_soft_bounce(
+    session: AsyncSession, *, workspace_id: str, channel: str, address: str
+) -> Health:
+    row = (
+        await session.execute(
+            pg_insert(address_health)
+            .values(
+                workspace_id=workspace_id, channel=channel, address=address, soft_bounces_in_a_row=1
+            )
+            .on_conflict_do_update(
+                index_elements=[
+                    address_health.c.workspace_id,
+                    address_health.c.channel,
+                    address_health.c.address,
+                ],
+                set_={"soft_bounces_in_a_row": address_health.c.soft_bounces_in_a_row + 1},
+            )
+            .returning(address_health)
+        )
+    ).one()
+    return Health(
+        row.soft_bounces_in_a_row, row.sends_since_engaged, row.last_engaged_at, row.first_sent_at
+    )
+
+
+async def health_rows(
+    session: AsyncSession, *, workspace_id: str, unsunset_only: bool = True
+) -> list[sa.Row[Any]]:
+    query = sa.select(address_health).where(address_health.c.workspace_id == workspace_id)
+    if unsunset_only:
+        query = query.where(address_health.c.sunset_at.is_(None))
+    return list(await session.execute(query))
+
+
+async def mark_sunset(
+    session: AsyncSession, *, workspace_id: str, channel: str, address: str, reason: str
+) -> bool:
+    result = await session.execute(
+        sa.update(address_health)
+        .where(
+            address_health.c.workspace_id == workspace_id,
+            address_health.c.channel == channel,
+            address_health.c.address == address,
+            address_health.c.sunset_at.is_(None),
+        )
+        .values(sunset_at=sa.func.now(), sunset_reason=reason)
+        .returning(address_health.c.address)
+    )
+    return result.first() is not None
+
+
+async def hygiene_report(session: AsyncSession, *, workspace_id: str) -> dict[str, Any]:
+    h = address_health.c
+    totals = (
+        await session.execute(
+            sa.select(
+                sa.func.count().label("addresses"),
+                sa.func.count().filter(h.invalid).label("invalid"),
+                sa.func.count().filter(h.disposable).label("disposable"),
+                sa.func.count().filter(h.role).label("role"),
+                sa.func.count().filter(h.suggestion.is_not(None)).label("typo_suggestions"),
+                sa.func.count().filter(h.sunset_at.is_not(None)).label("sunset"),
+                sa.func.count().filter(h.soft_bounces_in_a_row > 0).label("soft_bouncing"),
+            ).where(h.workspace_id == workspace_id)
+        )
+    ).one()
+    by_reason = {
+        row.reason: row.count
+        for row in await session.execute(
+            sa.select(suppressions.c.reason, sa.func.count().label("count"))
+            .where(suppressions.c.workspace_id == workspace_id)
+            .group_by(suppressions.c.reason)
+        )
+    }
+    suggestions = [
+        {"channel": row.channel, "address": row.address, "suggestion": row.suggestion}
+        for row in await session.execute(
+            sa.select(h.channel, h.address, h.suggestion)
+            .where(h.workspace_id == workspace_id, h.suggestion.is_not(None))
+            .order_by(h.address)
+            .limit(100)
+        )
+    ]
+    return {**dict(totals._mapping), "suppressed": by_reason, "suggestions": suggestions}

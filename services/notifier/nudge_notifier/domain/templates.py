@@ -1,5 +1,10 @@
 """Message templates rendered in Jinja2's sandbox. Pure.
 
+One template per channel: email uses subject, HTML and text; SMS the text; push the
+subject as the title and the text as the body. Templates see ``contact`` (traits and
+scores), so blocks can depend on the score (``{% if contact.scores.lead | default(0) >= 50
+%}``), and ``unsubscribe_url``.
+
 HTML is autoescaped; a variable that is missing fails the render (StrictUndefined) unless
 the template gives a fallback (``{{ contact.traits.name | default("there") }}``), so a
 message is never sent half-rendered.
@@ -29,6 +34,8 @@ class Template:
     subject: str
     html: str
     text: str
+    topic: str = "marketing"
+    """The subscription topic: unsubscribing from it stops this template's messages."""
 
 
 @dataclass(frozen=True)

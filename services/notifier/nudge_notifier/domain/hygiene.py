@@ -1,0 +1,155 @@
+"""List hygiene: email syntax (email-validator), disposable and role addresses, typo
+suggestions for common domains, phone numbers to E.164 (phonenumbers), and the sunset
+rule. Pure: no DNS lookups (deliverability is the bounces' job)."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import phonenumbers
+from email_validator import EmailNotValidError, validate_email
+
+COMMON_DOMAINS = (
+    "gmail.com",
+    "yahoo.com",
+    "hotmail.com",
+    "outlook.com",
+    "icloud.com",
+    "aol.com",
+    "live.com",
+    "msn.com",
+    "gmx.com",
+    "gmx.de",
+    "web.de",
+    "yahoo.fr",
+    "orange.fr",
+    "hotmail.co.uk",
+    "yahoo.co.uk",
+    "protonmail.com",
+    "proton.me",
+    "me.com",
+    "mail.com",
+    "comcast.net",
+)
+DISPOSABLE_DOMAINS = frozenset(
+    {
+        "mailinator.com",
+        "guerrillamail.com",
+        "10minutemail.com",
+        "tempmail.com",
+        "temp-mail.org",
+        "yopmail.com",
+        "trashmail.com",
+        "sharklasers.com",
+        "getnada.com",
+        "dispostable.com",
+        "maildrop.cc",
+        "throwawaymail.com",
+        "fakeinbox.com",
+        "mailnesia.com",
+        "mintemail.com",
+        "spamgourmet.com",
+    }
+)
+ROLE_LOCAL_PARTS = frozenset(
+    {
+        "abuse",
+        "admin",
+        "billing",
+        "contact",
+        "help",
+        "hostmaster",
+        "info",
+        "marketing",
+        "noreply",
+        "no-reply",
+        "office",
+        "postmaster",
+        "sales",
+        "security",
+        "support",
+        "team",
+        "webmaster",
+    }
+)
+
+
+@dataclass(frozen=True)
+class EmailCheck:
+    address: str
+    valid: bool
+    normalized: str | None = None
+    reason: str | None = None
+    disposable: bool = False
+    role: bool = False
+    suggestion: str | None = None
+
+
+def check_email(address: str) -> EmailCheck:
+    try:
+        result = validate_email(address, check_deliverability=False)
+    except EmailNotValidError as error:
+        return EmailCheck(address, False, reason=str(error), suggestion=_suggest(address))
+    local, domain = result.local_part, result.domain.lower()
+    return EmailCheck(
+        address,
+        True,
+        normalized=result.normalized,
+        disposable=domain in DISPOSABLE_DOMAINS,
+        role=local.lower() in ROLE_LOCAL_PARTS,
+        suggestion=_suggest(f"{local}@{domain}"),
+    )
+
+
+def _suggest(address: str) -> str | None:
+    """``ada@gmial.com`` -> ``ada@gmail.com``: a domain one or two keystrokes from a
+    common one (and not itself common)."""
+    local, _, domain = address.rpartition("@")
+    domain = domain.lower()
+    if not local or not domain or domain in COMMON_DOMAINS:
+        return None
+    match = difflib.get_close_matches(domain, COMMON_DOMAINS, n=1, cutoff=0.8)
+    return f"{local}@{match[0]}" if match else None
+
+
+class InvalidPhone(ValueError):
+    pass
+
+
+def to_e164(number: str, default_region: str) -> str:
+    try:
+        parsed = phonenumbers.parse(number, default_region)
+    except phonenumbers.NumberParseException as error:
+        raise InvalidPhone(f"not a phone number: {error}") from error
+    if not phonenumbers.is_valid_number(parsed):
+        raise InvalidPhone(f"not a valid phone number: {number!r}")
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+
+
+@dataclass(frozen=True)
+class Health:
+    """What the notifier knows about one address's recent history."""
+
+    soft_bounces_in_a_row: int
+    sends_since_engaged: int
+    last_engaged_at: datetime | None
+    first_sent_at: datetime | None
+
+
+def sunset_reason(
+    health: Health, *, now: datetime, soft_bounces: int, unengaged_days: int, min_sends: int
+) -> str | None:
+    """Why the address should be sunset, or None: repeated soft bounces, or no open or
+    click for ``unengaged_days`` despite at least ``min_sends`` messages."""
+    if health.soft_bounces_in_a_row >= soft_bounces:
+        return f"{health.soft_bounces_in_a_row} soft bounces in a row"
+    since = health.last_engaged_at or health.first_sent_at
+    if (
+        since is not None
+        and health.sends_since_engaged >= min_sends
+        and now - since >= timedelta(days=unengaged_days)
+    ):
+        return f"no engagement for {unengaged_days} days over {health.sends_since_engaged} sends"
+    return None

@@ -1,0 +1,91 @@
+"""Tracking and unsubscribe links put into an email: the open pixel, click redirects and
+the List-Unsubscribe headers (RFC 2369 and RFC 8058 one-click). Pure."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import quote
+
+from nudge_common.tracking import sign
+
+HREF = re.compile(r"""href=(["'])(https?://[^"']+)\1""", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class LinkContext:
+    secret: str
+    tracking_url: str
+    public_url: str
+    email_domain: str
+    workspace_id: str
+    contact_id: str
+    user_id: str | None
+    idempotency_key: str
+    channel: str
+    address: str
+    topic: str
+
+    def claims(self, **extra: str) -> dict[str, str | None]:
+        return {
+            "w": self.workspace_id,
+            "c": self.contact_id,
+            "u": self.user_id,
+            "k": self.idempotency_key,
+            "ch": self.channel,
+            **extra,
+        }
+
+
+def unsubscribe_token(ctx: LinkContext) -> str:
+    return sign(
+        ctx.secret,
+        {
+            "w": ctx.workspace_id,
+            "c": ctx.contact_id,
+            "ch": ctx.channel,
+            "a": ctx.address,
+            "t": ctx.topic,
+            "k": ctx.idempotency_key,
+        },
+    )
+
+
+def unsubscribe_headers(ctx: LinkContext) -> dict[str, str]:
+    token = unsubscribe_token(ctx)
+    url = f"{ctx.public_url.rstrip('/')}/u/{token}"
+    mailto = f"mailto:unsubscribe@{ctx.email_domain}?subject={quote(token)}"
+    return {
+        "List-Unsubscribe": f"<{url}>, <{mailto}>",
+        "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+    }
+
+
+def unsubscribe_url(ctx: LinkContext) -> str:
+    return f"{ctx.public_url.rstrip('/')}/u/{unsubscribe_token(ctx)}"
+
+
+def track_html(html: str, ctx: LinkContext, *, opens: bool, clicks: bool) -> str:
+    """Rewrite http(s) links through the signed click redirect and add the open pixel."""
+    base = ctx.tracking_url.rstrip("/")
+    if clicks:
+
+        def rewrite(match: re.Match[str]) -> str:
+            quote_char, url = match.group(1), match.group(2)
+            if url.startswith(ctx.public_url):  # our own unsubscribe/confirm pages
+                return match.group(0)
+            token = sign(ctx.secret, ctx.claims(url=url.replace("&amp;", "&")))
+            return f"href={quote_char}{base}/t/c/{token}{quote_char}"
+
+        html = HREF.sub(rewrite, html)
+    if opens:
+        token = sign(ctx.secret, ctx.claims())
+        pixel = (
+            f'<img src="{base}/t/o/{token}.gif" width="1" height="1" alt="" style="display:none">'
+        )
+        html = (
+            re.sub(r"(</body>)", pixel + r"\1", html, count=1, flags=re.IGNORECASE)
+            if re.search(r"</body>", html, re.IGNORECASE)
+            else html + pixel
+        )
+    return html

@@ -1,0 +1,123 @@
+"""Push notifications: an FCM HTTP v1 style API (a device token) and Web Push (a browser
+subscription, payload encrypted with aes128gcm and signed with VAPID), both over httpx."""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+import http_ece
+import httpx
+from cryptography.hazmat.primitives.asymmetric import ec
+from py_vapid import Vapid02
+
+from nudge_common import codec
+from nudge_notifier.providers.base import Outbound, PermanentFailure
+from nudge_notifier.providers.http import post
+from nudge_notifier.settings import NotifierSettings
+
+WEB_PUSH_TTL_S = 24 * 3600
+
+
+class FcmPushProvider:
+    name = "fcm"
+
+    def __init__(self, settings: NotifierSettings) -> None:
+        self.settings = settings
+        self.client = httpx.AsyncClient(
+            base_url=settings.fcm_api_url,
+            headers={"Authorization": f"Bearer {settings.fcm_access_token.get_secret_value()}"},
+            timeout=settings.http_timeout_s,
+        )
+
+    async def send(self, message: Outbound) -> str:
+        body = {
+            "message": {
+                "token": message.to,
+                "notification": {
+                    "title": message.rendered.subject,
+                    "body": message.rendered.text,
+                },
+                "data": {"idempotency_key": message.idempotency_key},
+            }
+        }
+        response = await post(
+            self.client, f"/v1/projects/{self.settings.fcm_project_id}/messages:send", json=body
+        )
+        name = response.json().get("name")
+        if not isinstance(name, str):
+            raise PermanentFailure(f"FCM answered without a message name: {response.text}")
+        return name
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+def _b64decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class WebPushProvider:
+    name = "webpush"
+
+    def __init__(self, settings: NotifierSettings) -> None:
+        self.settings = settings
+        self.vapid: Vapid02 | None = None
+        if settings.vapid_private_key is not None:
+            key = settings.vapid_private_key.get_secret_value()
+            self.vapid = (
+                Vapid02.from_pem(key.encode()) if "BEGIN" in key else Vapid02.from_raw(key.encode())
+            )
+        self.client = httpx.AsyncClient(timeout=settings.http_timeout_s)
+
+    def encrypt(self, subscription: dict[str, Any], payload: bytes) -> bytes:
+        keys = subscription.get("keys") or {}
+        try:
+            receiver = _b64decode(str(keys["p256dh"]))
+            auth = _b64decode(str(keys["auth"]))
+        except (KeyError, ValueError) as error:
+            raise PermanentFailure(f"malformed web push subscription: {error!r}") from error
+        sender = ec.generate_private_key(ec.SECP256R1())
+        data: bytes = http_ece.encrypt(
+            payload, private_key=sender, dh=receiver, auth_secret=auth, version="aes128gcm"
+        )
+        return data
+
+    async def send(self, message: Outbound) -> str:
+        if self.vapid is None:
+            raise PermanentFailure("no VAPID key configured for web push")
+        subscription = message.data.get("subscription") or {}
+        endpoint = subscription.get("endpoint")
+        if not isinstance(endpoint, str) or not endpoint.startswith(("https://", "http://")):
+            raise PermanentFailure("web push subscription has no endpoint")
+        payload = codec.dumps(
+            {
+                "title": message.rendered.subject,
+                "body": message.rendered.text,
+                "idempotency_key": message.idempotency_key,
+            }
+        )
+        parts = urlsplit(endpoint)
+        claims = {
+            "aud": f"{parts.scheme}://{parts.netloc}",
+            "exp": int(time.time()) + 12 * 3600,
+            "sub": self.settings.vapid_subject,
+        }
+        headers = self.vapid.sign(claims)
+        headers.update(
+            {
+                "Content-Encoding": "aes128gcm",
+                "Content-Type": "application/octet-stream",
+                "TTL": str(WEB_PUSH_TTL_S),
+                "Urgency": "normal",
+            }
+        )
+        response = await post(
+            self.client, endpoint, content=self.encrypt(subscription, payload), headers=headers
+        )
+        return response.headers.get("Location") or message.idempotency_key
+
+    async def close(self) -> None:
+        await self.client.aclose()

@@ -1,0 +1,154 @@
+"""Email end to end on the real broker and database: a request on the notifications topic
+becomes one message at a real SMTP server, with its headers, retries and bounces."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+import sqlalchemy as sa
+
+from nudge_common.db import transaction
+from nudge_common.events import CONSENT_CHANGED, DELIVERY_REPORTED, Topic
+from nudge_common.tracking import verify
+from nudge_devtools.pipeline import read_topic
+from nudge_notifier import store
+from tests.services.notifier.conftest import Notifier, topic_envelopes
+from tests.services.notifier.fakes import ScriptedSmtp
+
+
+def workspace() -> str:
+    return f"ws-{uuid.uuid4().hex[:10]}"
+
+
+def address(tag: str) -> str:
+    return f"{tag}-{uuid.uuid4().hex[:8]}@example.com"
+
+
+async def test_an_email_is_sent_once_with_its_headers_and_tracked_links(
+    notifier: Notifier, smtp: ScriptedSmtp
+) -> None:
+    ws, to = workspace(), address("ada")
+    template = await notifier.template(ws)
+    key = await notifier.request(ws, template, {"email": to, "name": "Ada"}, user_id="ada")
+    rows = await notifier.settled([key])
+    assert rows[key].status == "sent"
+    (message,) = smtp.received(to)
+    assert message["Subject"] == "Hello Ada"
+    assert message["Message-ID"] == rows[key].provider_message_id
+    assert message["X-Nudge-Idempotency-Key"] == key
+    assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    https, mailto = (part.strip(" <>") for part in message["List-Unsubscribe"].split(","))
+    assert https.startswith("http://notifier.test/u/")
+    assert mailto.startswith("mailto:unsubscribe@")
+    html = message.get_body(("html",)).get_content()  # type: ignore[union-attr]
+    (click,) = re.findall(r'href="(http://ingest\.test/t/c/[^"]+)"', html)
+    claims = verify(notifier.settings.tracking_secret.get_secret_value(), click.rsplit("/", 1)[1])
+    assert claims["url"] == "https://example.com/pricing?a=1&b=2"
+    assert claims["k"] == key
+    assert claims["u"] == "ada"
+    assert re.search(r'<img src="http://ingest\.test/t/o/[^"]+\.gif"', html)
+
+    (report,) = await topic_envelopes(notifier.settings, Topic.DELIVERIES, ws, expected=1)
+    payload = DELIVERY_REPORTED.parse(report)
+    assert (payload.status, payload.idempotency_key, payload.recipient) == ("sent", key, to)
+
+    again = await notifier.request(ws, template, {"email": to, "name": "Ada"}, key=key)
+    await notifier.settled([again])
+    reports = await topic_envelopes(notifier.settings, Topic.DELIVERIES, ws, expected=2)
+    assert [DELIVERY_REPORTED.parse(r).status for r in reports] == ["sent", "sent"]
+    assert len(smtp.received(to)) == 1, "the same idempotency key is never sent twice"
+
+
+async def test_a_server_that_refuses_for_now_then_recovers_gets_the_message_once(
+    notifier: Notifier, smtp: ScriptedSmtp
+) -> None:
+    ws, to = workspace(), address("flaky")
+    smtp.rcpt_replies[to] = ["451 4.3.0 try again later", "421 4.7.0 busy"]
+    key = await notifier.request(ws, await notifier.template(ws), {"email": to})
+    rows = await notifier.settled([key])
+    assert rows[key].status == "sent"
+    assert len(smtp.received(to)) == 1
+
+
+async def test_a_recipient_refused_for_now_in_every_batch_is_given_up_as_a_soft_bounce(
+    notifier: Notifier, smtp: ScriptedSmtp
+) -> None:
+    ws, to = workspace(), address("full")
+    smtp.rcpt_replies[to] = ["452 4.2.2 mailbox full"] * 20
+    key = await notifier.request(ws, await notifier.template(ws), {"email": to})
+    rows = await notifier.settled([key])
+    assert rows[key].status == "failed"
+    assert "soft bounce" in (rows[key].reason or "")
+    assert rows[key].attempts == notifier.settings.max_batch_attempts
+    assert smtp.received(to) == []
+    async with transaction(notifier.sessionmaker) as session:
+        health = (
+            await session.execute(
+                sa.select(store.address_health).where(store.address_health.c.address == to)
+            )
+        ).one()
+    assert health.soft_bounces_in_a_row == 1
+
+
+async def test_a_hard_bounce_suppresses_the_address_and_later_requests_are_skipped(
+    notifier: Notifier, smtp: ScriptedSmtp
+) -> None:
+    ws, to = workspace(), address("gone")
+    smtp.rcpt_replies[to] = ["550 5.1.1 no such user"]
+    template = await notifier.template(ws)
+    first = await notifier.request(ws, template, {"email": to})
+    rows = await notifier.settled([first])
+    assert rows[first].status == "bounced"
+    second = await notifier.request(ws, template, {"email": to})
+    rows = await notifier.settled([second])
+    assert rows[second].status == "skipped"
+    assert rows[second].reason == "suppressed: hard_bounce"
+    assert smtp.received(to) == []
+
+    deliveries = await topic_envelopes(notifier.settings, Topic.DELIVERIES, ws, expected=3)
+    consent = [CONSENT_CHANGED.parse(e) for e in deliveries if e.type == CONSENT_CHANGED.name]
+    assert [(c.address, c.suppressed, c.reason) for c in consent] == [(to, True, "hard_bounce")]
+    bounced = await read_topic(
+        notifier.settings,
+        Topic.EVENTS,
+        where=lambda r: (
+            (r.value is not None and b"Email Bounced" in r.value and to.encode() in r.value)
+            or (r.value is not None and first.encode() in r.value)
+        ),
+        expected=1,
+    )
+    assert len(bounced) == 1
+
+
+async def test_a_template_that_fails_to_render_is_dead_lettered_with_the_reason_and_not_sent(
+    notifier: Notifier, smtp: ScriptedSmtp
+) -> None:
+    ws, to = workspace(), address("broken")
+    template = await notifier.template(ws, subject="Hi {{ contact.traits.missing }}")
+    key = await notifier.request(ws, template, {"email": to})
+    dead = await read_topic(
+        notifier.settings,
+        Topic.DEAD_LETTER,
+        where=lambda r: r.value is not None and key.encode() in r.value,
+        expected=1,
+    )
+    headers = dict(dead[0].headers)
+    assert headers["nudge.error"] == b"InvalidMessage"
+    assert b"failed to render" in headers["nudge.reason"]
+    assert b"missing" in headers["nudge.reason"]
+    assert await notifier.ledger([key]) == {}
+    assert smtp.received(to) == []
+
+
+async def test_invalid_and_missing_addresses_are_skipped_with_the_reason(
+    notifier: Notifier, smtp: ScriptedSmtp
+) -> None:
+    ws = workspace()
+    template = await notifier.template(ws)
+    no_email = await notifier.request(ws, template, {"name": "x"})
+    bad = await notifier.request(ws, template, {"email": "ada@@example"})
+    rows = await notifier.settled([no_email, bad])
+    assert (rows[no_email].status, rows[no_email].reason) == ("skipped", "no email address")
+    assert rows[bad].status == "skipped"
+    assert (rows[bad].reason or "").startswith("invalid email address")
