@@ -3,9 +3,15 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from nudge_common.service import create_service_app
+from nudge_orchestrator.api import keys, messaging, templates, workflows
 from nudge_orchestrator.consumer import consumers
 from nudge_orchestrator.settings import OrchestratorSettings
 
 
 def create_app() -> FastAPI:
-    return create_service_app(settings=OrchestratorSettings(), consumers=consumers)
+    return create_service_app(
+        settings=OrchestratorSettings(),
+        routers=[workflows.router, templates.router, keys.router, messaging.router],
+        consumers=consumers,
+        title="Nudge marketers' API",
+    )

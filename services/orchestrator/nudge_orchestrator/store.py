@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -776,3 +778,182 @@ async def template_ids(session: AsyncSession, *, workspace_id: str) -> set[uuid.
         )
     )
     return set(rows.scalars())
+
+
+# --- API keys and idempotency keys --------------------------------------------------------
+
+SCOPES = ("read", "write", "send")
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: uuid.UUID
+    workspace_id: str
+    name: str
+    prefix: str
+    scopes: list[str]
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+def _api_key(row: Any) -> ApiKey:
+    return ApiKey(
+        row.id,
+        row.workspace_id,
+        row.name,
+        row.prefix,
+        list(row.scopes),
+        row.created_at,
+        row.revoked_at,
+    )
+
+
+async def create_api_key(
+    session: AsyncSession, *, workspace_id: str, name: str, scopes: list[str]
+) -> tuple[ApiKey, str]:
+    """A new secret key; only its hash is stored, the secret is returned once."""
+    secret = f"nsk_{secrets.token_urlsafe(32)}"
+    row = (
+        await session.execute(
+            sa.insert(api_keys)
+            .values(
+                id=uuid.uuid4(),
+                workspace_id=workspace_id,
+                name=name,
+                prefix=secret[:12],
+                hash=hash_secret(secret),
+                scopes=scopes,
+            )
+            .returning(api_keys)
+        )
+    ).one()
+    return _api_key(row), secret
+
+
+async def api_key_by_secret(session: AsyncSession, *, secret: str) -> ApiKey | None:
+    row = (
+        await session.execute(
+            sa.select(api_keys).where(
+                api_keys.c.hash == hash_secret(secret), api_keys.c.revoked_at.is_(None)
+            )
+        )
+    ).first()
+    return _api_key(row) if row else None
+
+
+async def list_api_keys(session: AsyncSession, *, workspace_id: str) -> list[ApiKey]:
+    rows = await session.execute(
+        sa.select(api_keys)
+        .where(api_keys.c.workspace_id == workspace_id)
+        .order_by(api_keys.c.created_at)
+    )
+    return [_api_key(row) for row in rows]
+
+
+async def revoke_api_key(
+    session: AsyncSession, *, workspace_id: str, key_id: uuid.UUID, at: datetime
+) -> bool:
+    done = await session.execute(
+        sa.update(api_keys)
+        .where(api_keys.c.id == key_id, api_keys.c.workspace_id == workspace_id)
+        .values(revoked_at=sa.func.coalesce(api_keys.c.revoked_at, at))
+        .returning(api_keys.c.id)
+    )
+    return done.first() is not None
+
+
+async def idempotent_response(
+    session: AsyncSession, *, workspace_id: str, key: str
+) -> tuple[str, int, Any] | None:
+    row = (
+        await session.execute(
+            sa.select(idempotency_keys).where(
+                idempotency_keys.c.workspace_id == workspace_id, idempotency_keys.c.key == key
+            )
+        )
+    ).first()
+    return (row.request, row.status_code, row.body) if row else None
+
+
+async def remember_response(
+    session: AsyncSession, *, workspace_id: str, key: str, request: str, status_code: int, body: Any
+) -> bool:
+    """False when a concurrent request with the same key got there first."""
+    done = await session.execute(
+        pg_insert(idempotency_keys)
+        .values(
+            workspace_id=workspace_id, key=key, request=request, status_code=status_code, body=body
+        )
+        .on_conflict_do_nothing()
+        .returning(idempotency_keys.c.key)
+    )
+    return done.first() is not None
+
+
+# --- templates announced through the API --------------------------------------------------
+
+
+async def put_template(
+    session: AsyncSession,
+    *,
+    workspace_id: str,
+    template_id: uuid.UUID,
+    name: str,
+    channel: str,
+    definition: dict[str, Any],
+) -> None:
+    statement = pg_insert(templates).values(
+        id=template_id, workspace_id=workspace_id, name=name, channel=channel, definition=definition
+    )
+    await session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[templates.c.id],
+            set_={
+                "name": statement.excluded.name,
+                "channel": statement.excluded.channel,
+                "definition": statement.excluded.definition,
+                "updated_at": sa.func.now(),
+            },
+        )
+    )
+
+
+async def get_template(
+    session: AsyncSession, *, workspace_id: str, template_id: uuid.UUID
+) -> Any | None:
+    return (
+        await session.execute(
+            sa.select(templates).where(
+                templates.c.id == template_id,
+                templates.c.workspace_id == workspace_id,
+                templates.c.deleted_at.is_(None),
+            )
+        )
+    ).first()
+
+
+async def list_templates(
+    session: AsyncSession, *, workspace_id: str, channel: str | None, limit: int, offset: int
+) -> tuple[list[Any], int]:
+    where = [templates.c.workspace_id == workspace_id, templates.c.deleted_at.is_(None)]
+    if channel:
+        where.append(templates.c.channel == channel)
+    total = await session.scalar(sa.select(sa.func.count()).select_from(templates).where(*where))
+    rows = await session.execute(
+        sa.select(templates)
+        .where(*where)
+        .order_by(templates.c.created_at, templates.c.id)
+        .limit(limit)
+        .offset(offset)
+    )
+    return list(rows), total or 0
+
+
+async def delete_template(session: AsyncSession, *, template_id: uuid.UUID, at: datetime) -> None:
+    await session.execute(
+        sa.update(templates).where(templates.c.id == template_id).values(deleted_at=at)
+    )
