@@ -36,9 +36,18 @@ TOPIC_SPECS: tuple[TopicSpec, ...] = (
 
 
 async def ensure_topics(
-    settings: NudgeSettings, *, replication_factor: int = 1, deadline_s: float = 60.0
+    settings: NudgeSettings,
+    *,
+    replication_factor: int = 1,
+    min_insync_replicas: int | None = None,
+    deadline_s: float = 60.0,
 ) -> list[str]:
-    """Create the missing topics; returns the names it created. Waits for the broker."""
+    """Create the missing topics; returns the names it created. Waits for the broker.
+
+    On a cluster, ``replication_factor=3, min_insync_replicas=2`` makes an acknowledged
+    write (``acks=all``) survive the loss of any one broker, and refuses writes rather than
+    acknowledge them on a single copy."""
+    extra = {} if min_insync_replicas is None else {"min.insync.replicas": str(min_insync_replicas)}
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
     await _start_with_deadline(admin, deadline_s)
     try:
@@ -48,7 +57,7 @@ async def ensure_topics(
                 name=settings.topic(spec.topic),
                 num_partitions=spec.partitions,
                 replication_factor=replication_factor,
-                topic_configs=spec.config,
+                topic_configs={**spec.config, **extra},
             )
             for spec in TOPIC_SPECS
             if settings.topic(spec.topic) not in existing
@@ -90,9 +99,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m nudge_common.topics")
     parser.add_argument("command", choices=["ensure"])
     parser.add_argument("--replication-factor", type=int, default=1)
+    parser.add_argument("--min-insync-replicas", type=int, default=None)
     args = parser.parse_args()
     settings = NudgeSettings()
-    created = asyncio.run(ensure_topics(settings, replication_factor=args.replication_factor))
+    created = asyncio.run(
+        ensure_topics(
+            settings,
+            replication_factor=args.replication_factor,
+            min_insync_replicas=args.min_insync_replicas,
+        )
+    )
     for spec in TOPIC_SPECS:
         name = settings.topic(spec.topic)
         state = "created" if name in created else "exists"
