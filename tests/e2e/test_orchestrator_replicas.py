@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -81,7 +82,7 @@ def track(workspace_id: str, user_id: str, event: str, at: datetime) -> Outgoing
     return OutgoingMessage(Topic.EVENTS, key=user_id, envelope=envelope)
 
 
-async def count(sessionmaker: SessionMaker, query: sa.Select[tuple[int]]) -> int:
+async def count(sessionmaker: SessionMaker, query: sa.Select[Any]) -> int:
     async with transaction(sessionmaker) as session:
         return await session.scalar(query) or 0
 
@@ -184,7 +185,7 @@ async def test_abandoned_cart_on_two_replicas_survives_a_kill_9(
     await wait_until_idle(stack.settings, consumers={"orchestrator-events": (Topic.EVENTS,)})
 
     async with transaction(sessionmaker) as session:
-        statuses = dict(
+        statuses: dict[str, int] = dict(
             (
                 await session.execute(
                     sa.select(store.runs.c.status, sa.func.count())
@@ -193,7 +194,7 @@ async def test_abandoned_cart_on_two_replicas_survives_a_kill_9(
                 )
             ).all()
         )
-        per_step = dict(
+        per_step: dict[int, int] = dict(
             (
                 await session.execute(
                     sa.select(store.step_executions.c.step, sa.func.count())
@@ -229,11 +230,9 @@ def _contact(workspace_id: str, user_id: str) -> uuid.UUID:
     return stable_id(workspace_id, "contact", "user_id", user_id)
 
 
-async def _equals(sessionmaker: SessionMaker, query: sa.Select[tuple[int]], expected: int) -> bool:
+async def _equals(sessionmaker: SessionMaker, query: sa.Select[Any], expected: int) -> bool:
     return await count(sessionmaker, query) == expected
 
 
-async def _at_least(
-    sessionmaker: SessionMaker, query: sa.Select[tuple[int]], expected: int
-) -> bool:
+async def _at_least(sessionmaker: SessionMaker, query: sa.Select[Any], expected: int) -> bool:
     return await count(sessionmaker, query) >= expected
