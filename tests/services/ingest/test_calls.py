@@ -95,3 +95,25 @@ def test_a_gap_too_wide_to_correct_is_refused_naming_sent_at() -> None:
         {"userId": "u", "event": "E", "timestamp": "0001-01-01T00:00:00", "sentAt": "9999-01-01"}
     )
     assert [e.field for e in check_call(call, SegmentType.TRACK)] == ["sentAt"]
+
+
+def test_a_sender_cannot_set_what_ingest_sets_through_extra_keys() -> None:
+    call = SegmentCall.model_validate(
+        {
+            "userId": "u",
+            "event": "E",
+            "received_at": "1999-01-01T00:00:00Z",
+            "receivedAt": "1999-01-01T00:00:00Z",
+            "workspaceId": "someone-else",
+            "custom": {"kept": True},
+        }
+    )
+    event = normalise(
+        call, SegmentType.TRACK, received_at=RECEIVED, client_ip=None, user_agent=None
+    )
+    assert event.received_at == RECEIVED
+    dumped = event.model_dump(mode="json", by_alias=True)
+    assert "workspaceId" not in dumped
+    assert "received_at" not in dumped
+    assert dumped["custom"] == {"kept": True}
+    assert event.type is SegmentType.TRACK

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import zlib
+from collections import Counter
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -54,7 +56,7 @@ def _single(call_type: SegmentType) -> Any:
         workspace_id = await authenticate(
             request, call.write_key, state.write_keys, runtime.sessionmaker, state.rate_limiter
         )
-        event = enrich(request, state, call, call_type)
+        event = enrich(call, call_type, sender(request, state))
         await publish_events(runtime, workspace_id, [event])
         return SUCCESS
 
@@ -129,7 +131,8 @@ async def batch(request: Request, runtime: RuntimeDep, state: IngestStateDep) ->
     workspace_id = await authenticate(
         request, body_key, state.write_keys, runtime.sessionmaker, state.rate_limiter
     )
-    events = [enrich(request, state, call, call_type) for call, call_type in calls]
+    who = sender(request, state)
+    events = [enrich(call, call_type, who) for call, call_type in calls]
     await publish_events(runtime, workspace_id, events)
     return SUCCESS
 
@@ -180,9 +183,17 @@ def parse_call(body: dict[str, Any], call_type: SegmentType) -> SegmentCall:
     return call
 
 
-def enrich(
-    request: Request, state: IngestState, call: SegmentCall, call_type: SegmentType
-) -> SegmentEvent:
+@dataclass(frozen=True)
+class Sender:
+    """What ingest knows of a request's sender, worked out once per request."""
+
+    received_at: datetime
+    ip: str | None
+    user_agent: str | None
+    country: str | None
+
+
+def sender(request: Request, state: IngestState) -> Sender:
     headers = request.headers
     ip = client_ip(
         request.client.host if request.client else None,
@@ -190,13 +201,22 @@ def enrich(
         real_ip=headers.get("x-real-ip"),
         trusted_proxies=state.settings.trusted_proxies,
     )
+    return Sender(
+        received_at=datetime.now(UTC),
+        ip=ip,
+        user_agent=headers.get("user-agent"),
+        country=state.countries.country(ip) if state.countries else None,
+    )
+
+
+def enrich(call: SegmentCall, call_type: SegmentType, who: Sender) -> SegmentEvent:
     return normalise(
         call,
         call_type,
-        received_at=datetime.now(UTC),
-        client_ip=ip,
-        user_agent=headers.get("user-agent"),
-        country=state.countries.country(ip) if state.countries else None,
+        received_at=who.received_at,
+        client_ip=who.ip,
+        user_agent=who.user_agent,
+        country=who.country,
     )
 
 
@@ -231,8 +251,8 @@ async def publish_events(
             reason="unavailable",
             headers={"Retry-After": RETRY_AFTER_S},
         ) from error
-    for event in events:
-        EVENTS_ACCEPTED.labels(event.type.value).inc()
+    for call_type, count in Counter(event.type for event in events).items():
+        EVENTS_ACCEPTED.labels(call_type.value).inc(count)
 
 
 def _describe(error: ValueError, default_field: str) -> list[dict[str, str | int]]:

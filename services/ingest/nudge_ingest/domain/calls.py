@@ -127,7 +127,13 @@ def normalise(
     )
 
 
-_RESERVED = frozenset({"receivedAt", "originalTimestamp", "workspaceId"})
+_RESERVED = frozenset(
+    {"workspaceId"}
+    | set(SegmentEvent.model_fields)
+    | {field.alias for field in SegmentEvent.model_fields.values() if field.alias}
+)
+"""Extra keys that must never reach the event: Nudge's own, and every field's name or alias
+(a sender's ``received_at`` cannot replace ingest's ``receivedAt``)."""
 
 
 def _aware(value: datetime | None) -> datetime | None:
