@@ -26,7 +26,9 @@ async def session(runtime: RuntimeDep) -> AsyncIterator[AsyncSession]:
         yield db
 
 
-SessionDep = Annotated[AsyncSession, Depends(session)]
+# scope="function": the transaction commits before the response is sent, so a client that
+# got 201 finds the object in its next request.
+SessionDep = Annotated[AsyncSession, Depends(session, scope="function")]
 
 
 @dataclass(frozen=True)
