@@ -23,7 +23,7 @@ def address(tag: str) -> str:
 
 
 def unsubscribe_path(message: EmailMessage) -> str:
-    url = message["List-Unsubscribe"].split(",")[0].strip(" <>")
+    url = str(message["List-Unsubscribe"]).split(",")[0].strip(" <>")
     return urlsplit(url).path
 
 

@@ -12,6 +12,7 @@ message is never sent half-rendered.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -49,12 +50,18 @@ class TemplateRenderError(Exception):
     pass
 
 
+@functools.lru_cache(maxsize=1024)
+def _compiled(source: str, *, html: bool) -> jinja2.Template:
+    """Compiling is most of a render's cost; a template's source compiles once."""
+    return (_html if html else _text).from_string(source)
+
+
 def render(template: Template, variables: Mapping[str, Any]) -> Rendered:
     try:
         return Rendered(
-            subject=_text.from_string(template.subject).render(variables).strip(),
-            html=_html.from_string(template.html).render(variables),
-            text=_text.from_string(template.text).render(variables),
+            subject=_compiled(template.subject, html=False).render(variables).strip(),
+            html=_compiled(template.html, html=True).render(variables),
+            text=_compiled(template.text, html=False).render(variables),
         )
     except jinja2.TemplateError as error:
         raise TemplateRenderError(

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 from email import policy
-from email.message import EmailMessage
+from email.header import Header
+from email.message import Message
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
 from email.utils import formatdate, make_msgid, parseaddr
 
 import aiosmtplib
@@ -29,18 +32,21 @@ HARD_BOUNCE_CODES = frozenset({550, 551, 553, 554})
 """Replies to RCPT that say the mailbox does not exist or will never take mail."""
 
 
-def build_message(settings: NotifierSettings, outbound: Outbound) -> EmailMessage:
-    message = EmailMessage()
+def build_message(settings: NotifierSettings, outbound: Outbound) -> Message:
+    """multipart/alternative (text, then HTML), UTF-8. Built with the ``compat32`` MIME
+    classes: the modern ``EmailMessage`` policy re-parses and re-folds every header and
+    was most of the CPU time of a send."""
+    message = MIMEMultipart("alternative")
     message["From"] = settings.email_from
     message["To"] = outbound.to
-    message["Subject"] = outbound.rendered.subject
+    message["Subject"] = Header(outbound.rendered.subject, "utf-8").encode()
     message["Date"] = formatdate(localtime=False, usegmt=True)
     message["Message-ID"] = make_msgid(domain=settings.email_domain)
     message["X-Nudge-Idempotency-Key"] = outbound.idempotency_key
     for name, value in outbound.headers.items():
         message[name] = value
-    message.set_content(outbound.rendered.text)
-    message.add_alternative(outbound.rendered.html, subtype="html")
+    message.attach(MIMEText(outbound.rendered.text, "plain", "utf-8"))
+    message.attach(MIMEText(outbound.rendered.html, "html", "utf-8"))
     return message
 
 
@@ -130,7 +136,9 @@ class SmtpEmailProvider:
         reply to DATA is a clear yes or no; a connection lost or a timeout *during* DATA
         propagates as is, because the server may have taken the message: unknown."""
         email = build_message(self.settings, message)
-        data = dkim_sign(self.settings, email.as_bytes(policy=policy.SMTP))
+        data = dkim_sign(
+            self.settings, email.as_bytes(policy=policy.compat32.clone(linesep="\r\n"))
+        )
         try:
             client = await self.pool.acquire()
         except aiosmtplib.SMTPException as error:
