@@ -154,6 +154,12 @@ async def run_phase(
         recovered, note = False, str(error).splitlines()[0][:200]
     outage = time.monotonic() - started
     report = await load
+    failures = [at for at, outcome in report.timeline if outcome != "200"]
+    if failures:
+        note = note or (
+            f"non-200 answers from +{failures[0] - started:.1f}s to +{failures[-1] - started:.1f}s"
+            f" after the fault (recovered at +{outage:.1f}s)"
+        )
     expected = {c.email for c in everyone if c.last_ack is not None}
     try:
         await sink.wait_for(len(expected), to=expected, deadline_s=DRAIN_DEADLINE_S)

@@ -127,6 +127,8 @@ class LoadReport:
     finished: float = 0.0
     statuses: Counter[str] = field(default_factory=Counter)
     """Every answer ingest gave, retries included: "200", "503", "transport", ..."""
+    timeline: list[tuple[float, str]] = field(default_factory=list)
+    """(``time.monotonic()``, outcome) of every answer."""
     requests: int = 0
     retries: int = 0
     send_lag_max_s: float = 0.0
@@ -226,6 +228,7 @@ async def run_load(
                     except httpx.TransportError:
                         response, outcome = None, "transport"
                     report.statuses[outcome] += 1
+                    report.timeline.append((time.monotonic(), outcome))
                     if response is not None and response.status_code == 200:
                         now = time.monotonic()
                         for contact, message_id in chunk:
