@@ -1,5 +1,5 @@
 # The README's two commands are `make demo` and `make test`; each sets up what it needs.
-.PHONY: setup stack stack-down test-tools browser demo test lint typecheck pytest bench-ingest bench-e2e
+.PHONY: setup stack stack-down test-tools browser demo test lint typecheck pytest bench-ingest bench-e2e bench-notifier
 
 setup:
 	scripts/bootstrap
@@ -40,3 +40,6 @@ bench-ingest: stack
 # The proof suite (docs/proof.md): latency through the whole pipeline, then faults under load.
 bench-e2e: stack
 	.venv/bin/python -m bench.e2e
+
+bench-notifier: stack
+	.venv/bin/python -m bench.notifier

@@ -258,7 +258,7 @@ def _record(settings: NudgeSettings, message: OutgoingMessage) -> tuple[str, byt
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--burst", type=int, default=4000)
-    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--deadline", type=float, default=120.0)

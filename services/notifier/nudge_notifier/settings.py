@@ -22,7 +22,7 @@ class NotifierSettings(NudgeSettings):
     """None: upgrade with STARTTLS when the server offers it; True: require it."""
     smtp_validate_certs: bool = True
     smtp_timeout_s: float = Field(default=10.0, gt=0)
-    smtp_max_connections: int = Field(default=8, ge=1)
+    smtp_max_connections: int = Field(default=4, ge=1)
     """Connections kept open to the SMTP server and used concurrently (the pool's size)."""
     smtp_rate_per_s: float = Field(default=0.0, ge=0)
     """Messages per second handed to the SMTP server; 0 means no limit."""

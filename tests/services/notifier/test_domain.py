@@ -1,0 +1,141 @@
+"""The notifier's pure logic: consent decisions, hygiene, DSN parsing, tokens, backoff."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from nudge_common.tracking import InvalidToken, sign, verify
+from nudge_notifier.domain.bounces import NotADsn, parse_dsn
+from nudge_notifier.domain.consent import decide, sms_keyword
+from nudge_notifier.domain.hygiene import Health, InvalidPhone, check_email, sunset_reason, to_e164
+from nudge_notifier.domain.templates import Template, render
+from nudge_notifier.providers.base import backoff_delays
+
+
+def test_suppression_beats_consent_and_opt_in_channels_need_a_subscription() -> None:
+    allowed = decide(
+        channel="email", topic="news", suppression_reason=None, consents={}, opt_in_channels=["sms"]
+    )
+    assert allowed.allowed
+    suppressed = decide(
+        channel="email",
+        topic="news",
+        suppression_reason="complaint",
+        consents={"all": "subscribed"},
+        opt_in_channels=[],
+    )
+    assert suppressed.reason == "suppressed: complaint"
+    assert (
+        decide(
+            channel="email",
+            topic="news",
+            suppression_reason=None,
+            consents={"news": "unsubscribed"},
+            opt_in_channels=[],
+        ).reason
+        == "unsubscribed from news"
+    )
+    pending = decide(
+        channel="sms",
+        topic="news",
+        suppression_reason=None,
+        consents={"all": "pending"},
+        opt_in_channels=["sms"],
+    )
+    assert pending.reason == "no sms consent for news"
+    assert decide(
+        channel="sms",
+        topic="news",
+        suppression_reason=None,
+        consents={"news": "subscribed"},
+        opt_in_channels=["sms"],
+    ).allowed
+
+
+def test_sms_keywords() -> None:
+    assert sms_keyword(" stop ") == "unsubscribed"
+    assert sms_keyword("UNSUBSCRIBE") == "unsubscribed"
+    assert sms_keyword("start") == "subscribed"
+    assert sms_keyword("stop sending me deals please") is None
+
+
+def test_email_hygiene_flags_and_suggestions() -> None:
+    assert check_email("ada@gmial.com").suggestion == "ada@gmail.com"
+    assert check_email("ada@gmail.com").suggestion is None
+    assert check_email("x@mailinator.com").disposable
+    assert check_email("Support@acme.io").role
+    invalid = check_email("ada@@example.com")
+    assert not invalid.valid
+    assert invalid.reason
+
+
+def test_phone_numbers_become_e164() -> None:
+    assert to_e164("(415) 555-2671", "US") == "+14155552671"
+    assert to_e164("020 7946 0018", "GB") == "+442079460018"
+    with pytest.raises(InvalidPhone):
+        to_e164("12", "US")
+
+
+def test_sunset_after_soft_bounces_or_a_long_silence() -> None:
+    now = datetime(2026, 6, 1, tzinfo=UTC)
+    rule = {"now": now, "soft_bounces": 3, "unengaged_days": 180, "min_sends": 5}
+    assert sunset_reason(Health(3, 0, None, None), **rule) == "3 soft bounces in a row"
+    quiet = Health(0, 6, now - timedelta(days=200), None)
+    assert sunset_reason(quiet, **rule) is not None
+    assert sunset_reason(Health(0, 4, now - timedelta(days=200), None), **rule) is None
+    assert sunset_reason(Health(0, 9, now - timedelta(days=10), None), **rule) is None
+
+
+def test_score_dependent_blocks_and_fallbacks() -> None:
+    template = Template(
+        uuid.uuid4(),
+        "t",
+        "email",
+        "Hi {{ contact.traits.name | default('there') }}",
+        "{% if contact.scores.lead | default(0) >= 50 %}advanced{% else %}intro{% endif %}",
+        "x",
+    )
+    hot = render(template, {"contact": {"traits": {"name": "Ada"}, "scores": {"lead": 80}}})
+    cold = render(template, {"contact": {"traits": {}, "scores": {}}})
+    assert (hot.subject, hot.html) == ("Hi Ada", "advanced")
+    assert (cold.subject, cold.html) == ("Hi there", "intro")
+
+
+def test_a_dsn_names_the_bounced_recipient_and_the_message() -> None:
+    dsn = (
+        b"MIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/report; report-type=delivery-status; boundary="B"\r\n\r\n'
+        b"--B\r\nContent-Type: message/delivery-status\r\n\r\n"
+        b"Reporting-MTA: dns; mx\r\n\r\n"
+        b"Final-Recipient: rfc822; a@example.com\r\nAction: failed\r\nStatus: 5.1.1\r\n\r\n"
+        b"Final-Recipient: rfc822; b@example.com\r\nAction: delayed\r\nStatus: 4.2.2\r\n\r\n"
+        b"--B\r\nContent-Type: text/rfc822-headers\r\n\r\nX-Nudge-Idempotency-Key: k1\r\n\r\n"
+        b"--B--\r\n"
+    )
+    bounces = parse_dsn(dsn)
+    assert [(b.recipient, b.kind, b.idempotency_key) for b in bounces] == [
+        ("a@example.com", "hard", "k1"),
+        ("b@example.com", "soft", "k1"),
+    ]
+    with pytest.raises(NotADsn):
+        parse_dsn(b"Subject: hi\r\n\r\nhello")
+
+
+def test_tokens_refuse_any_change() -> None:
+    token = sign("s", {"url": "https://a.example"})
+    assert verify("s", token) == {"url": "https://a.example"}
+    for bad in (token + "x", token.replace(".", "x.", 1), "a.b.c", "", "x" * 5000):
+        with pytest.raises(InvalidToken):
+            verify("s", bad)
+    with pytest.raises(InvalidToken):
+        verify("other", token)
+
+
+def test_backoff_is_exponential_with_full_jitter_and_capped() -> None:
+    for _ in range(100):
+        delays = backoff_delays(5, base_s=0.1, max_s=0.5)
+        assert len(delays) == 4
+        assert all(0 <= d <= cap for d, cap in zip(delays, [0.1, 0.2, 0.4, 0.5], strict=True))
