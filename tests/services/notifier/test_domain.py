@@ -81,12 +81,14 @@ def test_phone_numbers_become_e164() -> None:
 
 def test_sunset_after_soft_bounces_or_a_long_silence() -> None:
     now = datetime(2026, 6, 1, tzinfo=UTC)
-    rule = {"now": now, "soft_bounces": 3, "unengaged_days": 180, "min_sends": 5}
-    assert sunset_reason(Health(3, 0, None, None), **rule) == "3 soft bounces in a row"
-    quiet = Health(0, 6, now - timedelta(days=200), None)
-    assert sunset_reason(quiet, **rule) is not None
-    assert sunset_reason(Health(0, 4, now - timedelta(days=200), None), **rule) is None
-    assert sunset_reason(Health(0, 9, now - timedelta(days=10), None), **rule) is None
+
+    def rule(health: Health) -> str | None:
+        return sunset_reason(health, now=now, soft_bounces=3, unengaged_days=180, min_sends=5)
+
+    assert rule(Health(3, 0, None, None)) == "3 soft bounces in a row"
+    assert rule(Health(0, 6, now - timedelta(days=200), None)) is not None
+    assert rule(Health(0, 4, now - timedelta(days=200), None)) is None
+    assert rule(Health(0, 9, now - timedelta(days=10), None)) is None
 
 
 def test_score_dependent_blocks_and_fallbacks() -> None:
