@@ -43,3 +43,10 @@ bench-e2e: stack
 
 bench-notifier: stack
 	.venv/bin/python -m bench.notifier
+
+# Faults under load on a private stack (own data folder and ports; the dev stack is untouched).
+chaos: setup
+	.venv/bin/python -m bench.chaos
+
+chaos-cluster: setup
+	.venv/bin/python -m bench.chaos --brokers 3
