@@ -7,7 +7,10 @@ A batch moves through small steps, in this order, and offsets are always committ
 3. **apply**, in one PostgreSQL transaction: record the message ids in the service's
    ``processed_messages`` table (ids already there are duplicates and are skipped), then hand
    each new message to the service's handler inside a savepoint, so one bad message is
-   dead-lettered alone while the rest of the batch keeps its effects;
+   dead-lettered alone while the rest of the batch keeps its effects (a handler that also
+   has ``handle_batch``, see :class:`BatchHandler`, gets all new messages at once in one
+   savepoint instead; if that fails for any reason but a transient one, the savepoint is
+   rolled back and the messages go one by one as above);
 4. **publish** what the handlers produced and the dead letters, waiting for the broker's
    acknowledgements;
 5. **commit** the database transaction, then the Kafka offsets.
@@ -86,6 +89,20 @@ class BatchPreparer(Protocol):
     ``__call__`` to raise, and raise only what retries the whole batch."""
 
     async def prepare(self, envelopes: Sequence[Envelope]) -> None: ...
+
+
+@runtime_checkable
+class BatchHandler(Protocol):
+    """Optional: a handler that also has ``handle_batch`` is given all the new messages of a
+    batch at once (in order), to apply their effects with a few set-based queries instead
+    of several per message. Its effects must equal those of calling the handler on each
+    message in turn. If it raises anything but a transient error, the runner rolls its
+    savepoint back and applies the messages one by one, each in its own savepoint, so a bad
+    message is still dead-lettered alone."""
+
+    async def handle_batch(
+        self, session: AsyncSession, envelopes: Sequence[Envelope]
+    ) -> Sequence[OutgoingMessage]: ...
 
 
 @dataclass(frozen=True)
@@ -213,11 +230,16 @@ class ConsumerRunner:
         outgoing: list[OutgoingMessage] = []
         async with transaction(self.sessionmaker) as session:
             unclaimed = await self._claim(session, [item.envelope.id for item in decoded])
+            fresh: list[Decoded] = []
             for item in decoded:
                 if item.envelope.id not in unclaimed:
                     self._count(item.record, "duplicate")
                     continue
                 unclaimed.discard(item.envelope.id)
+                fresh.append(item)
+            if await self._apply_as_batch(session, fresh, outgoing):
+                fresh = []
+            for item in fresh:
                 try:
                     async with session.begin_nested():
                         outgoing.extend(await self.handler(session, item.envelope))
@@ -232,6 +254,33 @@ class ConsumerRunner:
             self.dead_letter_budget.spend(len(dead_letters))
             await publish(self.producer, self.settings, outgoing)
             await self._publish_dead_letters(dead_letters)
+
+    async def _apply_as_batch(
+        self, session: AsyncSession, items: list[Decoded], outgoing: list[OutgoingMessage]
+    ) -> bool:
+        """Hand ``items`` to a :class:`BatchHandler` in one savepoint; False (nothing
+        applied) when the handler has no batch form or the batch failed on its own."""
+        if not isinstance(self.handler, BatchHandler) or len(items) < 2:
+            return False
+        try:
+            async with session.begin_nested():
+                produced = await self.handler.handle_batch(
+                    session, [item.envelope for item in items]
+                )
+        except TRANSIENT_ERRORS:
+            raise
+        except Exception as error:  # a bad message, probably: find it one by one
+            metrics.CONSUMER_BATCH_FALLBACKS.labels(self.name, type(error).__name__).inc()
+            log.warning(
+                "batch failed, applying its messages one by one",
+                consumer=self.name,
+                error=repr(error)[:500],
+            )
+            return False
+        outgoing.extend(produced)
+        for item in items:
+            self._count(item.record, "applied")
+        return True
 
     async def _claim(self, session: AsyncSession, ids: list[uuid.UUID]) -> set[uuid.UUID]:
         """Record ``ids`` as processed; returns those that were not recorded before."""

@@ -62,6 +62,12 @@ CONSUMER_RETRIES = Counter(
     "Batches retried after a transient failure (back-pressure), by error type.",
     ["consumer", "error"],
 )
+CONSUMER_BATCH_FALLBACKS = Counter(
+    "nudge_consumer_batch_fallbacks_total",
+    "Batches a batch handler could not apply as a whole, applied message by message instead "
+    "(a bad message in the batch, usually), by error type.",
+    ["consumer", "error"],
+)
 CONSUMER_LAG = Gauge(
     "nudge_consumer_lag_messages",
     "Messages on the partition not yet committed by this consumer.",

@@ -125,3 +125,63 @@ async def test_runner_applies_once_dead_letters_bad_messages_and_retries_transie
         assert await count_effects(sessionmaker) == len(good) + 1
     finally:
         await producer.stop()
+
+
+class BatchHandler(Handler):
+    """A handler with a batch form: all of a batch's effects in one statement."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches_applied: list[int] = []
+
+    async def handle_batch(
+        self, session: AsyncSession, envelopes: Sequence[Envelope]
+    ) -> Sequence[OutgoingMessage]:
+        await session.execute(sa.insert(effects), [{"message_id": e.id} for e in envelopes])
+        if any(THING.parse(e).behaviour == "bad" for e in envelopes):
+            raise InvalidMessage("this thing can never be applied")
+        self.batches_applied.append(len(envelopes))
+        return []
+
+
+async def test_batch_handler_applies_whole_batches_and_isolates_a_bad_message(
+    settings: NudgeSettings, sessionmaker: SessionMaker
+) -> None:
+    now = datetime.now(UTC)
+    good = [THING.envelope(workspace_id="ws", payload=Thing(), occurred_at=now) for _ in range(20)]
+    bad = THING.envelope(workspace_id="ws", payload=Thing(behaviour="bad"), occurred_at=now)
+    handler = BatchHandler()
+    producer: AIOKafkaProducer = create_producer(settings)
+    await producer.start()
+    runner = ConsumerRunner(
+        name="runner-batch-test",
+        topics=[Topic.EVENTS],
+        handler=handler,
+        settings=settings,
+        sessionmaker=sessionmaker,
+        producer=producer,
+        processed_messages=processed,
+    )
+    task = asyncio.create_task(runner.run())
+    try:
+        # one partition key: the bad message lands in the batch of the good ones
+        messages = [OutgoingMessage(Topic.EVENTS, "k", e) for e in [*good[:10], bad, *good[10:]]]
+        await publish(producer, settings, messages)
+        await wait_until_idle(settings, consumers={"runner-batch-test": (Topic.EVENTS,)})
+        # the failed batch's effects were rolled back and its messages applied one by one
+        assert await count_effects(sessionmaker) == len(good)
+        dead = await read_topic(settings, Topic.DEAD_LETTER, expected=1)
+        assert [dict(r.headers)["nudge.error"] for r in dead] == [b"InvalidMessage"]
+
+        more = [
+            THING.envelope(workspace_id="ws", payload=Thing(), occurred_at=now) for _ in range(30)
+        ]
+        await publish(producer, settings, [OutgoingMessage(Topic.EVENTS, "k", e) for e in more])
+        await publish(producer, settings, [OutgoingMessage(Topic.EVENTS, "k", e) for e in more])
+        await wait_until_idle(settings, consumers={"runner-batch-test": (Topic.EVENTS,)})
+        assert await count_effects(sessionmaker) == len(good) + len(more)  # replay: no change
+        assert handler.batches_applied  # batches of two or more went through handle_batch
+    finally:
+        runner.stop()
+        await asyncio.wait_for(task, 30)
+        await producer.stop()
