@@ -13,8 +13,8 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Literal
+from datetime import datetime, timedelta
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -285,150 +285,325 @@ async def load_rulebook(session: AsyncSession, *, workspace_id: str) -> Rulebook
     return Rulebook(rules, {m.name: m.stages for m in models if m.stages})
 
 
-async def handle_event(session: AsyncSession, envelope: Envelope) -> Sequence[OutgoingMessage]:
-    if envelope.type != EVENT_RECEIVED.name:
-        return []
-    event = EVENT_RECEIVED.parse(envelope)
-    validate(event)
-    try:
-        return await apply_event(session, envelope, event)
-    except sa.exc.DBAPIError as error:
-        if getattr(error.orig, "sqlstate", None) in RETRYABLE_SQLSTATES:
-            raise RetryLater(f"concurrent update: {error.orig}") from error
-        raise
+class RulebookCache:
+    """Each workspace's rulebook, kept between batches and checked against the workspace's
+    rules version (one small query per workspace per batch): a rule or model changed
+    through the API, by any process, is seen by the next batch."""
+
+    def __init__(self) -> None:
+        self._books: dict[str, tuple[tuple[Any, ...], Rulebook]] = {}
+
+    async def get(self, session: AsyncSession, workspace_id: str) -> Rulebook:
+        version = await store.rules_version(session, workspace_id=workspace_id)
+        cached = self._books.get(workspace_id)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        book = await load_rulebook(session, workspace_id=workspace_id)
+        self._books[workspace_id] = (version, book)
+        return book
 
 
-async def apply_event(
-    session: AsyncSession, envelope: Envelope, event: SegmentEvent
-) -> Sequence[OutgoingMessage]:
-    workspace_id = envelope.workspace_id
-    out = Outputs(workspace_id, envelope, event.timestamp)
-    incoming = {k: v for k, v in incoming_traits(event).items() if k not in ("tags", "untags")}
-    email = profile.typed_traits(incoming)["email"]
-    merge_email = (
-        email if email and await store.merge_on_email(session, workspace_id=workspace_id) else None
-    )
-    contact_id = await resolve_contact(
-        session, workspace_id=workspace_id, event=event, email=merge_email, out=out
-    )
-    merged = bool(out.messages)
-    # after a merge every model's stage is looked at again
-    scores_before: dict[str, int] | None = {} if merged else None
-    contact = await store.touch_contact(
-        session, contact_id=contact_id, user_id=event.user_id, at=event.timestamp
-    )
-    if not await store.store_event(
-        session, workspace_id=workspace_id, contact_id=contact.id, event=event
-    ):
-        return out.messages
-    metrics.EVENTS_STORED.labels(event.type.value).inc()
-    if contact.first_touch is None:
-        await store.set_first_touch(
-            session, contact_id=contact.id, touch=profile.first_touch(event)
-        )
+@dataclass
+class Pending:
+    """An event waiting in a run of the batch whose contacts are known."""
 
-    changed: list[Literal["traits", "scores"]] = ["traits", "scores"] if merged else []
-    traits = contact.traits
-    new_traits = profile.changed_traits(contact.traits, incoming)
-    if new_traits:
-        traits = {**contact.traits, **new_traits}
-        source = "identify" if event.type is SegmentType.IDENTIFY else "context"
-        await store.set_profile(
-            session,
-            contact_id=contact.id,
-            traits=traits,
-            trait_sources=profile.learned(
-                contact.trait_sources, new_traits, profile.trait_source(event, source=source)
-            ),
-            typed=profile.typed_traits(traits),
-        )
-        await _claim_contact_points(session, workspace_id, contact.id, traits)
-        if "traits" not in changed:
-            changed.append("traits")
-    if event.type is SegmentType.IDENTIFY:
-        add, remove = profile.tags_in(event.traits)
-        await store.assign_tags(
-            session,
-            workspace_id=workspace_id,
-            contact_id=contact.id,
-            add=add,
-            remove=remove,
-            at=event.timestamp,
-        )
+    envelope: Envelope
+    event: SegmentEvent
+    contact_id: uuid.UUID
+    out: Outputs
+    merged: bool = False
 
-    if event.type is SegmentType.TRACK and event.event in TRANSACTION_EVENTS:
-        value = order_value(event.properties) or 0.0
-        is_order = event.event == ORDER_COMPLETED
-        await store.record_transaction(
-            session,
-            workspace_id=workspace_id,
-            contact_id=contact.id,
-            event=event,
-            kind="order" if is_order else "refund",
-            revenue=value if is_order else -abs(value),
-        )
 
-    book = await load_rulebook(session, workspace_id=workspace_id)
-    state = ScoringState(orders_before=contact.orders_count)
-    if book.needs_state:
-        state.spent = await store.scoring_spent(session, contact_id=contact.id)
-        state.held = {
-            rule: points for (rule, period), points in state.spent.items() if period == "held"
-        }
-    deltas = score_event(book.rules, event, state)
-    if new_traits:
-        deltas += score_profile(book.rules, traits, state.held)
-    if scores_before is None and deltas:
-        scores_before = await store.scores_of(session, contact_id=contact.id)
-    await store.add_points(
-        session,
-        workspace_id=workspace_id,
-        contact_id=contact.id,
-        deltas=deltas,
-        message_id=event.message_id,
-        at=event.timestamp,
-    )
-    await store.schedule_decay(
-        session,
-        workspace_id=workspace_id,
-        contact_id=contact.id,
-        decays=book.decays,
-        active_at=event.timestamp,
-    )
-    for delta in deltas:
-        metrics.SCORE_CHANGES.labels(delta.model).inc()
-    if scores_before is not None:
-        scores_now = await after_points(
-            session, out, book, contact.id, scores_before, at=event.timestamp
-        )
-        moved = any(
-            scores_now.get(m, 0) != scores_before.get(m, 0) for m in {*scores_now, *scores_before}
-        )
-        if moved and "scores" not in changed:
-            changed.append("scores")
-    if changed:
-        out.updated(
-            ContactUpdated(
-                contact_id=contact.id,
-                user_id=contact.user_id,
-                traits=traits,
-                scores=await store.scores_of(session, contact_id=contact.id),
-                changed=changed,
-                cause_message_id=event.message_id,
+class ScoringHandler:
+    """Scoring's consumer handler. A batch (``handle_batch``) is applied with a few
+    set-based statements: identities are looked up at once, contacts are created and
+    claimed at once, the contacts' rows are locked and read at once (in id order), each
+    event is then applied in order to that in-memory state, and every table is written
+    with one statement. An event that merges contacts (or an alias) is applied alone, in
+    its place in the batch, by ``resolve_contact``. One message (``__call__``, the
+    runner's fallback when a batch fails) is a batch of one: there is one way to apply an
+    event, whatever the batch size."""
+
+    def __init__(self) -> None:
+        self.rulebooks = RulebookCache()
+
+    async def __call__(
+        self, session: AsyncSession, envelope: Envelope
+    ) -> Sequence[OutgoingMessage]:
+        return await self.handle_batch(session, [envelope])
+
+    async def handle_batch(
+        self, session: AsyncSession, envelopes: Sequence[Envelope]
+    ) -> Sequence[OutgoingMessage]:
+        by_workspace: dict[str, list[tuple[Envelope, SegmentEvent]]] = {}
+        for envelope in envelopes:
+            if envelope.type != EVENT_RECEIVED.name:
+                continue
+            event = EVENT_RECEIVED.parse(envelope)
+            validate(event)
+            by_workspace.setdefault(envelope.workspace_id, []).append((envelope, event))
+        messages: list[OutgoingMessage] = []
+        try:
+            for workspace_id, items in by_workspace.items():
+                batch = WorkspaceBatch(
+                    workspace_id,
+                    book=await self.rulebooks.get(session, workspace_id),
+                    merge_on_email=await store.merge_on_email(session, workspace_id=workspace_id),
+                )
+                messages.extend(await batch.apply(session, items))
+        except sa.exc.DBAPIError as error:
+            if getattr(error.orig, "sqlstate", None) in RETRYABLE_SQLSTATES:
+                raise RetryLater(f"concurrent update: {error.orig}") from error
+            raise
+        return messages
+
+
+handle_event = ScoringHandler()
+
+
+@dataclass
+class WorkspaceBatch:
+    workspace_id: str
+    book: Rulebook
+    merge_on_email: bool
+
+    def keys_of(self, event: SegmentEvent) -> list[tuple[str, str]]:
+        email = None
+        if self.merge_on_email:
+            incoming = incoming_traits(event)
+            email = profile.typed_traits(incoming)["email"]
+        return identity_keys(event, email)
+
+    async def apply(
+        self, session: AsyncSession, items: list[tuple[Envelope, SegmentEvent]]
+    ) -> list[OutgoingMessage]:
+        """Apply the events in order: runs whose contacts are resolved without a merge go
+        together; an event that merges is applied alone where it stands."""
+        messages: list[OutgoingMessage] = []
+        rest = items
+        while rest:
+            keys = {key for _, event in rest for key in self.keys_of(event)}
+            known = await store.identities_in(session, workspace_id=self.workspace_id, keys=keys)
+            run: list[Pending] = []
+            creates: dict[uuid.UUID, tuple[uuid.UUID, str | None, datetime]] = {}
+            claims: dict[tuple[str, str], uuid.UUID] = {}
+            slow: int | None = None
+            for index, (envelope, event) in enumerate(rest):
+                keys_here = self.keys_of(event)
+                owners = {known[key] for key in keys_here if key in known}
+                if event.type is SegmentType.ALIAS or len(owners) > 1:
+                    slow = index
+                    break
+                target = (
+                    owners.pop()
+                    if owners
+                    else stable_id(self.workspace_id, "contact", *keys_here[0])
+                )
+                if (
+                    not owners
+                    and target not in creates
+                    and not any(key in known for key in keys_here)
+                ):
+                    creates[target] = (target, event.user_id, event.timestamp)
+                for key in keys_here:
+                    if key not in known:
+                        known[key] = claims[key] = target
+                out = Outputs(self.workspace_id, envelope, event.timestamp)
+                run.append(Pending(envelope, event, target, out))
+            await store.create_contacts(
+                session, workspace_id=self.workspace_id, rows=list(creates.values())
             )
+            await store.claim_identities_many(
+                session, workspace_id=self.workspace_id, claims=claims
+            )
+            if claims:
+                owned = await store.identities_in(
+                    session, workspace_id=self.workspace_id, keys=claims
+                )
+                if any(owned.get(key) != owner for key, owner in claims.items()):
+                    raise RetryLater("a concurrent transaction claimed one of the identities")
+            messages.extend(await self.apply_run(session, run))
+            if slow is None:
+                break
+            envelope, event = rest[slow]
+            out = Outputs(self.workspace_id, envelope, event.timestamp)
+            email = profile.typed_traits(incoming_traits(event))["email"]
+            contact_id = await resolve_contact(
+                session,
+                workspace_id=self.workspace_id,
+                event=event,
+                email=email if self.merge_on_email else None,
+                out=out,
+            )
+            pending = Pending(envelope, event, contact_id, out, merged=bool(out.messages))
+            messages.extend(await self.apply_run(session, [pending]))
+            rest = rest[slow + 1 :]
+        return messages
+
+    async def apply_run(self, session: AsyncSession, run: list[Pending]) -> list[OutgoingMessage]:
+        if not run:
+            return []
+        states = await store.lock_states(
+            session, [p.contact_id for p in run], with_spent=self.book.needs_state
         )
-    return out.messages
+        if any(state.merged_into is not None for state in states.values()) or len(states) != len(
+            {p.contact_id for p in run}
+        ):
+            raise RetryLater("a contact of the batch was merged or erased meanwhile")
+        first: dict[str, Pending] = {}
+        for pending in run:
+            first.setdefault(pending.event.message_id, pending)
+        new = await store.claim_event_ids(
+            session,
+            workspace_id=self.workspace_id,
+            rows=[(p.event, p.contact_id) for p in first.values()],
+        )
+        writes = store.BatchWrites(self.workspace_id)
+        messages: list[OutgoingMessage] = []
+        for pending in run:
+            message_id = pending.event.message_id
+            if message_id in new and first[message_id] is pending:
+                self.apply_one(writes, states[pending.contact_id], pending)
+            messages.extend(pending.out.messages)
+        await store.write_batch(session, writes)
+        return messages
 
+    def apply_one(
+        self, writes: store.BatchWrites, contact: store.ContactState, pending: Pending
+    ) -> None:
+        """One new event's effects on the contact's in-memory state, gathered in
+        ``writes``; outputs go to ``pending.out``."""
+        event, out, book = pending.event, pending.out, self.book
+        workspace_id = self.workspace_id
+        at = event.timestamp
+        metrics.EVENTS_STORED.labels(event.type.value).inc()
+        writes.events.append(store.event_row(workspace_id, contact.id, event))
+        touch = writes.touch(contact.id, at, event.user_id)
+        contact.user_id = contact.user_id or event.user_id
+        if not contact.has_first_touch:
+            touch["first_touch"] = profile.first_touch(event)
+            contact.has_first_touch = True
 
-async def _claim_contact_points(
-    session: AsyncSession, workspace_id: str, contact_id: uuid.UUID, traits: dict[str, object]
-) -> None:
-    """Record email and phone as identities of the contact when nobody holds them yet."""
-    typed = profile.typed_traits(traits)
-    keys = [(kind, str(typed[kind])) for kind in ("email", "phone") if typed[kind]]
-    await store.claim_identities(
-        session, workspace_id=workspace_id, keys=keys, contact_id=contact_id
-    )
+        changed: list[Literal["traits", "scores"]] = ["traits", "scores"] if pending.merged else []
+        incoming = {k: v for k, v in incoming_traits(event).items() if k not in ("tags", "untags")}
+        new_traits = profile.changed_traits(contact.traits, incoming)
+        if new_traits:
+            source = "identify" if event.type is SegmentType.IDENTIFY else "context"
+            contact.traits = {**contact.traits, **new_traits}
+            contact.trait_sources = profile.learned(
+                contact.trait_sources, new_traits, profile.trait_source(event, source=source)
+            )
+            typed = profile.typed_traits(contact.traits)
+            writes.profiles[contact.id] = {
+                "traits": contact.traits,
+                "trait_sources": contact.trait_sources,
+                "typed": typed,
+            }
+            for kind in ("email", "phone"):  # contact points become identities if free
+                if typed[kind]:
+                    writes.claims.setdefault((kind, str(typed[kind])), contact.id)
+            if "traits" not in changed:
+                changed.append("traits")
+        if event.type is SegmentType.IDENTIFY:
+            add, remove = profile.tags_in(event.traits)
+            writes.tag(contact.id, add, remove, at)
+
+        state = ScoringState(
+            spent=contact.spent,
+            held={rule: p for (rule, period), p in contact.spent.items() if period == "held"},
+            orders_before=contact.orders_count,
+        )
+        if event.type is SegmentType.TRACK and event.event in TRANSACTION_EVENTS:
+            value = order_value(event.properties) or 0.0
+            is_order = event.event == ORDER_COMPLETED
+            revenue = value if is_order else -abs(value)
+            writes.transactions.append(
+                store.transaction_row(
+                    workspace_id, contact.id, event, "order" if is_order else "refund", revenue
+                )
+            )
+            touch["revenue"] += revenue
+            if is_order:
+                touch["orders"] += 1
+                contact.orders_count += 1
+                touch["first_order"] = min(touch["first_order"] or at, at)
+                touch["last_order"] = max(touch["last_order"] or at, at)
+
+        deltas = score_event(book.rules, event, state)  # counts cap spending in state.spent
+        if new_traits:
+            held = score_profile(book.rules, contact.traits, state.held)
+            for delta in held:
+                key = (delta.rule_id, "held")
+                contact.spent[key] = contact.spent.get(key, 0) + delta.points
+            deltas += held
+        before = {} if pending.merged else dict(contact.scores)
+        writes.points(contact.id, deltas, message_id=event.message_id, at=at)
+        for delta in deltas:
+            contact.scores[delta.model] = contact.scores.get(delta.model, 0) + delta.points
+            metrics.SCORE_CHANGES.labels(delta.model).inc()
+        for rule_id, spec in book.decays:
+            due = at + timedelta(days=spec.after_days)
+            timer = (contact.id, rule_id)
+            writes.timers[timer] = max(writes.timers.get(timer, due), due)
+        if deltas or pending.merged:
+            moved = self.move_stages(writes, contact, out, before, at=at)
+            if moved and "scores" not in changed:
+                changed.append("scores")
+        if changed:
+            out.updated(
+                ContactUpdated(
+                    contact_id=contact.id,
+                    user_id=contact.user_id,
+                    traits=contact.traits,
+                    scores=dict(contact.scores),
+                    changed=changed,
+                    cause_message_id=event.message_id,
+                )
+            )
+
+    def move_stages(
+        self,
+        writes: store.BatchWrites,
+        contact: store.ContactState,
+        out: Outputs,
+        before: dict[str, int],
+        *,
+        at: datetime,
+    ) -> bool:
+        """``after_points`` on the in-memory state; returns whether a score moved."""
+        now = contact.scores
+        moved = [m for m in set(now) | set(before) if now.get(m, 0) != before.get(m, 0)]
+        for model in sorted(m for m in moved if m in self.book.stages):
+            score = now.get(model, 0)
+            stage = stage_for(self.book.stages[model], score)
+            previous = contact.stages.get(model)
+            if stage is None or stage == previous:
+                continue
+            contact.stages[model] = stage
+            writes.stages[(contact.id, model)] = (stage, at)
+            writes.stage_history.append(
+                {
+                    "workspace_id": self.workspace_id,
+                    "contact_id": contact.id,
+                    "model": model,
+                    "from_stage": previous,
+                    "to_stage": stage,
+                    "score": score,
+                    "at": at,
+                }
+            )
+            metrics.STAGE_CHANGES.labels(model, stage).inc()
+            out.stage_changed(
+                ContactStageChanged(
+                    contact_id=contact.id,
+                    model=model,
+                    previous_stage=previous,
+                    stage=stage,
+                    score=score,
+                    at=at,
+                )
+            )
+        return bool(moved)
 
 
 async def after_points(
@@ -485,7 +660,7 @@ def consumers(runtime: Runtime) -> list[Worker]:
         ConsumerRunner(
             name="scoring",
             topics=[Topic.EVENTS],
-            handler=handle_event,
+            handler=ScoringHandler(),
             settings=runtime.settings,
             sessionmaker=runtime.sessionmaker,
             producer=runtime.producer,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -996,13 +996,17 @@ class DueTimer:
 
 
 async def claim_due_timers(session: AsyncSession, *, now: datetime, limit: int) -> list[DueTimer]:
-    """Due timers, locked for this transaction; timers another worker holds are skipped."""
+    """Due timers, locked for this transaction with their contacts' rows; timers another
+    worker holds, and timers of contacts the consumer is applying events to, are skipped
+    (the worker never waits for a lock, so it never deadlocks with the consumer, which
+    locks contacts first and timers after)."""
     rows = await session.execute(
-        sa.select(timers)
+        sa.select(timers.c.contact_id, timers.c.rule_id, timers.c.workspace_id, timers.c.due_at)
+        .join(contacts, contacts.c.id == timers.c.contact_id)
         .where(timers.c.due_at <= now)
         .order_by(timers.c.due_at)
         .limit(limit)
-        .with_for_update(skip_locked=True)
+        .with_for_update(of=[timers, contacts], skip_locked=True)
     )
     return [DueTimer(r.contact_id, r.rule_id, r.workspace_id, r.due_at) for r in rows]
 
@@ -1052,3 +1056,456 @@ async def erase_contacts(
         sa.delete(merges).where(sa.or_(merges.c.merged_id.in_(ids), merges.c.survivor_id.in_(ids)))
     )
     await session.execute(sa.delete(contacts).where(contacts.c.id.in_(ids)))
+
+
+# --- set-based forms for a batch of events (the consumer's batch handler) -------------------
+
+
+@dataclass
+class ContactState:
+    """What scoring keeps in memory about one contact while it applies a batch's events to
+    it; the row is locked (``lock_states``) until the transaction ends."""
+
+    id: uuid.UUID
+    user_id: str | None
+    traits: dict[str, Any]
+    trait_sources: dict[str, Any]
+    has_first_touch: bool
+    orders_count: int
+    merged_into: uuid.UUID | None
+    scores: dict[str, int]
+    stages: dict[str, str]
+    spent: dict[tuple[uuid.UUID, str], int]
+
+
+async def identities_in(
+    session: AsyncSession, *, workspace_id: str, keys: Iterable[tuple[str, str]]
+) -> dict[tuple[str, str], uuid.UUID]:
+    """``identities_of`` for many keys at once."""
+    return await identities_of(session, workspace_id=workspace_id, keys=sorted(set(keys)))
+
+
+async def create_contacts(
+    session: AsyncSession,
+    *,
+    workspace_id: str,
+    rows: Sequence[tuple[uuid.UUID, str | None, datetime]],
+) -> None:
+    """Contacts (id, user id, first seen) that may not exist yet; existing ones stay."""
+    if not rows:
+        return
+    await session.execute(
+        pg_insert(contacts).on_conflict_do_nothing(),
+        [
+            {
+                "id": contact_id,
+                "workspace_id": workspace_id,
+                "user_id": user_id,
+                "first_seen_at": at,
+                "last_seen_at": at,
+            }
+            for contact_id, user_id, at in sorted(rows, key=lambda row: row[0])
+        ],
+    )
+
+
+async def claim_identities_many(
+    session: AsyncSession, *, workspace_id: str, claims: dict[tuple[str, str], uuid.UUID]
+) -> None:
+    """``claim_identities`` for keys of several contacts: each unclaimed key points at its
+    contact; keys somebody holds keep their owner."""
+    if not claims:
+        return
+    await session.execute(
+        pg_insert(identities).on_conflict_do_nothing(),
+        [
+            {"workspace_id": workspace_id, "kind": k, "value": v, "contact_id": owner}
+            for (k, v), owner in sorted(claims.items())
+        ],
+    )
+
+
+async def lock_states(
+    session: AsyncSession, ids: Iterable[uuid.UUID], *, with_spent: bool
+) -> dict[uuid.UUID, ContactState]:
+    """Lock the contacts' rows (in id order, as merges do) and read what scoring needs:
+    profile, scores, stages and (when a rule has caps or profile conditions) spending."""
+    wanted = sorted(set(ids))
+    if not wanted:
+        return {}
+    rows = await session.execute(
+        sa.select(
+            contacts.c.id,
+            contacts.c.user_id,
+            contacts.c.traits,
+            contacts.c.trait_sources,
+            contacts.c.first_touch.is_not(None).label("has_first_touch"),
+            contacts.c.orders_count,
+            contacts.c.merged_into,
+        )
+        .where(contacts.c.id.in_(wanted))
+        .order_by(contacts.c.id)
+        .with_for_update()
+    )
+    states = {
+        row.id: ContactState(
+            row.id,
+            row.user_id,
+            row.traits,
+            row.trait_sources,
+            row.has_first_touch,
+            row.orders_count,
+            row.merged_into,
+            {},
+            {},
+            {},
+        )
+        for row in rows
+    }
+    for row in await session.execute(
+        sa.select(scores.c.contact_id, scores.c.model, scores.c.points).where(
+            scores.c.contact_id.in_(wanted)
+        )
+    ):
+        states[row.contact_id].scores[row.model] = row.points
+    for row in await session.execute(
+        sa.select(stages.c.contact_id, stages.c.model, stages.c.stage).where(
+            stages.c.contact_id.in_(wanted)
+        )
+    ):
+        states[row.contact_id].stages[row.model] = row.stage
+    if with_spent:
+        for row in await session.execute(
+            sa.select(rule_spending).where(rule_spending.c.contact_id.in_(wanted))
+        ):
+            states[row.contact_id].spent[(row.rule_id, row.period)] = row.points
+    return states
+
+
+async def claim_event_ids(
+    session: AsyncSession, *, workspace_id: str, rows: Sequence[tuple[SegmentEvent, uuid.UUID]]
+) -> set[str]:
+    """Record (event, contact) pairs in ``event_ids``; returns the message ids that were
+    new (the events to store and apply). Message ids must be distinct."""
+    new: set[str] = set()
+    for start in range(0, len(rows), 5000):  # PostgreSQL takes at most 32767 parameters
+        result = await session.execute(
+            pg_insert(event_ids)
+            .values(
+                [
+                    {
+                        "workspace_id": workspace_id,
+                        "message_id": event.message_id,
+                        "occurred_at": event.timestamp,
+                        "contact_id": contact_id,
+                    }
+                    for event, contact_id in rows[start : start + 5000]
+                ]
+            )
+            .on_conflict_do_nothing()
+            .returning(event_ids.c.message_id)
+        )
+        new.update(result.scalars())
+    return new
+
+
+def event_row(workspace_id: str, contact_id: uuid.UUID, event: SegmentEvent) -> dict[str, Any]:
+    return {
+        "workspace_id": workspace_id,
+        "message_id": event.message_id,
+        "contact_id": contact_id,
+        "type": event.type.value,
+        "name": event.event or event.name,
+        "properties": event.properties,
+        "context": event.context,
+        "occurred_at": event.timestamp,
+        "received_at": event.received_at,
+    }
+
+
+def transaction_row(
+    workspace_id: str, contact_id: uuid.UUID, event: SegmentEvent, kind: str, revenue: float
+) -> dict[str, Any]:
+    properties = event.properties
+    products = properties.get("products")
+    method = properties.get("payment_method") or properties.get("paymentMethod")
+    return {
+        "workspace_id": workspace_id,
+        "message_id": event.message_id,
+        "contact_id": contact_id,
+        "kind": kind,
+        "order_id": str(properties["order_id"]) if properties.get("order_id") else None,
+        "revenue": revenue,
+        "currency": str(properties.get("currency") or "") or None,
+        "payment_method": str(method) if method else None,
+        "products": products if isinstance(products, list) else [],
+        "occurred_at": event.timestamp,
+    }
+
+
+@dataclass
+class BatchWrites:
+    """Everything a batch of events changes, gathered in memory and written with one
+    statement per table (``write_batch``). Counters are increments; rows are locked."""
+
+    workspace_id: str
+    events: list[dict[str, Any]] = field(default_factory=list)
+    transactions: list[dict[str, Any]] = field(default_factory=list)
+    touches: dict[uuid.UUID, dict[str, Any]] = field(default_factory=dict)
+    """contact -> first/last seen, user id, first touch, orders, revenue, order times."""
+    profiles: dict[uuid.UUID, dict[str, Any]] = field(default_factory=dict)
+    """contact -> traits, trait sources and the typed columns, when they changed."""
+    claims: dict[tuple[str, str], uuid.UUID] = field(default_factory=dict)
+    tag_adds: dict[tuple[uuid.UUID, str], tuple[int, datetime, datetime]] = field(
+        default_factory=dict
+    )
+    """(contact, tag) -> (assignments, first, last assigned)"""
+    tag_removals: set[tuple[uuid.UUID, str]] = field(default_factory=set)
+    score_changes: list[dict[str, Any]] = field(default_factory=list)
+    scores: dict[tuple[uuid.UUID, str], int] = field(default_factory=dict)
+    spending: dict[tuple[uuid.UUID, uuid.UUID, str], int] = field(default_factory=dict)
+    stages: dict[tuple[uuid.UUID, str], tuple[str, datetime]] = field(default_factory=dict)
+    stage_history: list[dict[str, Any]] = field(default_factory=list)
+    timers: dict[tuple[uuid.UUID, uuid.UUID], datetime] = field(default_factory=dict)
+
+    def touch(self, contact_id: uuid.UUID, at: datetime, user_id: str | None) -> dict[str, Any]:
+        touch = self.touches.get(contact_id)
+        if touch is None:
+            touch = self.touches[contact_id] = {
+                "cid": contact_id,
+                "first_seen": at,
+                "last_seen": at,
+                "user_id": user_id,
+                "first_touch": None,
+                "orders": 0,
+                "revenue": 0.0,
+                "first_order": None,
+                "last_order": None,
+            }
+        touch["first_seen"] = min(touch["first_seen"], at)
+        touch["last_seen"] = max(touch["last_seen"], at)
+        touch["user_id"] = touch["user_id"] or user_id
+        return touch
+
+    def tag(
+        self, contact_id: uuid.UUID, add: Sequence[str], remove: Sequence[str], at: datetime
+    ) -> None:
+        for name in sorted(set(add)):
+            count, first, last = self.tag_adds.get((contact_id, name), (0, at, at))
+            self.tag_adds[(contact_id, name)] = (count + 1, min(first, at), max(last, at))
+            self.tag_removals.discard((contact_id, name))
+        for name in sorted(set(remove)):
+            self.tag_removals.add((contact_id, name))
+
+    def points(
+        self,
+        contact_id: uuid.UUID,
+        deltas: Sequence[ScoreDelta],
+        *,
+        message_id: str,
+        at: datetime,
+    ) -> None:
+        """What ``add_points`` writes, gathered."""
+        for delta in deltas:
+            key = (contact_id, delta.model)
+            self.scores[key] = self.scores.get(key, 0) + delta.points
+            self.score_changes.append(
+                {
+                    "workspace_id": self.workspace_id,
+                    "contact_id": contact_id,
+                    "model": delta.model,
+                    "rule_id": delta.rule_id,
+                    "points": delta.points,
+                    "message_id": message_id,
+                    "at": at,
+                    "reason": "event",
+                }
+            )
+            for period in delta.periods:
+                spend = (contact_id, delta.rule_id, period)
+                self.spending[spend] = self.spending.get(spend, 0) + delta.points
+
+
+_TOUCH = sa.update(contacts).where(contacts.c.id == sa.bindparam("cid"))
+_PROFILE = sa.update(contacts).where(contacts.c.id == sa.bindparam("cid"))
+TYPED_COLUMNS = (
+    "name",
+    "email",
+    "phone",
+    "birthday",
+    "language",
+    "country",
+    "city",
+    "timezone",
+    "company",
+    "job_title",
+)
+
+
+async def write_batch(session: AsyncSession, writes: BatchWrites) -> None:
+    """Write what ``writes`` gathered: one statement per table (many rows each)."""
+    if writes.events:
+        await session.execute(sa.insert(events), writes.events)
+    if writes.transactions:
+        await session.execute(pg_insert(transactions).on_conflict_do_nothing(), writes.transactions)
+    if writes.touches:
+        await session.execute(
+            _TOUCH.values(
+                first_seen_at=sa.func.least(
+                    contacts.c.first_seen_at, sa.bindparam("first_seen", type_=TIMESTAMP)
+                ),
+                last_seen_at=sa.func.greatest(
+                    contacts.c.last_seen_at, sa.bindparam("last_seen", type_=TIMESTAMP)
+                ),
+                user_id=sa.func.coalesce(
+                    contacts.c.user_id, sa.bindparam("user_id", type_=sa.Text)
+                ),
+                first_touch=sa.func.coalesce(
+                    contacts.c.first_touch,
+                    sa.bindparam("first_touch", type_=JSONB(none_as_null=True)),
+                ),
+                orders_count=contacts.c.orders_count + sa.bindparam("orders", type_=sa.Integer),
+                revenue_total=contacts.c.revenue_total
+                + sa.cast(sa.bindparam("revenue", type_=sa.Float), sa.Numeric(18, 4)),
+                first_order_at=sa.func.least(
+                    contacts.c.first_order_at, sa.bindparam("first_order", type_=TIMESTAMP)
+                ),
+                last_order_at=sa.func.greatest(
+                    contacts.c.last_order_at, sa.bindparam("last_order", type_=TIMESTAMP)
+                ),
+            ),
+            sorted(writes.touches.values(), key=lambda t: t["cid"]),
+        )
+    if writes.profiles:
+        await session.execute(
+            _PROFILE.values(
+                traits=sa.bindparam("p_traits", type_=JSONB),
+                trait_sources=sa.bindparam("p_sources", type_=JSONB),
+                **{
+                    column: sa.bindparam(f"p_{column}", type_=contacts.c[column].type)
+                    for column in TYPED_COLUMNS
+                },
+            ),
+            [
+                {
+                    "cid": contact_id,
+                    "p_traits": profile["traits"],
+                    "p_sources": profile["trait_sources"],
+                    **{f"p_{column}": profile["typed"][column] for column in TYPED_COLUMNS},
+                }
+                for contact_id, profile in sorted(writes.profiles.items())
+            ],
+        )
+    if writes.claims:
+        await claim_identities_many(session, workspace_id=writes.workspace_id, claims=writes.claims)
+    await _write_tags(session, writes)
+    await _write_points(session, writes)
+    if writes.stages:
+        upsert = pg_insert(stages)
+        await session.execute(
+            upsert.on_conflict_do_update(
+                index_elements=[stages.c.contact_id, stages.c.model],
+                set_={"stage": upsert.excluded.stage, "since": upsert.excluded.since},
+            ),
+            [
+                {
+                    "contact_id": contact_id,
+                    "model": model,
+                    "workspace_id": writes.workspace_id,
+                    "stage": stage,
+                    "since": since,
+                }
+                for (contact_id, model), (stage, since) in sorted(writes.stages.items())
+            ],
+        )
+        await session.execute(sa.insert(stage_history), writes.stage_history)
+    if writes.timers:
+        upsert = pg_insert(timers)
+        await session.execute(
+            upsert.on_conflict_do_update(
+                index_elements=[timers.c.contact_id, timers.c.rule_id],
+                set_={"due_at": sa.func.greatest(timers.c.due_at, upsert.excluded.due_at)},
+            ),
+            [
+                {
+                    "contact_id": contact_id,
+                    "rule_id": rule_id,
+                    "workspace_id": writes.workspace_id,
+                    "due_at": due_at,
+                }
+                for (contact_id, rule_id), due_at in sorted(writes.timers.items())
+            ],
+        )
+
+
+async def _write_tags(session: AsyncSession, writes: BatchWrites) -> None:
+    if writes.tag_adds:
+        upsert = pg_insert(tags)
+        await session.execute(
+            upsert.on_conflict_do_update(
+                index_elements=[tags.c.contact_id, tags.c.tag],
+                set_={
+                    "assignments": tags.c.assignments + upsert.excluded.assignments,
+                    "active": True,
+                    "last_assigned_at": sa.func.greatest(
+                        tags.c.last_assigned_at, upsert.excluded.last_assigned_at
+                    ),
+                },
+            ),
+            [
+                {
+                    "contact_id": contact_id,
+                    "tag": tag,
+                    "workspace_id": writes.workspace_id,
+                    "assignments": count,
+                    "active": True,
+                    "first_assigned_at": first,
+                    "last_assigned_at": last,
+                }
+                for (contact_id, tag), (count, first, last) in sorted(writes.tag_adds.items())
+            ],
+        )
+    for contact_id, tag in sorted(writes.tag_removals):
+        await session.execute(
+            sa.update(tags)
+            .where(tags.c.contact_id == contact_id, tags.c.tag == tag)
+            .values(active=False)
+        )
+
+
+async def _write_points(session: AsyncSession, writes: BatchWrites) -> None:
+    if writes.scores:
+        upsert = pg_insert(scores)
+        await session.execute(
+            upsert.on_conflict_do_update(
+                index_elements=[scores.c.contact_id, scores.c.model],
+                set_={"points": scores.c.points + upsert.excluded.points},
+            ),
+            [
+                {
+                    "contact_id": contact_id,
+                    "model": model,
+                    "workspace_id": writes.workspace_id,
+                    "points": points,
+                }
+                for (contact_id, model), points in sorted(writes.scores.items())
+            ],
+        )
+    if writes.score_changes:
+        await session.execute(sa.insert(score_changes), writes.score_changes)
+    if writes.spending:
+        upsert = pg_insert(rule_spending)
+        await session.execute(
+            upsert.on_conflict_do_update(
+                index_elements=[
+                    rule_spending.c.contact_id,
+                    rule_spending.c.rule_id,
+                    rule_spending.c.period,
+                ],
+                set_={"points": rule_spending.c.points + upsert.excluded.points},
+            ),
+            [
+                {"contact_id": c, "rule_id": r, "period": p, "points": v}
+                for (c, r, p), v in sorted(writes.spending.items())
+            ],
+        )

@@ -31,7 +31,13 @@ from nudge_common.ids import stable_id
 from nudge_common.kafka import publish
 from nudge_common.settings import NudgeSettings
 from nudge_scoring import metrics, store
-from nudge_scoring.consumer import Outputs, Rulebook, after_points, load_rulebook
+from nudge_scoring.consumer import (
+    RETRYABLE_SQLSTATES,
+    Outputs,
+    Rulebook,
+    after_points,
+    load_rulebook,
+)
 from nudge_scoring.domain.rules import (
     ORDER_COMPLETED,
     DecaySpec,
@@ -44,6 +50,15 @@ from nudge_scoring.domain.rules import (
 
 log = structlog.get_logger(__name__)
 Clock = Callable[[], datetime]
+
+
+RETRIED_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, sa.exc.DBAPIError)
+
+
+def _retryable(error: sa.exc.DBAPIError) -> bool:
+    if isinstance(error, sa.exc.OperationalError | sa.exc.InterfaceError):
+        return True
+    return getattr(error.orig, "sqlstate", None) in RETRYABLE_SQLSTATES
 
 
 def system_clock() -> datetime:
@@ -338,7 +353,11 @@ class TimerWorker:
                     self.sessionmaker, self.producer, self.settings, now=now
                 )
                 busy = fired > 0 or stepped
-            except TRANSIENT_ERRORS as error:
+            except RETRIED_ERRORS as error:
+                # lost connections, and deadlocks or serialization failures with the
+                # consumer or the API: the transaction rolled back, the next turn redoes it
+                if isinstance(error, sa.exc.DBAPIError) and not _retryable(error):
+                    raise
                 log.warning("timer work failed, retrying", error=repr(error))
             if not busy:
                 with contextlib.suppress(TimeoutError):
