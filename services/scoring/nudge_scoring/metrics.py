@@ -29,3 +29,8 @@ DECAYS = Counter(
 TIMERS_FIRED = Counter(
     "nudge_scoring_timers_fired_total", "Durable decay timers claimed and handled when due."
 )
+IMPORTED_ROWS = Counter(
+    "nudge_scoring_imported_rows_total",
+    "CSV import rows turned into identify calls (imported) or refused with an error.",
+    ["outcome"],
+)

@@ -1058,6 +1058,35 @@ async def erase_contacts(
     await session.execute(sa.delete(contacts).where(contacts.c.id.in_(ids)))
 
 
+async def export_page(
+    session: AsyncSession, *, workspace_id: str, after: uuid.UUID | None, limit: int = 1000
+) -> list[tuple[dict[str, Any], dict[str, int], list[str]]]:
+    """A page of the workspace's contacts (not merged away) in id order, after ``after``,
+    with their scores and active tags."""
+    query = (
+        sa.select(contacts)
+        .where(contacts.c.workspace_id == workspace_id, contacts.c.merged_into.is_(None))
+        .order_by(contacts.c.id)
+        .limit(limit)
+    )
+    if after is not None:
+        query = query.where(contacts.c.id > after)
+    rows = [dict(row._mapping) for row in await session.execute(query)]
+    ids = [row["id"] for row in rows]
+    points: dict[uuid.UUID, dict[str, int]] = {i: {} for i in ids}
+    active: dict[uuid.UUID, list[str]] = {i: [] for i in ids}
+    if ids:
+        for row in await session.execute(sa.select(scores).where(scores.c.contact_id.in_(ids))):
+            points[row.contact_id][row.model] = row.points
+        for row in await session.execute(
+            sa.select(tags.c.contact_id, tags.c.tag).where(
+                tags.c.contact_id.in_(ids), tags.c.active
+            )
+        ):
+            active[row.contact_id].append(row.tag)
+    return [(row, points[row["id"]], active[row["id"]]) for row in rows]
+
+
 # --- set-based forms for a batch of events (the consumer's batch handler) -------------------
 
 

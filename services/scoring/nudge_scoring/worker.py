@@ -22,13 +22,21 @@ from typing import Any
 import sqlalchemy as sa
 import structlog
 from aiokafka import AIOKafkaProducer
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from nudge_common.consumer import TRANSIENT_ERRORS
 from nudge_common.db import SessionMaker, transaction
-from nudge_common.events import ContactUpdated, Envelope, SegmentEvent
+from nudge_common.events import (
+    EVENT_RECEIVED,
+    ContactUpdated,
+    Envelope,
+    SegmentEvent,
+    Topic,
+    segment_event_id,
+)
 from nudge_common.ids import stable_id
-from nudge_common.kafka import publish
+from nudge_common.kafka import OutgoingMessage, publish
 from nudge_common.settings import NudgeSettings
 from nudge_scoring import metrics, store
 from nudge_scoring.consumer import (
@@ -38,6 +46,7 @@ from nudge_scoring.consumer import (
     after_points,
     load_rulebook,
 )
+from nudge_scoring.domain import imports
 from nudge_scoring.domain.rules import (
     ORDER_COMPLETED,
     DecaySpec,
@@ -264,7 +273,7 @@ async def run_job_step(
                 sa.select(store.jobs)
                 .where(
                     store.jobs.c.status.in_(["pending", "running"]),
-                    store.jobs.c.kind == "recompute",
+                    store.jobs.c.kind.in_(["recompute", "import"]),
                 )
                 .order_by(store.jobs.c.created_at)
                 .limit(1)
@@ -273,6 +282,9 @@ async def run_job_step(
         ).first()
         if job is None:
             return False
+        if job.kind == "import":
+            await import_step(session, producer, settings, job, now=now)
+            return True
         model = job.params["model"]
         query = (
             sa.select(store.contacts.c.id)
@@ -309,6 +321,81 @@ async def run_job_step(
         )
         await publish(producer, settings, messages)
         return True
+
+
+# --- CSV import -----------------------------------------------------------------------------
+
+
+async def start_import(
+    session: AsyncSession, *, workspace_id: str, text: str, party: str
+) -> uuid.UUID:
+    """An import job for a CSV file (header already checked): the worker turns its rows
+    into identify calls, a chunk per transaction."""
+    job_id = uuid.uuid4()
+    await session.execute(
+        sa.insert(store.jobs).values(
+            id=job_id,
+            workspace_id=workspace_id,
+            kind="import",
+            status="pending",
+            params={"csv": text, "party": party},
+            total=imports.count_rows(text),
+        )
+    )
+    return job_id
+
+
+async def import_step(
+    session: AsyncSession,
+    producer: AIOKafkaProducer,
+    settings: NudgeSettings,
+    job: Any,
+    *,
+    now: datetime,
+    chunk: int = 500,
+) -> None:
+    """Publish the identify calls of the next ``chunk`` rows to the events topic (scoring's
+    consumer applies them like any other call: identity resolution, traits, tags, scores)
+    and record the bad rows. A replayed chunk publishes the same message ids."""
+    start = int(job.cursor or 0)
+    found = imports.rows(job.params["csv"], start, chunk)
+    errors: list[dict[str, Any]] = []
+    messages = []
+    for line, cells in found:
+        call, row_errors = imports.identify_call(
+            job.workspace_id, line, cells, party=job.params.get("party", "first"), at=now
+        )
+        errors.extend(error.as_dict() for error in row_errors)
+        if call is None:
+            continue
+        event = SegmentEvent.model_validate(call)
+        messages.append(
+            OutgoingMessage(
+                Topic.EVENTS,
+                key=event.user_id or event.anonymous_id or "import",
+                envelope=EVENT_RECEIVED.envelope(
+                    workspace_id=job.workspace_id,
+                    payload=event,
+                    occurred_at=now,
+                    id=segment_event_id(job.workspace_id, event.message_id),
+                ),
+            )
+        )
+    await publish(producer, settings, messages)
+    metrics.IMPORTED_ROWS.labels("imported").inc(len(messages))
+    metrics.IMPORTED_ROWS.labels("refused").inc(len(found) - len(messages))
+    finished = len(found) < chunk
+    await session.execute(
+        sa.update(store.jobs)
+        .where(store.jobs.c.id == job.id)
+        .values(
+            status="done" if finished else "running",
+            done=store.jobs.c.done + len(found),
+            errors=store.jobs.c.errors.op("||")(sa.bindparam("new_errors", errors, type_=JSONB)),
+            cursor=str(start + len(found)),
+            finished_at=now if finished else None,
+        )
+    )
 
 
 class TimerWorker:

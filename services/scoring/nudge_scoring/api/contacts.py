@@ -1,23 +1,52 @@
-"""Contacts: search, the 360 view, tags, workspace settings and GDPR erase."""
+"""Contacts: search, the 360 view, tags, workspace settings, CSV import and export, and
+GDPR erase."""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
+from nudge_common.db import transaction
 from nudge_common.events import CONTACT_ERASED, ContactErased, Topic
 from nudge_common.ids import stable_id
 from nudge_common.kafka import OutgoingMessage, publish
 from nudge_common.service import RuntimeDep
 from nudge_scoring import store
 from nudge_scoring.api.deps import SessionDep, WorkspaceDep
+from nudge_scoring.api.models import JobPublic, _job
+from nudge_scoring.domain import imports
 from nudge_scoring.domain.profile import is_valid_tag
+from nudge_scoring.worker import start_import
+
+MAX_IMPORT_BYTES = 20 * 1024 * 1024
+EXPORT_COLUMNS = (
+    "id",
+    "user_id",
+    "email",
+    "name",
+    "phone",
+    "company",
+    "job_title",
+    "country",
+    "city",
+    "language",
+    "timezone",
+    "first_seen_at",
+    "last_seen_at",
+    "orders_count",
+    "revenue_total",
+)
 
 router = APIRouter(prefix="/api/v1", tags=["contacts"])
 
@@ -103,6 +132,22 @@ async def _contact_or_404(session: SessionDep, workspace: str, contact_id: uuid.
     if row.merged_into is not None:
         return await _contact_or_404(session, workspace, row.merged_into)
     return row
+
+
+@router.get(
+    "/contacts/export",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/csv": {}}}},
+)
+async def export_contacts(workspace: WorkspaceDep, runtime: RuntimeDep) -> StreamingResponse:
+    """Every contact of the workspace (merged ones are part of their survivor) as CSV: the
+    profile columns, ``scores`` (JSON, per model) and ``tags`` (``|``-separated, active
+    ones). Read a thousand contacts per query, streamed."""
+    return StreamingResponse(
+        _export_lines(runtime.sessionmaker, workspace),
+        media_type="text/csv",
+        headers={"Content-Disposition": 'attachment; filename="contacts.csv"'},
+    )
 
 
 @router.get("/contacts/{contact_id}")
@@ -223,3 +268,70 @@ async def erase(
         runtime.producer, runtime.settings, [OutgoingMessage(Topic.CONTACTS, str(row.id), envelope)]
     )
     return {"erased": [str(i) for i in ids]}
+
+
+def _unprocessable(field: str, message: str) -> RequestValidationError:
+    return RequestValidationError([{"loc": ["body", field], "msg": message, "type": "value_error"}])
+
+
+@router.post(
+    "/contacts/import",
+    status_code=202,
+    openapi_extra={
+        "requestBody": {"content": {"text/csv": {"schema": {"type": "string"}}}, "required": True}
+    },
+)
+async def import_contacts(
+    request: Request,
+    workspace: WorkspaceDep,
+    session: SessionDep,
+    party: str = Query("first", description="data party of the imported traits"),
+) -> JobPublic:
+    """Import contacts from a CSV file (UTF-8, header line first; see
+    ``nudge_scoring.domain.imports``). Returns a job: ``done``/``total`` are the progress,
+    ``errors`` the refused rows with their line number and field. Re-importing a file
+    changes nothing."""
+    if not imports.valid_party(party):
+        raise RequestValidationError(
+            [{"loc": ["query", "party"], "msg": "zero, first, second or third", "type": "enum"}]
+        )
+    body = await request.body()
+    if len(body) > MAX_IMPORT_BYTES:
+        raise HTTPException(413, detail=f"at most {MAX_IMPORT_BYTES} bytes per import")
+    try:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise _unprocessable("csv", f"not UTF-8: {error}") from None
+    try:
+        imports.header(text)
+    except (imports.CsvError, csv.Error) as error:
+        raise _unprocessable("csv", str(error)) from None
+    job_id = await start_import(session, workspace_id=workspace, text=text, party=party)
+    return await _job(session, workspace, job_id)
+
+
+@router.get("/contacts/imports/{job_id}")
+async def import_progress(
+    job_id: uuid.UUID, workspace: WorkspaceDep, session: SessionDep
+) -> JobPublic:
+    return await _job(session, workspace, job_id)
+
+
+async def _export_lines(sessionmaker: Any, workspace: str) -> AsyncIterator[str]:
+    yield _csv_line([*EXPORT_COLUMNS, "scores", "tags"])
+    after: uuid.UUID | None = None
+    while True:
+        async with transaction(sessionmaker) as session:
+            page = await store.export_page(session, workspace_id=workspace, after=after)
+        if not page:
+            return
+        for row, scores, tags in page:
+            values = [row[column] for column in EXPORT_COLUMNS]
+            yield _csv_line([*values, json.dumps(scores, sort_keys=True), "|".join(sorted(tags))])
+        after = page[-1][0]["id"]
+
+
+def _csv_line(values: list[Any]) -> str:
+    out = io.StringIO()
+    csv.writer(out).writerow(["" if v is None else str(v) for v in values])
+    return out.getvalue()

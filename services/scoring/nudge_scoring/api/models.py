@@ -46,6 +46,10 @@ class JobPublic(BaseModel):
     status: str
     total: int
     done: int
+    kind: str = "recompute"
+    errors: list[dict[str, Any]] = []
+    """Import jobs: the refused rows, each with ``row`` (line in the file), ``field``
+    and ``message``."""
 
 
 async def _model_or_404(session: SessionDep, workspace: str, name: str) -> store.Model:
@@ -169,4 +173,11 @@ async def _job(session: SessionDep, workspace: str, job_id: uuid.UUID) -> JobPub
     ).first()
     if row is None:
         raise HTTPException(404, detail=f"no job {job_id}")
-    return JobPublic(id=row.id, status=row.status, total=row.total, done=row.done)
+    return JobPublic(
+        id=row.id,
+        status=row.status,
+        total=row.total,
+        done=row.done,
+        kind=row.kind,
+        errors=row.errors,
+    )
