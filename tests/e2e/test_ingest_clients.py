@@ -142,7 +142,8 @@ def _fuzz_cases(ingest_url: str, write_key: str) -> list[int]:
         def fuzz(case: schemathesis.Case[Any], headers: dict[str, str]) -> None:
             response = case.call(base_url=ingest_url, headers=headers, timeout=15)
             assert response.status_code < 500, (case.path, case.body, response.text)
-            if response.status_code >= 400:
+            if response.status_code >= 400 and case.path.startswith("/v1/"):
+                # the tracking API's refusals are Segment-style JSON naming the problem
                 assert response.json()["success"] is False
             statuses.append(response.status_code)
 
