@@ -1,5 +1,5 @@
 # The README's two commands are `make demo` and `make test`; each sets up what it needs.
-.PHONY: setup stack stack-down test-tools browser demo test lint typecheck pytest bench-ingest bench-e2e bench-scoring bench-notifier
+.PHONY: setup stack stack-down test-tools browser demo test lint typecheck pytest bench-ingest bench-e2e bench-scoring bench-notifier bench-orchestrator
 
 setup:
 	scripts/bootstrap
@@ -55,3 +55,6 @@ chaos-cluster: setup
 # scored by 50 rules, beside the raw aiokafka consume rate (docs/benchmarks.md).
 bench-scoring: stack
 	.venv/bin/python -m bench.scoring
+
+bench-orchestrator: stack
+	.venv/bin/python -m bench.orchestrator

@@ -37,30 +37,60 @@ from nudge_orchestrator.settings import OrchestratorSettings
 from nudge_orchestrator.worker import TimerWorker
 
 
-def membership_handler(clock: Clock) -> MessageHandler:
-    async def handle(session: AsyncSession, envelope: Envelope) -> Sequence[OutgoingMessage]:
-        if envelope.type not in (SEGMENT_ENTERED.name, SEGMENT_EXITED.name):
-            return []
-        kind = "segment_entered" if envelope.type == SEGMENT_ENTERED.name else "segment_exited"
-        change = SEGMENT_ENTERED.parse(envelope)
-        contact = change.contact
-        out = execution.Outputs(origin_received_at=envelope.origin_received_at)
-        now = clock()
-        for workflow in await store.triggered_workflows(
-            session, workspace_id=envelope.workspace_id, kind=kind, key=str(change.segment_id)
-        ):
-            await execution.enter(
-                session,
-                out,
-                workflow=workflow,
-                contact_id=contact.contact_id,
-                contact=contact.model_dump(mode="json", exclude={"contact_id"}),
-                cause=str(envelope.id),
-                now=now,
-            )
+class MembershipHandler:
+    """Segment entries and exits start the workflows they trigger. A whole batch (a segment
+    that many contacts enter at once) goes through :meth:`handle_batch`: one lookup of the
+    workflows per segment, one entry check and one insert of runs per workflow."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+
+    async def __call__(
+        self, session: AsyncSession, envelope: Envelope
+    ) -> Sequence[OutgoingMessage]:
+        return await self.handle_batch(session, [envelope])
+
+    async def handle_batch(
+        self, session: AsyncSession, envelopes: Sequence[Envelope]
+    ) -> Sequence[OutgoingMessage]:
+        changes = [e for e in envelopes if e.type in (SEGMENT_ENTERED.name, SEGMENT_EXITED.name)]
+        if len(
+            {(e.workspace_id, SEGMENT_ENTERED.parse(e).contact.contact_id) for e in changes}
+        ) < len(changes):
+            # One contact twice in the batch: in order, one at a time (the second entry
+            # depends on the first).
+            messages: list[OutgoingMessage] = []
+            for envelope in changes:
+                messages.extend(await self.handle_batch(session, [envelope]))
+            return messages
+        now = self.clock()
+        out = execution.Outputs()
+        entrants: dict[uuid.UUID, tuple[store.Published, list[execution.Entrant]]] = {}
+        triggered: dict[tuple[str, str, str], list[store.Published]] = {}
+        for envelope in changes:
+            kind = "segment_entered" if envelope.type == SEGMENT_ENTERED.name else "segment_exited"
+            change = SEGMENT_ENTERED.parse(envelope)
+            key = (envelope.workspace_id, kind, str(change.segment_id))
+            if key not in triggered:
+                triggered[key] = await store.triggered_workflows(
+                    session, workspace_id=key[0], kind=kind, key=key[2]
+                )
+            for workflow in triggered[key]:
+                entrants.setdefault(workflow.id, (workflow, []))[1].append(
+                    execution.Entrant(
+                        change.contact.contact_id,
+                        change.contact.model_dump(mode="json", exclude={"contact_id"}),
+                        str(envelope.id),
+                        envelope.origin_received_at,
+                    )
+                )
+        for workflow, group in entrants.values():
+            await execution.enter_many(session, out, workflow=workflow, entrants=group, now=now)
         return out.messages
 
-    return handle
+
+def membership_handler(clock: Clock) -> MembershipHandler:
+    return MembershipHandler(clock)
 
 
 async def contact_of(

@@ -48,11 +48,23 @@ class Outputs:
     origin_received_at: datetime | None = None
     """When ingest received the outside event behind this work (None for timers): carried
     on, so the notifier measures the end-to-end latency."""
+    origins: dict[uuid.UUID, datetime] = field(default_factory=dict)
+    """The same, per run, when one batch holds the work of several outside events."""
 
 
 def run_id_for(workflow_id: uuid.UUID, contact_id: uuid.UUID, cause: str) -> uuid.UUID:
     """Derived from what triggered it, so a replayed trigger can never mint a second run."""
     return stable_id(str(workflow_id), str(contact_id), cause)
+
+
+@dataclass(frozen=True)
+class Entrant:
+    contact_id: uuid.UUID
+    contact: dict[str, Any]
+    """The contact as the trigger saw it (user id, traits, scores)."""
+    cause: str
+    """The id of what triggered the entry (the run id derives from it)."""
+    origin_received_at: datetime | None = None
 
 
 async def enter(
@@ -67,53 +79,107 @@ async def enter(
 ) -> uuid.UUID | None:
     """Start a run when the entry rule allows it, and advance it as far as it goes now.
     Returns the run id, or None when the contact may not enter."""
+    started = await enter_many(
+        session, out, workflow=workflow, entrants=[Entrant(contact_id, contact, cause)], now=now
+    )
+    return started[0] if started else None
+
+
+async def enter_many(
+    session: AsyncSession,
+    out: Outputs,
+    *,
+    workflow: store.Published,
+    entrants: list[Entrant],
+    now: datetime,
+) -> list[uuid.UUID]:
+    """:func:`enter` for many contacts at once (each contact at most once), with a few
+    set-based statements. Returns the ids of the runs started."""
     definition = workflow.definition
     entry = definition.entry
-    if not await store.may_enter(
-        session,
-        workflow_id=workflow.id,
-        contact_id=contact_id,
-        rule=entry.rule,
-        cooldown_s=entry.cooldown_s,
-        concurrent=entry.concurrent,
-        at=now,
-    ):
-        metrics.ENTRIES_REFUSED.inc()
-        return None
-    run_id = run_id_for(workflow.id, contact_id, cause)
-    async with session.begin_nested():
-        started = await store.start_run(
-            session,
-            run_id=run_id,
-            workflow_id=workflow.id,
-            version=workflow.version,
-            workspace_id=workflow.workspace_id,
-            contact_id=contact_id,
-            exclusive=not entry.concurrent,
-            goal_event=definition.goal.event if definition.goal else None,
-            contact=contact,
+    states = await store.entry_states(
+        session, workflow_id=workflow.id, contact_ids=[e.contact_id for e in entrants]
+    )
+    rows: list[dict[str, Any]] = []
+    candidates: dict[uuid.UUID, store.Run] = {}
+    for entrant in entrants:
+        previous, active = states.get(entrant.contact_id, (None, False))
+        if not store.entry_allowed(
+            previous,
+            active,
+            rule=entry.rule,
+            cooldown_s=entry.cooldown_s,
+            concurrent=entry.concurrent,
             at=now,
+        ):
+            metrics.ENTRIES_REFUSED.inc()
+            continue
+        run_id = run_id_for(workflow.id, entrant.contact_id, entrant.cause)
+        if entrant.origin_received_at is not None:
+            out.origins[run_id] = entrant.origin_received_at
+        rows.append(
+            {
+                "id": run_id,
+                "workflow_id": workflow.id,
+                "version": workflow.version,
+                "workspace_id": workflow.workspace_id,
+                "contact_id": entrant.contact_id,
+                "status": store.ACTIVE,
+                "exclusive": not entry.concurrent,
+                "goal_event": definition.goal.event if definition.goal else None,
+                "contact": entrant.contact,
+                "started_at": now,
+            }
         )
-    if not started:
-        return None
-    metrics.RUNS_STARTED.inc()
-    run = await store.get_run(session, run_id=run_id)
-    assert run is not None
-    await advance(session, out, run=run, definition=definition, index=0, now=now)
-    return run_id
+        candidates[run_id] = store.Run(
+            run_id,
+            workflow.id,
+            workflow.version,
+            workflow.workspace_id,
+            entrant.contact_id,
+            store.ACTIVE,
+            None,
+            [],
+            entrant.contact,
+            now,
+        )
+    if not rows:
+        return []
+    started = await store.start_runs(session, rows)
+    metrics.RUNS_STARTED.inc(len(started))
+    runs = [run for run_id, run in candidates.items() if run_id in started]
+    await advance_many(session, out, [(run, definition, 0) for run in runs], now=now, fresh=True)
+    return [run.id for run in runs]
 
 
 async def resume(
     session: AsyncSession, out: Outputs, *, run_id: uuid.UUID, index: int | None, now: datetime
 ) -> None:
     """Go on with a run at step ``index`` (None: it ends) after a wait."""
-    run = await store.get_run(session, run_id=run_id, lock=True)
-    if run is None or run.status != store.ACTIVE:
+    await resume_many(session, out, [(run_id, index)], now=now)
+
+
+async def resume_many(
+    session: AsyncSession,
+    out: Outputs,
+    waits: list[tuple[uuid.UUID, int | None]],
+    *,
+    now: datetime,
+) -> None:
+    """:func:`resume` for many runs (each at most once), locking them in one statement."""
+    if not waits:
         return
-    definition = await store.version_definition(
-        session, workflow_id=run.workflow_id, version=run.version
-    )
-    await advance(session, out, run=run, definition=definition, index=index, now=now)
+    runs = await store.get_runs(session, run_ids=[run_id for run_id, _ in waits], lock=True)
+    items: list[tuple[store.Run, WorkflowDefinition, int | None]] = []
+    for run_id, index in waits:
+        run = runs.get(run_id)
+        if run is None or run.status != store.ACTIVE:
+            continue
+        definition = await store.version_definition(
+            session, workflow_id=run.workflow_id, version=run.version
+        )
+        items.append((run, definition, index))
+    await advance_many(session, out, items, now=now)
 
 
 async def advance(
@@ -126,62 +192,172 @@ async def advance(
     now: datetime,
 ) -> None:
     """Execute steps from ``index`` until the run waits or ends."""
-    fresh = await store.get_contact(session, contact_id=run.contact_id)
-    contact = fresh or run.contact
-    traits = contact.get("traits") or {}
-    caps, quiet = await store.get_messaging_settings(session, workspace_id=run.workspace_id)
-    variant = run.variant
-    while index is not None:
-        ctx = Context(
-            run_id=run.id,
-            contact_id=run.contact_id,
-            workflow_id=run.workflow_id,
-            now=now,
-            profile=Profile(traits, contact.get("scores") or {}),
-            performed=frozenset(run.performed),
-            timezone=traits.get("timezone") if isinstance(traits.get("timezone"), str) else None,
-            quiet_hours=_quiet_hours(quiet),
+    await advance_many(session, out, [(run, definition, index)], now=now)
+
+
+class _Caps:
+    """Sends per (contact, channel) in the cap windows: read once for a set of runs, and
+    counted on as the set's own sends are decided (so a batch caps as one by one would)."""
+
+    def __init__(self, sent: list[tuple[uuid.UUID, str, datetime]]) -> None:
+        self.sent: dict[tuple[uuid.UUID, str], list[datetime]] = {}
+        for contact_id, channel, at in sent:
+            self.sent.setdefault((contact_id, channel), []).append(at)
+
+    def capped(
+        self, caps: dict[str, Any], contact_id: uuid.UUID, channel: str, now: datetime
+    ) -> bool:
+        times = self.sent.get((contact_id, channel), [])
+        for window, limit in (caps.get(channel) or {}).items():
+            span = CAP_WINDOWS.get(window)
+            if span is not None and sum(1 for at in times if at > now - span) >= limit:
+                return True
+        return False
+
+    def note(self, contact_id: uuid.UUID, channel: str, at: datetime) -> None:
+        self.sent.setdefault((contact_id, channel), []).append(at)
+
+
+async def advance_many(
+    session: AsyncSession,
+    out: Outputs,
+    items: list[tuple[store.Run, WorkflowDefinition, int | None]],
+    *,
+    now: datetime,
+    fresh: bool = False,
+) -> None:
+    """Execute steps of many runs (each at most once) from their ``index`` until each waits
+    or ends: what is read is read for all at once, each run's path is decided in memory,
+    and the writes go in a few multi-row statements. A step already recorded for its run
+    stops that run there (a replay); ``fresh`` runs were just started and have none."""
+    if not items:
+        return
+    run_ids = [run.id for run, _, _ in items]
+    contact_ids = list({run.contact_id for run, _, _ in items})
+    fresher = await store.get_contacts(session, contact_ids=contact_ids)
+    executed = set() if fresh else await store.executed_steps(session, run_ids=run_ids)
+    settings: dict[str, tuple[dict[str, Any], QuietHours | None]] = {}
+    for run, _, _ in items:
+        if run.workspace_id not in settings:
+            raw_caps, raw_quiet = await store.get_messaging_settings(
+                session, workspace_id=run.workspace_id
+            )
+            settings[run.workspace_id] = (raw_caps, _quiet_hours(raw_quiet))
+    capped_contacts = [run.contact_id for run, _, _ in items if settings[run.workspace_id][0]]
+    counts = _Caps(
+        await store.recent_sends(
+            session, contact_ids=capped_contacts, since=now - max(CAP_WINDOWS.values())
         )
+        if capped_contacts
+        else []
+    )
+    writes = store.Writes()
+    for run, definition, index in items:
+        caps, quiet = settings[run.workspace_id]
+        _walk(
+            run,
+            definition,
+            index,
+            fresher.get(run.contact_id) or run.contact,
+            caps,
+            quiet,
+            counts,
+            executed,
+            writes,
+            out,
+            now,
+        )
+    await store.flush(session, writes, at=now)
+
+
+def _walk(
+    run: store.Run,
+    definition: WorkflowDefinition,
+    index: int | None,
+    contact: dict[str, Any],
+    caps: dict[str, Any],
+    quiet: QuietHours | None,
+    counts: _Caps,
+    executed: set[tuple[uuid.UUID, int]],
+    writes: store.Writes,
+    out: Outputs,
+    now: datetime,
+) -> None:
+    """One run's path from ``index`` until it waits or ends, as writes and messages."""
+    traits = contact.get("traits") or {}
+    ctx = Context(
+        run_id=run.id,
+        contact_id=run.contact_id,
+        workflow_id=run.workflow_id,
+        now=now,
+        profile=Profile(traits, contact.get("scores") or {}),
+        performed=frozenset(run.performed),
+        timezone=traits.get("timezone") if isinstance(traits.get("timezone"), str) else None,
+        quiet_hours=quiet,
+    )
+    variant = run.variant
+
+    def record(step: int, outcome: str) -> bool:
+        if (run.id, step) in executed:
+            return False
+        executed.add((run.id, step))
+        writes.steps.append(
+            {"run_id": run.id, "step": step, "executed_at": now, "outcome": outcome}
+        )
+        return True
+
+    def timer(
+        step: int,
+        due: datetime,
+        resume: int | None,
+        event: str | None,
+        on_event: int | None,
+        kind: str,
+    ) -> None:
+        writes.timers.append(
+            {
+                "run_id": run.id,
+                "workspace_id": run.workspace_id,
+                "contact_id": run.contact_id,
+                "step": step,
+                "due_at": due,
+                "resume_step": resume,
+                "event": event,
+                "event_step": on_event,
+                "kind": kind,
+            }
+        )
+
+    while index is not None:
         decision = decide(definition, index, ctx)
         kind = definition.steps[index].kind
         match decision:
             case Defer(until=until):
                 # Quiet hours: the same step runs again when they end; nothing recorded yet.
                 metrics.MESSAGES_DEFERRED.inc()
-                await store.schedule(
-                    session,
-                    store.Timer(
-                        run.id,
-                        run.workspace_id,
-                        run.contact_id,
-                        index,
-                        until,
-                        index,
-                        None,
-                        None,
-                        "quiet",
-                    ),
-                )
+                timer(index, until, index, None, None, "quiet")
                 return
             case Send(channel=channel, template_id=template, next=nxt):
-                capped = await _capped(session, caps, run.contact_id, channel, now)
-                outcome = "capped" if capped else "requested"
-                if not await store.record_step(
-                    session, run_id=run.id, step=index, at=now, outcome=outcome
-                ):
+                capped = counts.capped(caps, run.contact_id, channel, now)
+                if not record(index, "capped" if capped else "requested"):
                     return
                 if capped:
                     metrics.MESSAGES_CAPPED.labels(channel).inc()
                 else:
                     key = idempotency_key(run.id, index)
-                    await store.record_send(
-                        session,
-                        run=run,
-                        step=index,
-                        channel=channel,
-                        variant=variant,
-                        idempotency_key=key,
-                        at=now,
+                    counts.note(run.contact_id, channel, now)
+                    writes.sends.append(
+                        {
+                            "run_id": run.id,
+                            "step": index,
+                            "workspace_id": run.workspace_id,
+                            "workflow_id": run.workflow_id,
+                            "contact_id": run.contact_id,
+                            "channel": channel,
+                            "variant": variant,
+                            "idempotency_key": key,
+                            "at": now,
+                        }
                     )
                     out.messages.append(
                         _notification(run, contact, index, channel, template, key, now, out)
@@ -189,44 +365,25 @@ async def advance(
                     metrics.MESSAGES_REQUESTED.labels(channel).inc()
                 index = nxt
             case Schedule(due=due, resume=nxt, event=event, on_event=on_event):
-                if not await store.record_step(
-                    session, run_id=run.id, step=index, at=now, outcome="waiting"
-                ):
+                if not record(index, "waiting"):
                     return
-                await store.schedule(
-                    session,
-                    store.Timer(
-                        run.id,
-                        run.workspace_id,
-                        run.contact_id,
-                        index,
-                        due,
-                        nxt,
-                        event,
-                        on_event,
-                        "event" if event else "wait",
-                    ),
-                )
+                timer(index, due, nxt, event, on_event, "event" if event else "wait")
                 metrics.TIMERS_SCHEDULED.labels(kind).inc()
                 return
             case Goto(next=nxt, outcome=outcome):
-                if not await store.record_step(
-                    session, run_id=run.id, step=index, at=now, outcome=outcome
-                ):
+                if not record(index, outcome):
                     return
                 if kind == "split":
                     variant = outcome
-                    await store.set_variant(session, run_id=run.id, variant=outcome)
+                    writes.variants.setdefault(outcome, []).append(run.id)
                 index = nxt
             case End(outcome=outcome):
-                if not await store.record_step(
-                    session, run_id=run.id, step=index, at=now, outcome=outcome
-                ):
+                if not record(index, outcome):
                     return
-                await store.finish_run(session, run_id=run.id, status="exited", at=now)
+                writes.finished.setdefault("exited", []).append(run.id)
                 metrics.RUNS_FINISHED.labels("exited").inc()
                 return
-    await store.finish_run(session, run_id=run.id, status="completed", at=now)
+    writes.finished.setdefault("completed", []).append(run.id)
     metrics.RUNS_FINISHED.labels("completed").inc()
 
 
@@ -234,23 +391,6 @@ def _quiet_hours(raw: dict[str, Any] | None) -> QuietHours | None:
     if not raw:
         return None
     return QuietHours(time.fromisoformat(raw["start"]), time.fromisoformat(raw["end"]))
-
-
-async def _capped(
-    session: AsyncSession, caps: dict[str, Any], contact_id: uuid.UUID, channel: str, now: datetime
-) -> bool:
-    for window, limit in (caps.get(channel) or {}).items():
-        span = CAP_WINDOWS.get(window)
-        if span is None:
-            continue
-        if (
-            await store.sends_since(
-                session, contact_id=contact_id, channel=channel, since=now - span
-            )
-            >= limit
-        ):
-            return True
-    return False
 
 
 def _notification(
@@ -286,7 +426,7 @@ def _notification(
             occurred_at=now,
             # Derived from (run, step): a re-publication after a crash is the same message.
             id=stable_id(str(run.id), "notification.requested", str(step)),
-            origin_received_at=out.origin_received_at,
+            origin_received_at=out.origins.get(run.id, out.origin_received_at),
         ),
     )
 
@@ -314,9 +454,12 @@ async def on_event(
             await store.finish_run(session, run_id=run.id, status="converted", at=now)
             metrics.RUNS_FINISHED.labels("converted").inc()
             converted.add(run.id)
-    for timer in await store.claim_event_waits(
+    waits = await store.claim_event_waits(
         session, workspace_id=workspace_id, contact_id=contact_id, event=event
-    ):
-        if timer.run_id in converted:
-            continue
-        await resume(session, out, run_id=timer.run_id, index=timer.event_step, now=now)
+    )
+    await resume_many(
+        session,
+        out,
+        [(t.run_id, t.event_step) for t in waits if t.run_id not in converted],
+        now=now,
+    )

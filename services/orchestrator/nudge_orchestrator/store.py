@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -427,87 +427,109 @@ def _run(row: Any) -> Run:
     )
 
 
-async def may_enter(
-    session: AsyncSession,
+def entry_allowed(
+    previous_started_at: datetime | None,
+    active: bool,
     *,
-    workflow_id: uuid.UUID,
-    contact_id: uuid.UUID,
     rule: str,
     cooldown_s: int | None,
     concurrent: bool,
     at: datetime,
 ) -> bool:
-    """The entry rule: once, every time, or after a cooldown; never while the contact is in
-    a run of this workflow, unless concurrent runs are allowed."""
-    previous = (
-        await session.execute(
-            sa.select(runs.c.started_at, runs.c.status)
-            .where(runs.c.workflow_id == workflow_id, runs.c.contact_id == contact_id)
-            .order_by(runs.c.started_at.desc())
-            .limit(1)
-        )
-    ).first()
-    if previous is None:
+    """The entry rule, given the contact's latest run of the workflow (its start, and
+    whether a run of it is active)."""
+    if previous_started_at is None:
         return True
     if rule == "once":
         return False
-    if not concurrent and await session.scalar(
-        sa.select(sa.literal(True)).where(
-            sa.exists().where(
-                runs.c.workflow_id == workflow_id,
-                runs.c.contact_id == contact_id,
-                runs.c.status == ACTIVE,
-            )
-        )
-    ):
+    if not concurrent and active:
         return False
     if rule == "cooldown" and cooldown_s is not None:
-        elapsed: float = (at - previous.started_at).total_seconds()
-        return elapsed >= cooldown_s
+        return (at - previous_started_at).total_seconds() >= cooldown_s
     return True
 
 
-async def start_run(
-    session: AsyncSession,
-    *,
-    run_id: uuid.UUID,
-    workflow_id: uuid.UUID,
-    version: int,
-    workspace_id: str,
-    contact_id: uuid.UUID,
-    exclusive: bool,
-    goal_event: str | None,
-    contact: dict[str, Any],
-    at: datetime,
-) -> bool:
-    """False when this run exists already (a replayed trigger) or the contact is in an
-    active exclusive run of the workflow (the partial unique index decides races)."""
-    statement = (
-        pg_insert(runs)
-        .values(
-            id=run_id,
-            workflow_id=workflow_id,
-            version=version,
-            workspace_id=workspace_id,
-            contact_id=contact_id,
-            status=ACTIVE,
-            exclusive=exclusive,
-            goal_event=goal_event,
-            contact=contact,
-            started_at=at,
+async def entry_states(
+    session: AsyncSession, *, workflow_id: uuid.UUID, contact_ids: list[uuid.UUID]
+) -> dict[uuid.UUID, tuple[datetime, bool]]:
+    """For each contact that ever entered the workflow: (latest start, any run active), in
+    one query on the index (workflow, contact, started_at)."""
+    rows = await session.execute(
+        sa.select(
+            runs.c.contact_id,
+            sa.func.max(runs.c.started_at),
+            sa.func.bool_or(runs.c.status == ACTIVE),
         )
-        .on_conflict_do_nothing()
-        .returning(runs.c.id)
+        .where(runs.c.workflow_id == workflow_id, runs.c.contact_id.in_(contact_ids))
+        .group_by(runs.c.contact_id)
     )
-    return (await session.execute(statement)).first() is not None
+    return {row[0]: (row[1], bool(row[2])) for row in rows}
 
 
-async def get_run(session: AsyncSession, *, run_id: uuid.UUID, lock: bool = False) -> Run | None:
-    query = sa.select(runs).where(runs.c.id == run_id)
+async def start_runs(session: AsyncSession, rows: list[dict[str, Any]]) -> set[uuid.UUID]:
+    """Insert runs (the columns of ``runs``); returns the ids inserted. A run that exists
+    (a replayed trigger) or a second active exclusive run (the partial unique index) is
+    not inserted."""
+    started: set[uuid.UUID] = set()
+    for chunk in _chunks(rows):
+        result = await session.execute(
+            pg_insert(runs).values(chunk).on_conflict_do_nothing().returning(runs.c.id)
+        )
+        started.update(result.scalars())
+    return started
+
+
+async def get_runs(
+    session: AsyncSession, *, run_ids: list[uuid.UUID], lock: bool = False
+) -> dict[uuid.UUID, Run]:
+    query = sa.select(runs).where(runs.c.id.in_(run_ids))
     if lock:
         query = query.with_for_update()
-    row = (await session.execute(query)).first()
-    return _run(row) if row else None
+    return {row.id: _run(row) for row in await session.execute(query)}
+
+
+async def executed_steps(
+    session: AsyncSession, *, run_ids: list[uuid.UUID]
+) -> set[tuple[uuid.UUID, int]]:
+    rows = await session.execute(
+        sa.select(step_executions.c.run_id, step_executions.c.step).where(
+            step_executions.c.run_id.in_(run_ids)
+        )
+    )
+    return {(row.run_id, row.step) for row in rows}
+
+
+@dataclass
+class Writes:
+    """What advancing a set of runs writes, flushed with a few multi-row statements."""
+
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    sends: list[dict[str, Any]] = field(default_factory=list)
+    timers: list[dict[str, Any]] = field(default_factory=list)
+    variants: dict[str, list[uuid.UUID]] = field(default_factory=dict)
+    finished: dict[str, list[uuid.UUID]] = field(default_factory=dict)
+
+
+async def flush(session: AsyncSession, writes: Writes, *, at: datetime) -> None:
+    for chunk in _chunks(writes.steps):
+        await session.execute(pg_insert(step_executions).values(chunk).on_conflict_do_nothing())
+    for chunk in _chunks(writes.sends):
+        await session.execute(pg_insert(sends).values(chunk).on_conflict_do_nothing())
+    for variant, ids in writes.variants.items():
+        await session.execute(sa.update(runs).where(runs.c.id.in_(ids)).values(variant=variant))
+    for status, ids in writes.finished.items():
+        await session.execute(
+            sa.update(runs)
+            .where(runs.c.id.in_(ids), runs.c.status == ACTIVE)
+            .values(status=status, finished_at=at)
+        )
+        await session.execute(sa.delete(timers).where(timers.c.run_id.in_(ids)))
+    for chunk in _chunks(writes.timers):
+        await session.execute(pg_insert(timers).values(chunk).on_conflict_do_nothing())
+
+
+def _chunks(rows: list[dict[str, Any]], size: int = 1000) -> list[list[dict[str, Any]]]:
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
 
 
 async def active_runs_of(
@@ -533,10 +555,6 @@ async def note_performed(session: AsyncSession, *, run_ids: list[uuid.UUID], eve
     )
 
 
-async def set_variant(session: AsyncSession, *, run_id: uuid.UUID, variant: str) -> None:
-    await session.execute(sa.update(runs).where(runs.c.id == run_id).values(variant=variant))
-
-
 async def finish_run(
     session: AsyncSession, *, run_id: uuid.UUID, status: str, at: datetime
 ) -> None:
@@ -546,19 +564,6 @@ async def finish_run(
         .values(status=status, finished_at=at)
     )
     await session.execute(sa.delete(timers).where(timers.c.run_id == run_id))
-
-
-async def record_step(
-    session: AsyncSession, *, run_id: uuid.UUID, step: int, at: datetime, outcome: str
-) -> bool:
-    """False when this step of this run was executed before."""
-    statement = (
-        pg_insert(step_executions)
-        .values(run_id=run_id, step=step, executed_at=at, outcome=outcome)
-        .on_conflict_do_nothing()
-        .returning(step_executions.c.step)
-    )
-    return (await session.execute(statement)).first() is not None
 
 
 # --- timers -------------------------------------------------------------------------------
@@ -588,24 +593,6 @@ def _timer(row: Any) -> Timer:
         row.event,
         row.event_step,
         row.kind,
-    )
-
-
-async def schedule(session: AsyncSession, timer: Timer) -> None:
-    await session.execute(
-        pg_insert(timers)
-        .values(
-            run_id=timer.run_id,
-            workspace_id=timer.workspace_id,
-            contact_id=timer.contact_id,
-            step=timer.step,
-            due_at=timer.due_at,
-            resume_step=timer.resume_step,
-            event=timer.event,
-            event_step=timer.event_step,
-            kind=timer.kind,
-        )
-        .on_conflict_do_nothing()
     )
 
 
@@ -675,15 +662,16 @@ async def record_send(
     )
 
 
-async def sends_since(
-    session: AsyncSession, *, contact_id: uuid.UUID, channel: str, since: datetime
-) -> int:
-    count = await session.scalar(
-        sa.select(sa.func.count())
-        .select_from(sends)
-        .where(sends.c.contact_id == contact_id, sends.c.channel == channel, sends.c.at > since)
+async def recent_sends(
+    session: AsyncSession, *, contact_ids: list[uuid.UUID], since: datetime
+) -> list[tuple[uuid.UUID, str, datetime]]:
+    """(contact, channel, at) of every send to these contacts since ``since`` (caps)."""
+    rows = await session.execute(
+        sa.select(sends.c.contact_id, sends.c.channel, sends.c.at).where(
+            sends.c.contact_id.in_(contact_ids), sends.c.at > since
+        )
     )
-    return count or 0
+    return [(row.contact_id, row.channel, row.at) for row in rows]
 
 
 async def get_messaging_settings(
@@ -756,6 +744,20 @@ async def get_contact(session: AsyncSession, *, contact_id: uuid.UUID) -> dict[s
         )
     ).first()
     return {"user_id": row.user_id, "traits": row.traits, "scores": row.scores} if row else None
+
+
+async def get_contacts(
+    session: AsyncSession, *, contact_ids: list[uuid.UUID]
+) -> dict[uuid.UUID, dict[str, Any]]:
+    rows = await session.execute(
+        sa.select(
+            contacts.c.contact_id, contacts.c.user_id, contacts.c.traits, contacts.c.scores
+        ).where(contacts.c.contact_id.in_(contact_ids))
+    )
+    return {
+        row.contact_id: {"user_id": row.user_id, "traits": row.traits, "scores": row.scores}
+        for row in rows
+    }
 
 
 async def contact_by_user_id(

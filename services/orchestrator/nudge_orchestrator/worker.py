@@ -37,11 +37,9 @@ async def fire_due_timers(
     async with transaction(sessionmaker) as session:
         due = await store.claim_due_timers(session, now=now, limit=limit)
         out = execution.Outputs()
-        for timer in due:
-            async with session.begin_nested():
-                await execution.resume(
-                    session, out, run_id=timer.run_id, index=timer.resume_step, now=now
-                )
+        await execution.resume_many(
+            session, out, [(timer.run_id, timer.resume_step) for timer in due], now=now
+        )
         await publish(producer, settings, out.messages)
     # observed once committed: the lag of work that really happened
     for timer in due:

@@ -1,0 +1,93 @@
+"""A consumer batch of segment entries goes through the set-based path: the same effects as
+one message at a time (entry rules, caps counted within the batch, one run per contact),
+and a replay of the batch changes nothing."""
+
+from __future__ import annotations
+
+import uuid
+
+import sqlalchemy as sa
+
+from nudge_common.db import transaction
+from nudge_common.events import SEGMENT_ENTERED, ContactSnapshot, Envelope, MembershipChanged
+from nudge_common.kafka import publish
+from nudge_orchestrator import store
+from nudge_orchestrator.consumer import MembershipHandler
+from tests.services.orchestrator.conftest import Engine
+
+TEMPLATE = uuid.uuid4()
+
+
+def flow(segment: uuid.UUID) -> dict[str, object]:
+    return {
+        "trigger": {"kind": "segment_entered", "segment_id": str(segment)},
+        "steps": [
+            {"kind": "send", "channel": "email", "template_id": str(TEMPLATE)},
+            {"kind": "wait", "seconds": 3600},
+            {"kind": "send", "channel": "email", "template_id": str(TEMPLATE)},
+        ],
+    }
+
+
+def entered(engine: Engine, segment: uuid.UUID, contact_id: uuid.UUID) -> Envelope:
+    return SEGMENT_ENTERED.envelope(
+        workspace_id=engine.workspace_id,
+        payload=MembershipChanged(
+            segment_id=segment,
+            segment_name="s",
+            contact=ContactSnapshot(contact_id=contact_id, traits={"email": "x@example.com"}),
+            at=engine.now,
+        ),
+        occurred_at=engine.now,
+    )
+
+
+async def apply_batch(engine: Engine, envelopes: list[Envelope]) -> int:
+    handler = MembershipHandler(engine.clock)
+    async with transaction(engine.sessionmaker) as session:
+        out = await handler.handle_batch(session, envelopes)
+        await publish(engine.producer, engine.settings, out)
+    return len(out)
+
+
+async def test_a_batch_of_entries_equals_one_at_a_time_and_a_replay_changes_nothing(
+    engine: Engine,
+) -> None:
+    segment = uuid.uuid4()
+    first = await engine.workflow(flow(segment))
+    second = await engine.workflow(flow(segment))
+    async with transaction(engine.sessionmaker) as session:
+        await store.put_messaging_settings(
+            session,
+            workspace_id=engine.workspace_id,
+            caps={"email": {"per_day": 1}},
+            quiet_hours=None,
+        )
+    contacts = [uuid.uuid4() for _ in range(40)]
+    batch = [entered(engine, segment, c) for c in contacts]
+    # one contact twice in the batch: entered once ("once" rule), in order
+    batch.append(entered(engine, segment, contacts[0]))
+    assert await apply_batch(engine, batch) == 40  # the cap: one email per contact per day
+    for workflow in (first, second):
+        runs = await engine.runs(workflow)
+        assert sorted(r.contact_id for r in runs) == sorted(contacts)
+        assert {r.status for r in runs} == {"active"}
+        assert len(await engine.timers(workflow)) == 40
+    async with transaction(engine.sessionmaker) as session:
+        outcomes = (
+            await session.execute(
+                sa.select(store.step_executions.c.outcome, sa.func.count())
+                .join(store.runs, store.runs.c.id == store.step_executions.c.run_id)
+                .where(store.runs.c.workflow_id.in_([first, second]))
+                .where(store.step_executions.c.step == 0)
+                .group_by(store.step_executions.c.outcome)
+            )
+        ).all()
+    assert dict(outcomes) == {"requested": 40, "capped": 40}
+    # the same batch again (a replay after a crash): no run, step or message more
+    assert await apply_batch(engine, batch) == 0
+    assert len(await engine.runs(first)) == len(await engine.runs(second)) == 40
+    # the waits fire together, one more email each... capped within the day
+    engine.advance(hours=1)
+    assert await engine.fire() == 80
+    assert len(await engine.sent(first)) + len(await engine.sent(second)) == 40
