@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import structlog
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    KafkaError,
+    OutOfOrderSequenceNumber,
+    ProducerFenced,
+    UnknownProducerId,
+)
 
 from nudge_common.events import Envelope, Topic
 from nudge_common.settings import NudgeSettings
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -21,26 +33,120 @@ class OutgoingMessage:
     envelope: Envelope
 
 
-def create_producer(
-    settings: NudgeSettings, *, request_timeout_ms: int = 10_000
-) -> AIOKafkaProducer:
+def create_producer(settings: NudgeSettings, *, request_timeout_ms: int = 10_000) -> Producer:
     """Durable by construction: ``acks=all`` and idempotence, so a retried send never
     duplicates and an acknowledged one survives the loss of a broker."""
-    return AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        client_id=settings.service_name,
-        acks="all",
-        enable_idempotence=True,
-        compression_type="lz4",
-        linger_ms=2,
-        max_batch_size=256 * 1024,
-        request_timeout_ms=request_timeout_ms,
-        retry_backoff_ms=100,
-    )
+    return Producer(settings, request_timeout_ms=request_timeout_ms)
+
+
+class Producer:
+    """aiokafka's idempotent producer, made to recover from a broker outage.
+
+    When a batch expires during an outage after aiokafka gave it sequence numbers, the
+    partition's sequence has a gap and the broker refuses every later batch with
+    ``OutOfOrderSequenceNumber``; aiokafka never resets its producer id, so it would fail
+    forever (the Java client bumps the epoch instead). On that error, and on the other
+    errors of a dead producer identity, this class starts a fresh aiokafka producer (a new
+    producer id, sequences from zero) and sends through it from then on. The send that
+    failed still fails: its caller retries it (ingest answers 503, a consumer retries its
+    batch), and consumers recognise a re-sent message by its envelope id.
+    """
+
+    def __init__(self, settings: NudgeSettings, *, request_timeout_ms: int) -> None:
+        self._settings = settings
+        self._request_timeout_ms = request_timeout_ms
+        self._current = self._new()
+        self._replacing: asyncio.Task[None] | None = None
+        self._retired: set[asyncio.Task[None]] = set()
+        self.replacements = 0
+
+    def _new(self) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
+            bootstrap_servers=self._settings.kafka_bootstrap_servers,
+            client_id=self._settings.service_name,
+            acks="all",
+            enable_idempotence=True,
+            compression_type="lz4",
+            linger_ms=2,
+            max_batch_size=256 * 1024,
+            request_timeout_ms=self._request_timeout_ms,
+            retry_backoff_ms=100,
+        )
+
+    @property
+    def client(self) -> Any:
+        return self._current.client
+
+    async def start(self) -> None:
+        await self._current.start()
+
+    async def stop(self) -> None:
+        if self._replacing:
+            await asyncio.gather(self._replacing, return_exceptions=True)
+        await asyncio.gather(*self._retired, return_exceptions=True)
+        await self._current.stop()
+
+    async def send(
+        self,
+        topic: str,
+        value: bytes,
+        key: bytes | None = None,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+    ) -> asyncio.Future[Any]:
+        """Queue a record; the returned future resolves when the broker acknowledged it."""
+        producer = self._current
+        try:
+            sent: asyncio.Future[Any] = await producer.send(
+                topic, value=value, key=key, headers=headers
+            )
+        except PRODUCER_IDENTITY_ERRORS:
+            self._replace(producer)
+            raise
+        sent.add_done_callback(lambda done: self._on_delivery(producer, done))
+        return sent
+
+    async def send_and_wait(self, topic: str, value: bytes, key: bytes | None = None) -> Any:
+        return await (await self.send(topic, value=value, key=key))
+
+    def _on_delivery(self, producer: AIOKafkaProducer, done: asyncio.Future[Any]) -> None:
+        if not done.cancelled() and isinstance(done.exception(), PRODUCER_IDENTITY_ERRORS):
+            self._replace(producer)
+
+    def _replace(self, broken: AIOKafkaProducer) -> None:
+        if broken is not self._current or (self._replacing and not self._replacing.done()):
+            return
+        self._replacing = asyncio.create_task(self._swap(broken))
+
+    async def _swap(self, broken: AIOKafkaProducer) -> None:
+        fresh = self._new()
+        while True:
+            try:
+                await fresh.start()
+                break
+            except KafkaError:
+                await asyncio.sleep(1.0)
+        self._current = fresh
+        self.replacements += 1
+        log.warning("kafka producer replaced after an unrecoverable idempotence error")
+        retiring = asyncio.create_task(self._retire(broken))
+        self._retired.add(retiring)
+        retiring.add_done_callback(self._retired.discard)
+
+    async def _retire(self, broken: AIOKafkaProducer) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(broken.stop(), self._request_timeout_ms / 1000)
+
+
+PRODUCER_IDENTITY_ERRORS: tuple[type[BaseException], ...] = (
+    OutOfOrderSequenceNumber,
+    UnknownProducerId,
+    InvalidProducerEpoch,
+    ProducerFenced,
+)
 
 
 async def publish(
-    producer: AIOKafkaProducer, settings: NudgeSettings, messages: Sequence[OutgoingMessage]
+    producer: Producer, settings: NudgeSettings, messages: Sequence[OutgoingMessage]
 ) -> None:
     """Send all messages and return once the broker acknowledged every one of them."""
     if not messages:
