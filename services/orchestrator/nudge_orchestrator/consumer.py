@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -19,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from nudge_common.conditions import Profile, matches
 from nudge_common.consumer import ConsumerRunner, MessageHandler
 from nudge_common.events import (
+    CONTACT_STAGE_CHANGED,
     CONTACT_UPDATED,
     EVENT_RECEIVED,
     SEGMENT_ENTERED,
@@ -32,7 +34,15 @@ from nudge_common.kafka import OutgoingMessage
 from nudge_common.service import Runtime, Worker
 from nudge_orchestrator import execution, store
 from nudge_orchestrator.clock import Clock, clock_from
-from nudge_orchestrator.domain.workflows import EventPerformed
+from nudge_orchestrator.domain.workflows import (
+    DateTrait,
+    EventPerformed,
+    ScoreCrossed,
+    StageChanged,
+    crossed,
+    next_date_occurrence,
+    stage_matches,
+)
 from nudge_orchestrator.settings import OrchestratorSettings
 from nudge_orchestrator.worker import TimerWorker
 
@@ -154,19 +164,112 @@ def event_handler(clock: Clock) -> MessageHandler:
     return handle
 
 
-async def handle_contact(session: AsyncSession, envelope: Envelope) -> Sequence[OutgoingMessage]:
-    if envelope.type != CONTACT_UPDATED.name:
-        return []
-    update = CONTACT_UPDATED.parse(envelope)
-    await store.upsert_contact(
+def contact_handler(clock: Clock) -> MessageHandler:
+    """Keeps the orchestrator's copy of each contact, and starts what a contact's change
+    triggers: a score crossing a threshold, a lifecycle stage change; a date trait learned
+    or changed (re)schedules its date-trait workflows for that contact."""
+
+    async def handle(session: AsyncSession, envelope: Envelope) -> Sequence[OutgoingMessage]:
+        if envelope.type == CONTACT_STAGE_CHANGED.name:
+            return await _stage_changed(session, envelope, clock())
+        if envelope.type != CONTACT_UPDATED.name:
+            return []
+        update = CONTACT_UPDATED.parse(envelope)
+        workspace_id = envelope.workspace_id
+        before = await store.get_contact(session, contact_id=update.contact_id)
+        await store.upsert_contact(
+            session,
+            workspace_id=workspace_id,
+            contact_id=update.contact_id,
+            user_id=update.user_id,
+            traits=update.traits,
+            scores=update.scores,
+        )
+        now = clock()
+        contact = {"user_id": update.user_id, "traits": update.traits, "scores": update.scores}
+        out = execution.Outputs(origin_received_at=envelope.origin_received_at)
+        old_scores: dict[str, int] = (before or {}).get("scores") or {}
+        for model in sorted(set(old_scores) | set(update.scores)):
+            if old_scores.get(model) == update.scores.get(model):
+                continue
+            for workflow in await store.triggered_workflows(
+                session, workspace_id=workspace_id, kind="score_crossed", key=model
+            ):
+                trigger = workflow.definition.trigger
+                assert isinstance(trigger, ScoreCrossed)
+                if crossed(trigger, old_scores.get(model), update.scores.get(model)):
+                    await execution.enter(
+                        session,
+                        out,
+                        workflow=workflow,
+                        contact_id=update.contact_id,
+                        contact=contact,
+                        cause=str(envelope.id),
+                        now=now,
+                    )
+        old_traits: dict[str, Any] = (before or {}).get("traits") or {}
+        if old_traits != update.traits:
+            for workflow in await store.workflows_of_kind(
+                session, workspace_id=workspace_id, kind="date_trait"
+            ):
+                trigger = workflow.definition.trigger
+                assert isinstance(trigger, DateTrait)
+                if before is not None and all(
+                    old_traits.get(name) == update.traits.get(name)
+                    for name in (trigger.trait, "timezone")
+                ):
+                    continue
+                await schedule_date(
+                    session, workflow, update.contact_id, update.traits, trigger, now
+                )
+        return out.messages
+
+    return handle
+
+
+async def schedule_date(
+    session: AsyncSession,
+    workflow: store.Published,
+    contact_id: uuid.UUID,
+    traits: dict[str, Any],
+    trigger: DateTrait,
+    now: datetime,
+) -> None:
+    """The contact's next firing of a date-trait workflow (none when the trait is no date
+    or a one-off date passed)."""
+    timezone = traits.get("timezone") if isinstance(traits.get("timezone"), str) else None
+    await store.put_date_trigger(
         session,
-        workspace_id=envelope.workspace_id,
-        contact_id=update.contact_id,
-        user_id=update.user_id,
-        traits=update.traits,
-        scores=update.scores,
+        workflow_id=workflow.id,
+        contact_id=contact_id,
+        workspace_id=workflow.workspace_id,
+        due_at=next_date_occurrence(trigger, traits.get(trigger.trait), timezone, now),
     )
-    return []
+
+
+async def _stage_changed(
+    session: AsyncSession, envelope: Envelope, now: datetime
+) -> Sequence[OutgoingMessage]:
+    change = CONTACT_STAGE_CHANGED.parse(envelope)
+    out = execution.Outputs(origin_received_at=envelope.origin_received_at)
+    workflows = await store.triggered_workflows(
+        session, workspace_id=envelope.workspace_id, kind="stage_changed", key=change.model
+    )
+    known = await store.get_contact(session, contact_id=change.contact_id) if workflows else None
+    for workflow in workflows:
+        trigger = workflow.definition.trigger
+        assert isinstance(trigger, StageChanged)
+        if stage_matches(trigger, change.previous_stage, change.stage):
+            await execution.enter(
+                session,
+                out,
+                workflow=workflow,
+                contact_id=change.contact_id,
+                contact=known or {"user_id": None, "traits": {}, "scores": {}},
+                cause=str(envelope.id),
+                now=now,
+            )
+    return out.messages
 
 
 def consumers(runtime: Runtime) -> list[Worker]:
@@ -186,7 +289,7 @@ def consumers(runtime: Runtime) -> list[Worker]:
         )
 
     return [
-        runner("orchestrator-contacts", Topic.CONTACTS, handle_contact),
+        runner("orchestrator-contacts", Topic.CONTACTS, contact_handler(clock)),
         runner("orchestrator", Topic.MEMBERSHIPS, membership_handler(clock)),
         runner("orchestrator-events", Topic.EVENTS, event_handler(clock)),
         TimerWorker(

@@ -16,7 +16,7 @@ import hashlib
 import secrets
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -25,7 +25,12 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from nudge_common.db import processed_messages_table
-from nudge_orchestrator.domain.workflows import WorkflowDefinition, trigger_key
+from nudge_orchestrator.domain.workflows import (
+    DateTrait,
+    WorkflowDefinition,
+    next_date_occurrence,
+    trigger_key,
+)
 
 SCHEMA = "orchestrator"
 metadata = sa.MetaData(schema=SCHEMA)
@@ -122,6 +127,16 @@ timers = sa.Table(
         "event",
         postgresql_where=sa.text("event IS NOT NULL"),
     ),
+)
+date_triggers = sa.Table(
+    "date_triggers",
+    metadata,
+    # The next time a date-trait workflow fires for a contact, written when the contact's
+    # trait (or timezone) is learned or changes, and after each firing (yearly).
+    sa.Column("workflow_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("contact_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("workspace_id", sa.Text, nullable=False),
+    sa.Column("due_at", TIMESTAMP, nullable=False, index=True),
 )
 sends = sa.Table(
     "sends",
@@ -231,6 +246,7 @@ async def create_workflow(
     name: str,
     definition: WorkflowDefinition,
     publish: bool = True,
+    now: datetime | None = None,
 ) -> None:
     """Create a workflow; published (version 1, active) unless ``publish`` is false."""
     inserted = await session.execute(
@@ -249,7 +265,7 @@ async def create_workflow(
         .returning(workflows.c.id)
     )
     if publish and inserted.first() is not None:
-        await publish_workflow(session, workflow_id=workflow_id)
+        await publish_workflow(session, workflow_id=workflow_id, now=now)
 
 
 async def get_workflow(
@@ -300,9 +316,12 @@ async def update_workflow(
     await session.execute(sa.update(workflows).where(workflows.c.id == workflow_id).values(values))
 
 
-async def publish_workflow(session: AsyncSession, *, workflow_id: uuid.UUID) -> int:
+async def publish_workflow(
+    session: AsyncSession, *, workflow_id: uuid.UUID, now: datetime | None = None
+) -> int:
     """Freeze the current definition as the next version; new runs start on it, runs in
-    flight keep theirs. Returns the version."""
+    flight keep theirs. A date-trait workflow is scheduled for the contacts known to have
+    the trait (once, here; later changes schedule it per contact). Returns the version."""
     row = (
         await session.execute(
             sa.select(workflows).where(workflows.c.id == workflow_id).with_for_update()
@@ -326,6 +345,20 @@ async def publish_workflow(session: AsyncSession, *, workflow_id: uuid.UUID) -> 
             updated_at=sa.func.now(),
         )
     )
+    trigger = definition.trigger
+    if isinstance(trigger, DateTrait):
+        at = now or datetime.now(UTC)
+        for contact_id, traits in await contacts_with_trait(
+            session, workspace_id=row.workspace_id, trait=trigger.trait
+        ):
+            timezone = traits.get("timezone") if isinstance(traits.get("timezone"), str) else None
+            await put_date_trigger(
+                session,
+                workflow_id=workflow_id,
+                contact_id=contact_id,
+                workspace_id=row.workspace_id,
+                due_at=next_date_occurrence(trigger, traits.get(trigger.trait), timezone, at),
+            )
     return version
 
 
@@ -630,6 +663,99 @@ async def claim_event_waits(
         .returning(timers)
     )
     return [_timer(row) for row in rows]
+
+
+# --- date triggers -----------------------------------------------------------------------
+
+
+async def put_date_trigger(
+    session: AsyncSession,
+    *,
+    workflow_id: uuid.UUID,
+    contact_id: uuid.UUID,
+    workspace_id: str,
+    due_at: datetime | None,
+) -> None:
+    """Schedule (or, with None, unschedule) a date-trait workflow for a contact."""
+    if due_at is None:
+        await session.execute(
+            sa.delete(date_triggers).where(
+                date_triggers.c.workflow_id == workflow_id,
+                date_triggers.c.contact_id == contact_id,
+            )
+        )
+        return
+    statement = pg_insert(date_triggers).values(
+        workflow_id=workflow_id, contact_id=contact_id, workspace_id=workspace_id, due_at=due_at
+    )
+    await session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[date_triggers.c.workflow_id, date_triggers.c.contact_id],
+            set_={"due_at": statement.excluded.due_at},
+        )
+    )
+
+
+@dataclass(frozen=True)
+class DateTrigger:
+    workflow_id: uuid.UUID
+    contact_id: uuid.UUID
+    workspace_id: str
+    due_at: datetime
+
+
+async def claim_due_date_triggers(
+    session: AsyncSession, *, now: datetime, limit: int
+) -> list[DateTrigger]:
+    """Due date triggers, deleted and locked by this transaction (as timers are)."""
+    due = (
+        sa.select(date_triggers.c.workflow_id, date_triggers.c.contact_id)
+        .where(date_triggers.c.due_at <= now)
+        .order_by(date_triggers.c.due_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    rows = await session.execute(
+        sa.delete(date_triggers)
+        .where(sa.tuple_(date_triggers.c.workflow_id, date_triggers.c.contact_id).in_(due))
+        .returning(date_triggers)
+    )
+    return [DateTrigger(r.workflow_id, r.contact_id, r.workspace_id, r.due_at) for r in rows]
+
+
+async def contacts_with_trait(
+    session: AsyncSession, *, workspace_id: str, trait: str
+) -> list[tuple[uuid.UUID, dict[str, Any]]]:
+    """Contacts of a workspace that have ``trait`` (when a date workflow is published)."""
+    rows = await session.execute(
+        sa.select(contacts.c.contact_id, contacts.c.traits).where(
+            contacts.c.workspace_id == workspace_id, contacts.c.traits.has_key(trait)
+        )
+    )
+    return [(row.contact_id, row.traits) for row in rows]
+
+
+async def workflows_of_kind(
+    session: AsyncSession, *, workspace_id: str, kind: str
+) -> list[Published]:
+    """Active workflows of a trigger kind, whatever they listen to."""
+    rows = await session.execute(
+        sa.select(workflows.c.id, workflows.c.version).where(
+            workflows.c.workspace_id == workspace_id,
+            workflows.c.trigger_kind == kind,
+            workflows.c.status == "active",
+            workflows.c.version > 0,
+        )
+    )
+    return [
+        Published(
+            row.id,
+            workspace_id,
+            row.version,
+            await version_definition(session, workflow_id=row.id, version=row.version),
+        )
+        for row in rows.all()
+    ]
 
 
 # --- sends, caps --------------------------------------------------------------------------

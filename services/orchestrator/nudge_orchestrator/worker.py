@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from datetime import datetime
 
 import structlog
 from aiokafka import AIOKafkaProducer
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from nudge_common.consumer import TRANSIENT_ERRORS
 from nudge_common.db import SessionMaker, transaction
@@ -20,6 +22,7 @@ from nudge_common.kafka import publish
 from nudge_common.settings import NudgeSettings
 from nudge_orchestrator import execution, metrics, store
 from nudge_orchestrator.clock import Clock, system_clock
+from nudge_orchestrator.domain.workflows import DateTrait, next_date_occurrence
 
 log = structlog.get_logger(__name__)
 
@@ -40,12 +43,63 @@ async def fire_due_timers(
         await execution.resume_many(
             session, out, [(timer.run_id, timer.resume_step) for timer in due], now=now
         )
+        dates = await store.claim_due_date_triggers(session, now=now, limit=limit)
+        await _fire_dates(session, out, dates, now)
         await publish(producer, settings, out.messages)
+    for trigger in dates:
+        metrics.TIMERS_FIRED.labels("date").inc()
+        metrics.TIMER_LAG.observe(max((clock() - trigger.due_at).total_seconds(), 0.0))
     # observed once committed: the lag of work that really happened
     for timer in due:
         metrics.TIMERS_FIRED.labels(timer.kind).inc()
         metrics.TIMER_LAG.observe(max((clock() - timer.due_at).total_seconds(), 0.0))
-    return len(due)
+    return len(due) + len(dates)
+
+
+async def _fire_dates(
+    session: AsyncSession, out: execution.Outputs, dates: list[store.DateTrigger], now: datetime
+) -> None:
+    """Date-trait workflows due for their contacts: enter (the run id derives from the
+    occurrence, so a replay cannot start a second run), then schedule the next year's."""
+    for due in dates:
+        workflow = await store.get_workflow(
+            session, workspace_id=due.workspace_id, workflow_id=due.workflow_id
+        )
+        contact = await store.get_contact(session, contact_id=due.contact_id)
+        if workflow is None or workflow.status == "archived" or workflow.version == 0:
+            continue
+        if contact is None:
+            continue
+        definition = await store.version_definition(
+            session, workflow_id=workflow.id, version=workflow.version
+        )
+        trigger = definition.trigger
+        if not isinstance(trigger, DateTrait):
+            continue  # republished with another trigger
+        if workflow.status == "active":
+            await execution.enter(
+                session,
+                out,
+                workflow=store.Published(
+                    workflow.id, workflow.workspace_id, workflow.version, definition
+                ),
+                contact_id=due.contact_id,
+                contact=contact,
+                cause=f"date:{trigger.trait}:{due.due_at.isoformat()}",
+                now=now,
+            )
+        if trigger.yearly:
+            traits = contact.get("traits") or {}
+            timezone = traits.get("timezone") if isinstance(traits.get("timezone"), str) else None
+            await store.put_date_trigger(
+                session,
+                workflow_id=workflow.id,
+                contact_id=due.contact_id,
+                workspace_id=due.workspace_id,
+                due_at=next_date_occurrence(
+                    trigger, traits.get(trigger.trait), timezone, max(now, due.due_at)
+                ),
+            )
 
 
 class TimerWorker:

@@ -29,7 +29,7 @@ from nudge_common.ids import stable_id
 from nudge_common.kafka import create_producer, publish
 from nudge_common.settings import NudgeSettings
 from nudge_orchestrator import store
-from nudge_orchestrator.consumer import event_handler, handle_contact, membership_handler
+from nudge_orchestrator.consumer import contact_handler, event_handler, membership_handler
 from nudge_orchestrator.domain.workflows import WorkflowDefinition
 from nudge_orchestrator.worker import fire_due_timers
 from tests.conftest import StackHandle
@@ -67,13 +67,17 @@ class Engine:
             )
         return workflow_id
 
-    async def _apply(self, handler: Any, envelope: Envelope) -> None:
+    async def apply(self, handler: Any, envelope: Envelope) -> None:
         async with transaction(self.sessionmaker) as session:
             out = await handler(session, envelope)
             await publish(self.producer, self.settings, out)
         self.published.extend(message.envelope for message in out)
 
     async def contact(self, user_id: str, **traits: Any) -> uuid.UUID:
+        return await self.update(user_id, {}, **traits)
+
+    async def update(self, user_id: str, scores: dict[str, int], **traits: Any) -> uuid.UUID:
+        """Scoring's ``contact.updated`` for this contact: these traits and scores."""
         contact_id = stable_id(self.workspace_id, "contact", "user_id", user_id)
         envelope = Envelope(
             type="contact.updated",
@@ -84,11 +88,11 @@ class Engine:
                 "contact_id": str(contact_id),
                 "user_id": user_id,
                 "traits": {"email": f"{user_id}@example.com", **traits},
-                "scores": {},
-                "changed": ["traits"],
+                "scores": scores,
+                "changed": ["traits", "scores"],
             },
         )
-        await self._apply(handle_contact, envelope)
+        await self.apply(contact_handler(self.clock), envelope)
         return contact_id
 
     async def track(self, user_id: str, event: str, **properties: Any) -> None:
@@ -110,7 +114,7 @@ class Engine:
             occurred_at=self.now,
             id=segment_event_id(self.workspace_id, message_id),
         )
-        await self._apply(event_handler(self.clock), envelope)
+        await self.apply(event_handler(self.clock), envelope)
 
     async def enter_segment(self, segment_id: uuid.UUID, contact_id: uuid.UUID) -> Envelope:
         envelope = SEGMENT_ENTERED.envelope(
@@ -123,7 +127,7 @@ class Engine:
             ),
             occurred_at=self.now,
         )
-        await self._apply(membership_handler(self.clock), envelope)
+        await self.apply(membership_handler(self.clock), envelope)
         return envelope
 
     async def fire(self) -> int:

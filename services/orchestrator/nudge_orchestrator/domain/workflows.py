@@ -18,7 +18,7 @@ import hashlib
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -60,19 +60,120 @@ class ApiCall(_Node):
     kind: Literal["api"]
 
 
-Trigger = Annotated[
-    SegmentEntered | SegmentExited | EventPerformed | ApiCall, Field(discriminator="kind")
-]
+class ScoreCrossed(_Node):
+    """The contact's score in ``model`` crosses ``threshold``: ``up`` (from below to at or
+    above it) or ``down`` (from at or above to below). A contact first seen counts as 0."""
+
+    kind: Literal["score_crossed"]
+    model: str = Field(default="default", min_length=1, max_length=100)
+    threshold: int
+    direction: Literal["up", "down"] = "up"
 
 
-def trigger_key(trigger: SegmentEntered | SegmentExited | EventPerformed | ApiCall) -> str:
+class StageChanged(_Node):
+    """Scoring moved the contact to another lifecycle stage of ``model``; ``to`` and
+    ``from`` narrow it to a given stage (and the one it left)."""
+
+    kind: Literal["stage_changed"]
+    model: str = Field(default="default", min_length=1, max_length=100)
+    to: str | None = Field(default=None, min_length=1, max_length=100)
+    from_stage: str | None = Field(default=None, alias="from", min_length=1, max_length=100)
+
+
+class DateTrait(_Node):
+    """A date trait (birthday, anniversary, renewal date: ISO ``YYYY-MM-DD``, or a date and
+    time) plus ``offset_days`` (negative: before it), at ``hour:minute`` in the contact's
+    ``timezone`` trait. ``yearly`` repeats it every year (a run per year: use the entry rule
+    ``every_time``), otherwise it fires once. Scheduled per contact as a durable timer when
+    the trait is learned or changes; nothing scans the contacts."""
+
+    kind: Literal["date_trait"]
+    trait: str = Field(min_length=1, max_length=200)
+    offset_days: int = Field(default=0, ge=-366, le=366)
+    hour: int = Field(default=9, ge=0, le=23)
+    minute: int = Field(default=0, ge=0, le=59)
+    yearly: bool = True
+
+
+AnyTrigger = (
+    SegmentEntered
+    | SegmentExited
+    | EventPerformed
+    | ApiCall
+    | ScoreCrossed
+    | StageChanged
+    | DateTrait
+)
+Trigger = Annotated[AnyTrigger, Field(discriminator="kind")]
+
+
+def trigger_key(trigger: AnyTrigger) -> str:
     """What the trigger listens to, indexed so an incoming message finds its workflows."""
     match trigger:
         case SegmentEntered(segment_id=segment) | SegmentExited(segment_id=segment):
             return str(segment)
         case EventPerformed(event=event):
             return event
+        case ScoreCrossed(model=model) | StageChanged(model=model):
+            return model
+        case DateTrait(trait=trait):
+            return trait
     return ""
+
+
+def crossed(trigger: ScoreCrossed, before: int | None, after: int | None) -> bool:
+    old = before if before is not None else 0
+    new = after if after is not None else 0
+    if trigger.direction == "up":
+        return old < trigger.threshold <= new
+    return new < trigger.threshold <= old
+
+
+def stage_matches(trigger: StageChanged, previous: str | None, stage: str) -> bool:
+    if trigger.to is not None and trigger.to != stage:
+        return False
+    return trigger.from_stage is None or trigger.from_stage == previous
+
+
+def parse_date(value: Any) -> date | None:
+    """A date trait's calendar date: ``YYYY-MM-DD`` or an ISO date and time; else None."""
+    if not isinstance(value, str) or len(value) < 10:
+        return None
+    try:
+        return date.fromisoformat(value[:10])
+    except ValueError:
+        return None
+
+
+def next_date_occurrence(
+    trigger: DateTrait, value: Any, timezone: str | None, now: datetime
+) -> datetime | None:
+    """The next instant (UTC) after ``now`` the trigger fires for a contact whose trait is
+    ``value``: None when the value is no date, or a one-off date is past. A 29 February is
+    the 28th in other years."""
+    day = parse_date(value)
+    if day is None:
+        return None
+    tz = zone(timezone)
+    at = time(trigger.hour, trigger.minute)
+    offset = timedelta(days=trigger.offset_days)
+
+    def fires(on: date) -> datetime:
+        return datetime.combine(on + offset, at, tzinfo=tz).astimezone(UTC)
+
+    if not trigger.yearly:
+        due = fires(day)
+        return due if due > now else None
+    year = (now.astimezone(tz) - offset).year - 1
+    for candidate_year in range(year, year + 3):
+        try:
+            on = day.replace(year=candidate_year)
+        except ValueError:  # 29 February
+            on = date(candidate_year, 2, 28)
+        due = fires(on)
+        if due > now:
+            return due
+    raise AssertionError("a yearly date recurs within three years")
 
 
 class Entry(_Node):
