@@ -1,11 +1,12 @@
-"""The command line every service shares: ``python -m nudge_<service> migrate|run``."""
+"""The command line every service shares: ``python -m nudge_<service> migrate|run``, plus
+the service's own commands (:class:`Command`, listed in its :class:`ServiceSpec`)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,18 @@ from nudge_common.settings import NudgeSettings
 
 
 @dataclass(frozen=True)
+class Command:
+    """A service-specific command, e.g. the orchestrator's ``create-api-key``: its
+    arguments are declared on its own subparser, and ``run`` gets the service's settings
+    (logging configured) and the parsed arguments; what it returns is the exit status."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[NudgeSettings, argparse.Namespace], int]
+
+
+@dataclass(frozen=True)
 class ServiceSpec:
     name: str
     app_factory: str
@@ -25,6 +38,8 @@ class ServiceSpec:
     schema: str
     migrations: Path
     settings: type[NudgeSettings]
+    commands: tuple[Command, ...] = ()
+    """Commands of this service beside migrate, revision and run."""
 
 
 def main(spec: ServiceSpec, argv: Sequence[str] | None = None) -> None:
@@ -35,10 +50,15 @@ def main(spec: ServiceSpec, argv: Sequence[str] | None = None) -> None:
     revision.add_argument("-m", "--message", required=True)
     run = commands.add_parser("run", help="serve HTTP and run the consumers")
     run.add_argument("--workers", type=int, default=1, help="worker processes (uvicorn)")
+    extra = {command.name: command for command in spec.commands}
+    for command in spec.commands:
+        command.add_arguments(commands.add_parser(command.name, help=command.help))
     args = parser.parse_args(argv)
 
     settings = spec.settings()
     configure_logging(service=spec.name, level=settings.log_level, json=settings.log_json)
+    if args.command in extra:
+        raise SystemExit(extra[args.command].run(settings, args))
     if args.command == "migrate":
         migrations.upgrade(settings, schema=spec.schema, script_location=spec.migrations)
     elif args.command == "revision":

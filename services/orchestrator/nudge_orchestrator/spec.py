@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nudge_common.cli import ServiceSpec
+from nudge_orchestrator.commands import CREATE_API_KEY
 from nudge_orchestrator.settings import OrchestratorSettings
 
 SPEC = ServiceSpec(
@@ -11,4 +12,5 @@ SPEC = ServiceSpec(
     schema="orchestrator",
     migrations=Path(__file__).parent / "migrations",
     settings=OrchestratorSettings,
+    commands=(CREATE_API_KEY,),
 )
