@@ -1,0 +1,101 @@
+"""The public face of what scoring and the notifier own: an authenticated pass-through.
+
+The orchestrator checks the key and its scope (``read`` for GET, ``write`` otherwise),
+then forwards the request to the owner's internal ``/api/v1`` with the key's workspace (a
+client's own ``X-Nudge-Workspace`` header is dropped: the workspace comes from the key
+only), and answers with the owner's status and body unchanged, so a 422 still names the
+field. The owners stay the only writers of their tables.
+
+* scoring (``NUDGE_SCORING_URL``, workspace in the ``X-Nudge-Workspace`` header):
+  ``/api/v1/contacts...`` (search, 360 view, tags, import, erase) and
+  ``/api/v1/models...`` (scoring models and rules);
+* notifier (``NUDGE_NOTIFIER_URL``, workspace in the path
+  ``/api/v1/workspaces/{workspace}/...``): ``/api/v1/suppressions...``,
+  ``/api/v1/consents...``, ``/api/v1/hygiene...``.
+
+Segments are not fronted: the segmenter has no API yet.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+from urllib.parse import quote
+
+import httpx
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+
+from nudge_common.service import RuntimeDep
+from nudge_orchestrator.api.deps import Principal, requires
+from nudge_orchestrator.settings import OrchestratorSettings
+
+router = APIRouter(prefix="/api/v1", tags=["contacts, scoring and suppression (fronted)"])
+METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+FORWARDED_HEADERS = ("content-type", "accept", "idempotency-key")
+TIMEOUT_S = 30.0
+
+Authenticated = Annotated[Principal, Depends(requires("read"))]
+
+
+def _scope(request: Request, principal: Principal) -> None:
+    if request.method != "GET" and "write" not in principal.scopes:
+        raise HTTPException(403, "authorization: this key lacks the 'write' scope")
+
+
+async def _forward(
+    request: Request, base: str | None, owner: str, path: str, headers: dict[str, str]
+) -> Response:
+    if not base:
+        raise HTTPException(
+            503, f"{owner}_url: NUDGE_{owner.upper()}_URL is not set on the orchestrator"
+        )
+    for name in FORWARDED_HEADERS:
+        if name in request.headers:
+            headers[name] = request.headers[name]
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=TIMEOUT_S) as client:
+            answer = await client.request(
+                request.method,
+                path,
+                params=list(request.query_params.multi_items()),
+                content=await request.body(),
+                headers=headers,
+            )
+    except httpx.TransportError as error:
+        raise HTTPException(502, f"{owner}: unreachable ({type(error).__name__})") from error
+    kept = {k: v for k, v in answer.headers.items() if k.lower() in ("content-type", "location")}
+    return Response(answer.content, status_code=answer.status_code, headers=kept)
+
+
+def _settings(runtime: RuntimeDep) -> OrchestratorSettings:
+    settings = runtime.settings
+    assert isinstance(settings, OrchestratorSettings)
+    return settings
+
+
+@router.api_route("/contacts{rest:path}", methods=METHODS, include_in_schema=False)
+@router.api_route("/models{rest:path}", methods=METHODS, include_in_schema=False)
+async def scoring(request: Request, principal: Authenticated, runtime: RuntimeDep) -> Response:
+    _scope(request, principal)
+    return await _forward(
+        request,
+        _settings(runtime).scoring_url,
+        "scoring",
+        request.url.path,
+        {"X-Nudge-Workspace": principal.workspace_id},
+    )
+
+
+@router.api_route("/suppressions{rest:path}", methods=METHODS, include_in_schema=False)
+@router.api_route("/consents{rest:path}", methods=METHODS, include_in_schema=False)
+@router.api_route("/hygiene{rest:path}", methods=METHODS, include_in_schema=False)
+async def notifier(request: Request, principal: Authenticated, runtime: RuntimeDep) -> Response:
+    _scope(request, principal)
+    rest = request.url.path.removeprefix("/api/v1")
+    workspace = quote(principal.workspace_id, safe="")
+    return await _forward(
+        request,
+        _settings(runtime).notifier_url,
+        "notifier",
+        f"/api/v1/workspaces/{workspace}{rest}",
+        {},
+    )

@@ -1,0 +1,110 @@
+"""The orchestrator fronts scoring's and the notifier's internal APIs under its public
+/api/v1: real scoring, notifier and orchestrator processes; the workspace comes from the
+API key only, scopes are enforced, and the owners' answers (422s included) pass unchanged."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from nudge_common.db import SessionMaker, transaction
+from nudge_devtools.services import ServiceProcess, free_port
+from nudge_orchestrator import store
+from tests.conftest import StackHandle
+
+
+@pytest.fixture(scope="module")
+async def front(stack: StackHandle) -> AsyncIterator[ServiceProcess]:
+    owners = {
+        name: ServiceProcess(name, free_port(), dict(stack.env), stack.log_dir / f"{name}-f.log")
+        for name in ("scoring", "notifier")
+    }
+    orchestrator = ServiceProcess(
+        "orchestrator",
+        free_port(),
+        {
+            **stack.env,
+            "NUDGE_SCORING_URL": owners["scoring"].url,
+            "NUDGE_NOTIFIER_URL": owners["notifier"].url,
+        },
+        stack.log_dir / "orchestrator-fronted.log",
+    )
+    processes = [*owners.values(), orchestrator]
+    try:
+        for process in processes:
+            process.start()
+        for process in processes:
+            await process.wait_ready()
+        yield orchestrator
+    finally:
+        for process in processes:
+            await process.stop()
+
+
+async def key(sessionmaker: SessionMaker, workspace_id: str, *scopes: str) -> str:
+    async with transaction(sessionmaker) as session:
+        _, secret = await store.create_api_key(
+            session, workspace_id=workspace_id, name="test", scopes=list(scopes)
+        )
+    return secret
+
+
+def client(process: ServiceProcess, secret: str | None) -> httpx.AsyncClient:
+    headers = {"Authorization": f"Bearer {secret}"} if secret else {}
+    return httpx.AsyncClient(base_url=process.url, headers=headers, timeout=30)
+
+
+async def test_scoring_models_through_the_front(
+    front: ServiceProcess, sessionmaker: SessionMaker
+) -> None:
+    mine, theirs = f"ws-{uuid.uuid4().hex[:10]}", f"ws-{uuid.uuid4().hex[:10]}"
+    writer = await key(sessionmaker, mine, "read", "write")
+    reader = await key(sessionmaker, mine, "read")
+    stranger = await key(sessionmaker, theirs, "read", "write")
+    async with client(front, None) as anonymous:
+        assert (await anonymous.get("/api/v1/models")).status_code == 401
+    async with client(front, reader) as c:
+        refused = await c.put("/api/v1/models/fit", json={"description": "x"})
+        assert refused.status_code == 403
+        assert "'write' scope" in refused.json()["detail"]
+    async with client(front, writer) as c:
+        put = await c.put("/api/v1/models/fit", json={"description": "ICP fit"})
+        assert put.status_code == 200, put.text
+        assert put.json()["name"] == "fit"
+        # scoring's own 422, naming the field, unchanged
+        bad = await c.put("/api/v1/models/fit", json={"stages": "nope"})
+        assert bad.status_code == 422
+        assert any("stages" in error["loc"] for error in bad.json()["detail"])
+        # a client cannot choose the workspace: its header is dropped
+        listed = await c.get("/api/v1/models", headers={"X-Nudge-Workspace": theirs})
+        assert "fit" in [m["name"] for m in listed.json()]
+        contacts = await c.get("/api/v1/contacts", params={"limit": 5})
+        assert contacts.status_code == 200, contacts.text
+    async with client(front, stranger) as c:
+        assert "fit" not in [m["name"] for m in (await c.get("/api/v1/models")).json()]
+        assert (await c.delete("/api/v1/models/fit")).status_code == 404
+
+
+async def test_suppressions_through_the_front(
+    front: ServiceProcess, sessionmaker: SessionMaker
+) -> None:
+    mine, theirs = f"ws-{uuid.uuid4().hex[:10]}", f"ws-{uuid.uuid4().hex[:10]}"
+    writer = await key(sessionmaker, mine, "read", "write")
+    stranger = await key(sessionmaker, theirs, "read")
+    async with client(front, writer) as c:
+        put = await c.put(
+            "/api/v1/suppressions/email/Someone@Example.com", json={"reason": "manual"}
+        )
+        assert put.status_code == 200, put.text
+        listed = (await c.get("/api/v1/suppressions")).json()
+        assert "someone@example.com" in str(listed)
+        bad = await c.put("/api/v1/suppressions/email/not-an-address", json={})
+        assert bad.status_code == 400
+        assert "address" in bad.text
+    async with client(front, stranger) as c:
+        assert "someone@example.com" not in str((await c.get("/api/v1/suppressions")).json())
+        refused = await c.delete("/api/v1/suppressions/email/someone@example.com")
+        assert refused.status_code == 403
