@@ -60,6 +60,27 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 
+# SQLSTATE classes of a database that is unreachable or busy rather than of a bad message:
+# connection exceptions, transaction rollbacks (deadlock, serialization), insufficient
+# resources, operator intervention (shutdown, starting up).
+TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57"})
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether retrying later can succeed: a dependency is down or busy. asyncpg reports a
+    shutting-down or starting-up server, a deadlock or a serialization failure as a plain
+    ``DBAPIError``, so its SQLSTATE decides."""
+    if isinstance(error, TRANSIENT_ERRORS):
+        return True
+    if isinstance(error, sa.exc.DBAPIError):
+        if error.connection_invalidated:
+            return True
+        sqlstate = getattr(error.orig, "sqlstate", None) or getattr(
+            error.orig.__cause__ if error.orig else None, "sqlstate", None
+        )
+        return isinstance(sqlstate, str) and sqlstate[:2] in TRANSIENT_SQLSTATE_CLASSES
+    return False
+
 
 class Record(Protocol):
     """The fields of aiokafka's ``ConsumerRecord`` that the runner reads."""
@@ -216,7 +237,9 @@ class ConsumerRunner:
             try:
                 await self._apply(records)
                 return True
-            except TRANSIENT_ERRORS as error:
+            except Exception as error:
+                if not is_transient(error):
+                    raise
                 metrics.CONSUMER_RETRIES.labels(self.name, type(error).__name__).inc()
                 log.warning("batch failed, retrying", consumer=self.name, error=repr(error))
                 if await self._sleep_unless_stopping(delay):
@@ -243,9 +266,10 @@ class ConsumerRunner:
                 try:
                     async with session.begin_nested():
                         outgoing.extend(await self.handler(session, item.envelope))
-                except TRANSIENT_ERRORS:
-                    raise
-                except Exception as error:  # any other failure is this message's own
+                except Exception as error:
+                    if is_transient(error):
+                        raise
+                    # any other failure is this message's own
                     dead_letters.append(dead_letter_for(item.record, error))
                     if not isinstance(error, InvalidMessage | ValidationError):
                         log.exception("handler failed", consumer=self.name)
@@ -267,9 +291,10 @@ class ConsumerRunner:
                 produced = await self.handler.handle_batch(
                     session, [item.envelope for item in items]
                 )
-        except TRANSIENT_ERRORS:
-            raise
-        except Exception as error:  # a bad message, probably: find it one by one
+        except Exception as error:
+            if is_transient(error):
+                raise
+            # a bad message, probably: find it one by one
             metrics.CONSUMER_BATCH_FALLBACKS.labels(self.name, type(error).__name__).inc()
             log.warning(
                 "batch failed, applying its messages one by one",
