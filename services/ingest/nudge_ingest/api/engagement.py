@@ -149,7 +149,8 @@ async def _record(
     ENGAGEMENTS.labels(kind, str(bot).lower()).inc()
 
 
-@router.api_route("/t/o/{token}.gif", methods=["GET", "HEAD"], response_model=None)
+@router.get("/t/o/{token}.gif", response_model=None)
+@router.head("/t/o/{token}.gif", response_model=None, include_in_schema=False)
 async def open_pixel(token: str, request: Request, runtime: RuntimeDep) -> Response:
     try:
         claims = _claims(token)
@@ -159,7 +160,8 @@ async def open_pixel(token: str, request: Request, runtime: RuntimeDep) -> Respo
     return Response(PIXEL, media_type="image/gif", headers=NO_CACHE)
 
 
-@router.api_route("/t/c/{token}", methods=["GET", "HEAD"], response_model=None)
+@router.get("/t/c/{token}", response_model=None)
+@router.head("/t/c/{token}", response_model=None, include_in_schema=False)
 async def click(token: str, request: Request, runtime: RuntimeDep) -> Response:
     try:
         claims = _claims(token)
