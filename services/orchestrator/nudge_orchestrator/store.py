@@ -503,13 +503,10 @@ async def start_runs(session: AsyncSession, rows: list[dict[str, Any]]) -> set[u
     """Insert runs (the columns of ``runs``); returns the ids inserted. A run that exists
     (a replayed trigger) or a second active exclusive run (the partial unique index) is
     not inserted."""
-    started: set[uuid.UUID] = set()
-    for chunk in _chunks(rows):
-        result = await session.execute(
-            pg_insert(runs).values(chunk).on_conflict_do_nothing().returning(runs.c.id)
-        )
-        started.update(result.scalars())
-    return started
+    result = await session.execute(
+        pg_insert(runs).on_conflict_do_nothing().returning(runs.c.id), rows
+    )
+    return set(result.scalars())
 
 
 async def get_runs(
@@ -544,10 +541,11 @@ class Writes:
 
 
 async def flush(session: AsyncSession, writes: Writes, *, at: datetime) -> None:
-    for chunk in _chunks(writes.steps):
-        await session.execute(pg_insert(step_executions).values(chunk).on_conflict_do_nothing())
-    for chunk in _chunks(writes.sends):
-        await session.execute(pg_insert(sends).values(chunk).on_conflict_do_nothing())
+    # executemany of one cached statement: compiling a multi-row VALUES costs more
+    if writes.steps:
+        await session.execute(pg_insert(step_executions).on_conflict_do_nothing(), writes.steps)
+    if writes.sends:
+        await session.execute(pg_insert(sends).on_conflict_do_nothing(), writes.sends)
     for variant, ids in writes.variants.items():
         await session.execute(sa.update(runs).where(runs.c.id.in_(ids)).values(variant=variant))
     for status, ids in writes.finished.items():
@@ -557,12 +555,8 @@ async def flush(session: AsyncSession, writes: Writes, *, at: datetime) -> None:
             .values(status=status, finished_at=at)
         )
         await session.execute(sa.delete(timers).where(timers.c.run_id.in_(ids)))
-    for chunk in _chunks(writes.timers):
-        await session.execute(pg_insert(timers).values(chunk).on_conflict_do_nothing())
-
-
-def _chunks(rows: list[dict[str, Any]], size: int = 1000) -> list[list[dict[str, Any]]]:
-    return [rows[i : i + size] for i in range(0, len(rows), size)]
+    if writes.timers:
+        await session.execute(pg_insert(timers).on_conflict_do_nothing(), writes.timers)
 
 
 async def active_runs_of(
