@@ -4,6 +4,7 @@ topic prefix on the broker that ``scripts/stack`` runs, so runs never see each o
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -19,7 +20,7 @@ from nudge_common.db import SessionMaker, create_engine, create_sessionmaker
 from nudge_common.settings import NudgeSettings
 from nudge_common.topics import delete_topics, ensure_topics
 from nudge_devtools.seed import SeededWorkspace, seed_workspace
-from nudge_devtools.services import migrate_all
+from nudge_devtools.services import free_port, migrate_all
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,6 +81,39 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackHandle]:
     yield StackHandle(settings, env, tmp_path_factory.mktemp("service-logs"))
     asyncio.run(delete_topics(settings))
     asyncio.run(_execute(admin_dsn, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+
+
+def kafka_script(env: dict[str, str], command: str) -> None:
+    """``scripts/stack <command> kafka`` on the broker that ``env`` names."""
+    subprocess.run(
+        [str(REPO / "scripts" / "stack"), command, "kafka"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+
+
+@pytest.fixture
+def own_kafka(
+    stack: StackHandle, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, str]]:
+    """A broker of this test's own, for tests that stop it (never the shared one): the env to
+    run ``scripts/stack`` on it, with ``NUDGE_KAFKA_BOOTSTRAP_SERVERS`` pointing at it."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "NUDGE_DATA_DIR": str(tmp_path_factory.mktemp("own-kafka")),
+        "NUDGE_KAFKA_PORT": str(port),
+        "NUDGE_KAFKA_CONTROLLER_PORT": str(free_port()),
+        "NUDGE_PG_PORT": str(free_port()),
+        "NUDGE_TOPIC_PREFIX": stack.settings.topic_prefix,
+        "NUDGE_KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{port}",
+    }
+    kafka_script(env, "up")
+    try:
+        yield env
+    finally:
+        subprocess.run([str(REPO / "scripts" / "stack"), "reset", "kafka"], env=env, check=False)
 
 
 @pytest.fixture(scope="session")

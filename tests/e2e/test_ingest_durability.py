@@ -8,9 +8,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -22,38 +21,11 @@ from nudge_common.events import Topic, segment_event_id
 from nudge_common.settings import NudgeSettings
 from nudge_devtools.pipeline import eventually, read_topic
 from nudge_devtools.seed import SeededWorkspace
-from nudge_devtools.services import ServiceProcess, free_port
-from tests.conftest import REPO, StackHandle
+from nudge_devtools.services import ServiceProcess
+from tests.conftest import StackHandle, kafka_script
 from tests.services.ingest.processes import ingest_process, start_with_workers, uvicorn_workers
 
 PRODUCE_TIMEOUT_S = 2.0
-
-
-@pytest.fixture
-def own_kafka(
-    stack: StackHandle, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[str, str]]:
-    """A broker of this test's own (never the shared one): the env to run ``scripts/stack``
-    on it, with ``NUDGE_KAFKA_BOOTSTRAP_SERVERS`` pointing at it."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "NUDGE_DATA_DIR": str(tmp_path_factory.mktemp("own-kafka")),
-        "NUDGE_KAFKA_PORT": str(port),
-        "NUDGE_KAFKA_CONTROLLER_PORT": str(free_port()),
-        "NUDGE_PG_PORT": str(free_port()),
-        "NUDGE_TOPIC_PREFIX": stack.settings.topic_prefix,
-        "NUDGE_KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{port}",
-    }
-    subprocess.run([str(REPO / "scripts" / "stack"), "up", "kafka"], env=env, check=True)
-    try:
-        yield env
-    finally:
-        subprocess.run([str(REPO / "scripts" / "stack"), "down", "kafka"], env=env, check=False)
-
-
-def _stack(env: dict[str, str], command: str) -> None:
-    subprocess.run([str(REPO / "scripts" / "stack"), command, "kafka"], env=env, check=True)
 
 
 def _track(message_id: str) -> dict[str, str]:
@@ -92,7 +64,7 @@ async def test_broker_down_gives_503_then_ingest_recovers_by_itself(
             before = str(uuid.uuid4())
             assert (await http.post("/v1/track", json=_track(before), auth=auth)).status_code == 200
 
-            await asyncio.to_thread(_stack, own_kafka, "down")
+            await asyncio.to_thread(kafka_script, own_kafka, "down")
             # A hang would raise ReadTimeout: every answer comes within the produce timeout.
             during = await asyncio.gather(
                 *(
@@ -109,7 +81,7 @@ async def test_broker_down_gives_503_then_ingest_recovers_by_itself(
             assert all(r.headers["retry-after"] for r in during)
             assert during[0].json()["success"] is False
 
-            await asyncio.to_thread(_stack, own_kafka, "up")
+            await asyncio.to_thread(kafka_script, own_kafka, "up")
             after: set[str] = set()
 
             async def accepted_again() -> bool:
