@@ -44,7 +44,7 @@ from nudge_orchestrator.domain.workflows import (
     stage_matches,
 )
 from nudge_orchestrator.settings import OrchestratorSettings
-from nudge_orchestrator.worker import TimerWorker
+from nudge_orchestrator.worker import TimerWorker, WebhookWorker
 
 
 class MembershipHandler:
@@ -300,4 +300,5 @@ def consumers(runtime: Runtime) -> list[Worker]:
             batch=settings.timer_batch,
             idle_s=settings.timer_idle_s,
         ),
+        WebhookWorker(settings=settings, sessionmaker=runtime.sessionmaker, clock=clock),
     ]

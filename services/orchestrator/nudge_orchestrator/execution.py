@@ -18,22 +18,32 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from nudge_common.conditions import Profile
 from nudge_common.events import (
+    EVENT_RECEIVED,
     NOTIFICATION_REQUESTED,
     ContactSnapshot,
     NotificationRequested,
+    SegmentEvent,
     Topic,
+    segment_event_id,
 )
 from nudge_common.ids import stable_id
 from nudge_common.kafka import OutgoingMessage
 from nudge_orchestrator import metrics, store
 from nudge_orchestrator.domain.workflows import (
+    Act,
+    Action,
+    AdjustScore,
     Context,
     Defer,
     End,
     Goto,
+    NotifySales,
     QuietHours,
     Schedule,
     Send,
+    SetTraits,
+    Tag,
+    Webhook,
     WorkflowDefinition,
     decide,
     idempotency_key,
@@ -377,6 +387,12 @@ def _walk(
                     variant = outcome
                     writes.variants.setdefault(outcome, []).append(run.id)
                 index = nxt
+            case Act(action=action, next=nxt):
+                done = _act(run, index, action, contact, writes, out, now)
+                if not record(index, done):
+                    return
+                metrics.ACTIONS.labels(action.kind, done).inc()
+                index = nxt
             case End(outcome=outcome):
                 if not record(index, outcome):
                     return
@@ -385,6 +401,105 @@ def _walk(
                 return
     writes.finished.setdefault("completed", []).append(run.id)
     metrics.RUNS_FINISHED.labels("completed").inc()
+
+
+def _act(
+    run: store.Run,
+    step: int,
+    action: Action,
+    contact: dict[str, Any],
+    writes: store.Writes,
+    out: Outputs,
+    now: datetime,
+) -> str:
+    """An action of another service, as an output of this step: a Segment call on the
+    events topic (tags, traits, score: scoring applies it like any call, identified by the
+    contact's user id; the message id derives from (run, step), so a replay is the same
+    call), or a row in the webhook outbox. Returns the step's outcome."""
+    match action:
+        case Webhook(url=url) | NotifySales(url=url):
+            body: dict[str, Any] = {
+                "kind": action.kind,
+                "workflow_id": str(run.workflow_id),
+                "run_id": str(run.id),
+                "step": step,
+                "at": now.isoformat(),
+                "contact": {
+                    "contact_id": str(run.contact_id),
+                    "user_id": contact.get("user_id"),
+                    "traits": contact.get("traits") or {},
+                    "scores": contact.get("scores") or {},
+                },
+            }
+            if isinstance(action, NotifySales):
+                body["summary"] = sales_summary(contact, action.note)
+            writes.webhooks.append(
+                {
+                    "run_id": run.id,
+                    "step": step,
+                    "workspace_id": run.workspace_id,
+                    "url": url,
+                    "body": body,
+                    "next_at": now,
+                }
+            )
+            return "requested"
+    user_id = contact.get("user_id")
+    if not user_id:
+        return "no_user_id"  # scoring resolves calls by identity; this contact has none here
+    message_id = f"nudge-orchestrator:{run.id}:{step}"
+    call: dict[str, Any] = {
+        "messageId": message_id,
+        "userId": user_id,
+        "timestamp": now,
+        "receivedAt": now,
+        "context": {"nudge": {"workflow_id": str(run.workflow_id), "run_id": str(run.id)}},
+    }
+    match action:
+        case Tag(add=add, remove=remove):
+            call |= {"type": "identify", "traits": {"tags": add, "untags": remove}}
+        case SetTraits(traits=traits):
+            call |= {"type": "identify", "traits": dict(traits)}
+        case AdjustScore(model=model, points=points):
+            call |= {
+                "type": "track",
+                "event": SCORE_ADJUSTED,
+                "properties": {"model": model, "points": points},
+            }
+    out.messages.append(
+        OutgoingMessage(
+            Topic.EVENTS,
+            key=user_id,
+            envelope=EVENT_RECEIVED.envelope(
+                workspace_id=run.workspace_id,
+                payload=SegmentEvent.model_validate(call),
+                occurred_at=now,
+                id=segment_event_id(run.workspace_id, message_id),
+            ),
+        )
+    )
+    return "requested"
+
+
+SCORE_ADJUSTED = "Score Adjusted"
+
+
+def sales_summary(contact: dict[str, Any], note: str) -> str:
+    """One line for a salesperson: who, where they work, their scores."""
+    traits = contact.get("traits") or {}
+    name = " ".join(str(traits[k]) for k in ("first_name", "last_name") if traits.get(k))
+    who = name or str(traits.get("name") or traits.get("email") or contact.get("user_id") or "?")
+    parts = [who]
+    if traits.get("email") and traits.get("email") != who:
+        parts.append(str(traits["email"]))
+    if traits.get("company"):
+        parts.append(f"at {traits['company']}")
+    scores = contact.get("scores") or {}
+    if scores:
+        parts.append("scores " + ", ".join(f"{k} {v}" for k, v in sorted(scores.items())))
+    if note:
+        parts.append(note)
+    return " - ".join(parts)
 
 
 def _quiet_hours(raw: dict[str, Any] | None) -> QuietHours | None:

@@ -43,3 +43,14 @@ TIMER_LAG = Histogram(
     "From a timer's due time to its execution.",
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300),
 )
+ACTIONS = Counter(
+    "nudge_orchestrator_actions_total",
+    "Action steps executed (tag, set_traits, adjust_score, webhook, notify_sales), by outcome:"
+    " requested, or no_user_id (a Segment call needs the contact's user id).",
+    ["action", "outcome"],
+)
+WEBHOOK_ATTEMPTS = Counter(
+    "nudge_orchestrator_webhook_attempts_total",
+    "Webhook calls attempted, by result: delivered, retry (will try again), failed (gave up).",
+    ["result"],
+)

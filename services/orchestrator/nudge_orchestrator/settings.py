@@ -3,9 +3,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Self
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 
 from nudge_common.settings import NudgeSettings
+from nudge_common.tracking import DEVELOPMENT_SECRET
 
 
 class OrchestratorSettings(NudgeSettings):
@@ -19,6 +20,11 @@ class OrchestratorSettings(NudgeSettings):
     clock_file: Path | None = None
     """Tests only: a file holding an ISO-8601 instant that is "now" for workflows (waits,
     timers, quiet hours). Refused in production."""
+    webhook_secret: SecretStr = SecretStr(DEVELOPMENT_SECRET)
+    """Key of the HMAC-SHA256 signature of webhook calls (``X-Nudge-Signature``); set
+    ``NUDGE_WEBHOOK_SECRET`` in production and share it with the receivers."""
+    webhook_attempts: int = Field(default=8, ge=1)
+    """Attempts of a webhook call before it is given up (backoff 2^n seconds, at most 1 h)."""
     scoring_url: str | None = None
     """Base URL of scoring's internal API, fronted under /api/v1 (contacts, scoring)."""
     notifier_url: str | None = None
@@ -28,4 +34,9 @@ class OrchestratorSettings(NudgeSettings):
     def no_test_clock_in_production(self) -> Self:
         if self.environment == "production" and self.clock_file is not None:
             raise ValueError("NUDGE_CLOCK_FILE is for tests and refused in production")
+        if (
+            self.environment == "production"
+            and self.webhook_secret.get_secret_value() == DEVELOPMENT_SECRET
+        ):
+            raise ValueError("NUDGE_WEBHOOK_SECRET must be set in production")
         return self

@@ -138,6 +138,24 @@ date_triggers = sa.Table(
     sa.Column("workspace_id", sa.Text, nullable=False),
     sa.Column("due_at", TIMESTAMP, nullable=False, index=True),
 )
+webhooks = sa.Table(
+    "webhooks",
+    metadata,
+    # Outbox of webhook calls (webhook and notify_sales steps): written in the step's
+    # transaction, delivered and retried by the webhook worker (claimed with SKIP LOCKED).
+    sa.Column("run_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("step", sa.Integer, primary_key=True),
+    sa.Column("workspace_id", sa.Text, nullable=False),
+    sa.Column("url", sa.Text, nullable=False),
+    sa.Column("body", JSONB, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_at", TIMESTAMP),
+    # When to try (again); None once delivered or given up.
+    sa.Column("status", sa.Text, nullable=False, server_default="pending"),
+    # pending | delivered | failed
+    sa.Column("last_error", sa.Text),
+    sa.Index("ix_webhooks_due", "next_at", postgresql_where=sa.text("next_at IS NOT NULL")),
+)
 sends = sa.Table(
     "sends",
     metadata,
@@ -538,6 +556,7 @@ class Writes:
     timers: list[dict[str, Any]] = field(default_factory=list)
     variants: dict[str, list[uuid.UUID]] = field(default_factory=dict)
     finished: dict[str, list[uuid.UUID]] = field(default_factory=dict)
+    webhooks: list[dict[str, Any]] = field(default_factory=list)
 
 
 async def flush(session: AsyncSession, writes: Writes, *, at: datetime) -> None:
@@ -557,6 +576,47 @@ async def flush(session: AsyncSession, writes: Writes, *, at: datetime) -> None:
         await session.execute(sa.delete(timers).where(timers.c.run_id.in_(ids)))
     if writes.timers:
         await session.execute(pg_insert(timers).on_conflict_do_nothing(), writes.timers)
+    if writes.webhooks:
+        await session.execute(pg_insert(webhooks).on_conflict_do_nothing(), writes.webhooks)
+
+
+@dataclass(frozen=True)
+class PendingWebhook:
+    run_id: uuid.UUID
+    step: int
+    url: str
+    body: dict[str, Any]
+    attempts: int
+
+
+async def claim_due_webhooks(
+    session: AsyncSession, *, now: datetime, limit: int
+) -> list[PendingWebhook]:
+    """Webhooks due for an attempt, locked (SKIP LOCKED) until this transaction ends."""
+    rows = await session.execute(
+        sa.select(webhooks)
+        .where(webhooks.c.next_at <= now)
+        .order_by(webhooks.c.next_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return [PendingWebhook(r.run_id, r.step, r.url, r.body, r.attempts) for r in rows]
+
+
+async def webhook_attempted(
+    session: AsyncSession,
+    *,
+    run_id: uuid.UUID,
+    step: int,
+    status: str,
+    next_at: datetime | None,
+    error: str | None,
+) -> None:
+    await session.execute(
+        sa.update(webhooks)
+        .where(webhooks.c.run_id == run_id, webhooks.c.step == step)
+        .values(attempts=webhooks.c.attempts + 1, status=status, next_at=next_at, last_error=error)
+    )
 
 
 async def active_runs_of(

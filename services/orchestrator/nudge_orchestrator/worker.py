@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import datetime
+import hashlib
+import hmac
+from datetime import datetime, timedelta
 
+import httpx
 import structlog
 from aiokafka import AIOKafkaProducer
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from nudge_common import codec
 from nudge_common.consumer import TRANSIENT_ERRORS
 from nudge_common.db import SessionMaker, transaction
 from nudge_common.kafka import publish
@@ -23,6 +27,7 @@ from nudge_common.settings import NudgeSettings
 from nudge_orchestrator import execution, metrics, store
 from nudge_orchestrator.clock import Clock, system_clock
 from nudge_orchestrator.domain.workflows import DateTrait, next_date_occurrence
+from nudge_orchestrator.settings import OrchestratorSettings
 
 log = structlog.get_logger(__name__)
 
@@ -142,3 +147,106 @@ class TimerWorker:
             if fired == 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), timeout=self.idle_s)
+
+
+def sign(secret: str, timestamp: int, body: bytes) -> str:
+    """``X-Nudge-Signature``: ``t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">``.
+    A receiver recomputes it with the shared secret and refuses old timestamps."""
+    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
+    return f"t={timestamp},v1={digest.hexdigest()}"
+
+
+def backoff(attempts: int) -> timedelta:
+    """Wait before attempt ``attempts + 1``: 2, 4, 8 ... seconds, at most an hour."""
+    return timedelta(seconds=min(2 ** max(attempts, 1), 3600))
+
+
+async def deliver_due_webhooks(
+    sessionmaker: SessionMaker,
+    settings: OrchestratorSettings,
+    client: httpx.AsyncClient,
+    *,
+    clock: Clock,
+    limit: int = 20,
+) -> int:
+    """Attempt up to ``limit`` due webhook calls (concurrently), holding their rows locked
+    (SKIP LOCKED) until the outcome is written: 2xx delivered; anything else retried with
+    backoff until ``webhook_attempts``, then failed. Returns how many were attempted. A
+    receiver may see a call twice (a crash after its 2xx, before the commit): the
+    ``X-Nudge-Delivery`` header (run:step) lets it deduplicate."""
+    now = clock()
+    secret = settings.webhook_secret.get_secret_value()
+    async with transaction(sessionmaker) as session:
+        due = await store.claim_due_webhooks(session, now=now, limit=limit)
+
+        async def attempt(hook: store.PendingWebhook) -> str | None:
+            body = codec.dumps(hook.body)
+            try:
+                answer = await client.post(
+                    hook.url,
+                    content=body,
+                    headers={
+                        "Content-Type": "application/json",
+                        "X-Nudge-Signature": sign(secret, int(now.timestamp()), body),
+                        "X-Nudge-Delivery": f"{hook.run_id}:{hook.step}",
+                    },
+                )
+            except httpx.HTTPError as error:
+                return f"{type(error).__name__}: {error}"[:500]
+            return None if answer.is_success else f"HTTP {answer.status_code}"
+
+        errors = await asyncio.gather(*(attempt(hook) for hook in due))
+        for hook, error in zip(due, errors, strict=True):
+            if error is None:
+                status, next_at = "delivered", None
+            elif hook.attempts + 1 >= settings.webhook_attempts:
+                status, next_at = "failed", None
+            else:
+                status, next_at = "pending", now + backoff(hook.attempts + 1)
+            metrics.WEBHOOK_ATTEMPTS.labels(
+                "delivered" if error is None else ("failed" if next_at is None else "retry")
+            ).inc()
+            await store.webhook_attempted(
+                session,
+                run_id=hook.run_id,
+                step=hook.step,
+                status=status,
+                next_at=next_at,
+                error=error,
+            )
+    return len(due)
+
+
+class WebhookWorker:
+    name = "orchestrator-webhooks"
+
+    def __init__(
+        self,
+        *,
+        settings: OrchestratorSettings,
+        sessionmaker: SessionMaker,
+        clock: Clock = system_clock,
+        idle_s: float = 0.5,
+    ) -> None:
+        self.settings = settings
+        self.sessionmaker = sessionmaker
+        self.clock = clock
+        self.idle_s = idle_s
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        async with httpx.AsyncClient(timeout=10.0) as client:
+            while not self._stopping.is_set():
+                attempted = 0
+                try:
+                    attempted = await deliver_due_webhooks(
+                        self.sessionmaker, self.settings, client, clock=self.clock
+                    )
+                except TRANSIENT_ERRORS as error:
+                    log.warning("webhook round failed, retrying", error=repr(error))
+                if attempted == 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), timeout=self.idle_s)

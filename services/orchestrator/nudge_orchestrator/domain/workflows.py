@@ -291,8 +291,74 @@ class Exit(_Step):
     kind: Literal["exit"]
 
 
+class Tag(_Step):
+    """Add and remove tags (``namespace:value``): an identify call with ``traits.tags`` /
+    ``traits.untags`` on the events topic, which scoring applies like any other."""
+
+    kind: Literal["tag"]
+    add: list[str] = Field(default_factory=list, max_length=50)
+    remove: list[str] = Field(default_factory=list, max_length=50)
+
+    @model_validator(mode="after")
+    def changes_something(self) -> Tag:
+        if not self.add and not self.remove:
+            raise ValueError("a tag step needs add or remove")
+        return self
+
+
+class SetTraits(_Step):
+    """Set traits: an identify call with these ``traits`` on the events topic."""
+
+    kind: Literal["set_traits"]
+    traits: dict[str, Any] = Field(min_length=1, max_length=50)
+
+    @model_validator(mode="after")
+    def no_tag_keys(self) -> SetTraits:
+        if {"tags", "untags"} & set(self.traits):
+            raise ValueError("use a tag step for tags")
+        return self
+
+
+class AdjustScore(_Step):
+    """A track event ``Score Adjusted`` (properties ``model``, ``points``) on the events
+    topic: scoring counts it through a rule on that event (see docs/orchestrator.md)."""
+
+    kind: Literal["adjust_score"]
+    model: str = Field(default="default", min_length=1, max_length=100)
+    points: int = Field(ge=-10_000, le=10_000)
+
+
+class Webhook(_Step):
+    """POST the contact's summary to ``url``, signed (HMAC-SHA256), retried with backoff."""
+
+    kind: Literal["webhook"]
+    url: str = Field(pattern=r"^https?://", max_length=2000)
+
+
+class NotifySales(_Step):
+    """Tell sales: a signed webhook (like ``webhook``) whose body is the contact's summary
+    with ``"kind": "notify_sales"`` and a one-line ``summary`` for a chat or CRM."""
+
+    kind: Literal["notify_sales"]
+    url: str = Field(pattern=r"^https?://", max_length=2000)
+    note: str = Field(default="", max_length=500)
+
+
+Action = Tag | SetTraits | AdjustScore | Webhook | NotifySales
+
 Step = Annotated[
-    SendMessage | Wait | WaitUntil | WaitForEvent | Branch | Split | Exit,
+    SendMessage
+    | Wait
+    | WaitUntil
+    | WaitForEvent
+    | Branch
+    | Split
+    | Exit
+    | Tag
+    | SetTraits
+    | AdjustScore
+    | Webhook
+    | NotifySales,
     Field(discriminator="kind"),
 ]
 
@@ -515,7 +581,15 @@ class End:
     outcome: str = "exit"
 
 
-Decision = Send | Defer | Schedule | Goto | End
+@dataclass(frozen=True)
+class Act:
+    """Do an action of another service (tags, traits, score, webhook); go on at ``next``."""
+
+    action: Action
+    next: int | None
+
+
+Decision = Send | Defer | Schedule | Goto | End | Act
 
 
 def zone(name: str | None) -> ZoneInfo:
@@ -554,6 +628,8 @@ def decide(definition: WorkflowDefinition, index: int, ctx: Context) -> Decision
             return Goto(after[variant], variant)
         case Exit():
             return End()
+        case Tag() | SetTraits() | AdjustScore() | Webhook() | NotifySales():
+            return Act(step, after["next"])
     raise AssertionError(f"unknown step {step!r}")
 
 
@@ -636,6 +712,9 @@ def simulate(
         match decision:
             case Send(next=nxt):
                 path.append(Visit(index, step.id, step.kind, "sent", now))
+                index = nxt
+            case Act(next=nxt):
+                path.append(Visit(index, step.id, step.kind, "done", now))
                 index = nxt
             case Schedule(due=due, resume=resume, event=event, on_event=on_event):
                 happened = next(

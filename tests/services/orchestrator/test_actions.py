@@ -1,0 +1,189 @@
+"""Actions that belong to other services: tags, traits and score adjustments as Segment
+calls on the events topic (scoring applies identify ``traits.tags``/``untags`` and traits
+as any call), and signed webhooks (and notify sales) from a durable outbox, retried with
+backoff, delivered to a local HTTP server."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from nudge_common.db import transaction
+from nudge_common.events import EVENT_RECEIVED, Envelope, SegmentType, Topic
+from nudge_devtools.pipeline import read_topic
+from nudge_orchestrator import store
+from nudge_orchestrator.settings import OrchestratorSettings
+from nudge_orchestrator.worker import deliver_due_webhooks
+from nudge_scoring.domain.profile import tags_in
+from tests.services.orchestrator.conftest import Engine
+
+
+class Receiver:
+    """A local HTTP server that records every call; answers ``fail`` 500s first."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[dict[str, str], bytes]] = []
+        self.fail = 0
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.calls.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                status = 500 if receiver.fail > 0 else 204
+                receiver.fail -= 1
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver()
+    yield server
+    server.server.shutdown()
+
+
+def _decode(record: Any) -> Envelope:
+    return Envelope.decode(record.value)
+
+
+async def test_tags_traits_and_score_are_segment_calls_for_scoring(engine: Engine) -> None:
+    workflow = await engine.workflow(
+        {
+            "trigger": {"kind": "event", "event": "Demo Requested"},
+            "steps": [
+                {"kind": "tag", "add": ["intent:demo"], "remove": ["stage:cold"]},
+                {"kind": "set_traits", "traits": {"demo_requested": True}},
+                {"kind": "adjust_score", "model": "default", "points": 15},
+            ],
+        }
+    )
+    await engine.contact("act-1")
+    await engine.track("act-1", "Demo Requested")
+    [run] = await engine.runs(workflow)
+    assert run.status == "completed"
+    prefix = f"nudge-orchestrator:{run.id}:"
+    found = await read_topic(
+        engine.settings,
+        Topic.EVENTS,
+        where=lambda r: EVENT_RECEIVED.parse(_decode(r)).message_id.startswith(prefix),
+        expected=3,
+    )
+    calls = sorted((EVENT_RECEIVED.parse(_decode(r)) for r in found), key=lambda c: c.message_id)
+    tag, traits, score = calls
+    assert tag.type is SegmentType.IDENTIFY
+    assert tag.user_id == "act-1"
+    # what scoring's consumer reads from an identify call
+    assert tags_in(tag.traits) == (["intent:demo"], ["stage:cold"])
+    assert traits.traits == {"demo_requested": True}
+    assert score.type is SegmentType.TRACK
+    assert score.event == "Score Adjusted"
+    assert score.properties == {"model": "default", "points": 15}
+    # a replay of the run's steps would be the same messages (ids from run and step)
+    assert {r.key for r in found} == {b"act-1"}
+
+
+async def webhook_rows(engine: Engine, workflow: uuid.UUID) -> list[Any]:
+    async with transaction(engine.sessionmaker) as session:
+        rows = await session.execute(
+            sa.select(store.webhooks)
+            .join(store.runs, store.runs.c.id == store.webhooks.c.run_id)
+            .where(store.runs.c.workflow_id == workflow)
+        )
+        return list(rows)
+
+
+async def test_signed_webhook_retried_with_backoff_and_notify_sales(
+    engine: Engine, receiver: Receiver
+) -> None:
+    settings = OrchestratorSettings(
+        **engine.settings.model_dump(exclude={"service_name", "http_port"}),
+        webhook_secret="s3cret",
+        webhook_attempts=3,
+    )
+    workflow = await engine.workflow(
+        {
+            "trigger": {"kind": "event", "event": "Pricing Viewed"},
+            "steps": [
+                {"kind": "webhook", "url": receiver.url},
+                {"kind": "notify_sales", "url": receiver.url, "note": "hot lead"},
+            ],
+        }
+    )
+    await engine.update("hook-1", {"default": 80}, first_name="Ada", company="Acme")
+    await engine.track("hook-1", "Pricing Viewed")
+    assert len(await webhook_rows(engine, workflow)) == 2
+    receiver.fail = 2  # the first two calls get a 500
+    async with httpx.AsyncClient(timeout=5) as client:
+
+        async def deliver() -> None:
+            while await deliver_due_webhooks(
+                engine.sessionmaker, settings, client, clock=engine.clock, limit=1000
+            ):
+                pass
+
+        await deliver()  # both fail once: retried in 2 s, not before
+        assert {row.status for row in await webhook_rows(engine, workflow)} == {"pending"}
+        await deliver()
+        assert len(receiver.calls) == 2
+        engine.advance(seconds=2)
+        await deliver()
+    rows = await webhook_rows(engine, workflow)
+    assert sorted((row.status, row.attempts) for row in rows) == [("delivered", 2)] * 2
+    assert len(receiver.calls) == 4
+    bodies = {}
+    for headers, body in receiver.calls[2:]:
+        timestamp, signature = (
+            part.split("=", 1)[1] for part in headers["x-nudge-signature"].split(",")
+        )
+        expected = hmac.new(b"s3cret", f"{timestamp}.".encode() + body, hashlib.sha256)
+        assert hmac.compare_digest(signature, expected.hexdigest())
+        payload = json.loads(body)
+        assert headers["x-nudge-delivery"] == f"{payload['run_id']}:{payload['step']}"
+        bodies[payload["kind"]] = payload
+    assert bodies["webhook"]["contact"]["traits"]["company"] == "Acme"
+    assert bodies["notify_sales"]["summary"] == (
+        "Ada - hook-1@example.com - at Acme - scores default 80 - hot lead"
+    )
+
+
+async def test_a_webhook_that_keeps_failing_is_given_up(engine: Engine, receiver: Receiver) -> None:
+    settings = OrchestratorSettings(
+        **engine.settings.model_dump(exclude={"service_name", "http_port"}), webhook_attempts=2
+    )
+    workflow = await engine.workflow(
+        {
+            "trigger": {"kind": "event", "event": "Churn Risk"},
+            "steps": [{"kind": "webhook", "url": receiver.url}],
+        }
+    )
+    await engine.contact("hook-2")
+    await engine.track("hook-2", "Churn Risk")
+    receiver.fail = 10
+    async with httpx.AsyncClient(timeout=5) as client:
+        for _ in range(3):
+            await deliver_due_webhooks(
+                engine.sessionmaker, settings, client, clock=engine.clock, limit=1000
+            )
+            engine.advance(seconds=10)
+    [row] = await webhook_rows(engine, workflow)
+    assert (row.status, row.attempts, row.next_at) == ("failed", 2, None)
+    assert row.last_error == "HTTP 500"
