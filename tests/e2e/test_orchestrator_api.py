@@ -242,3 +242,31 @@ async def test_one_openapi_document(orchestrator: ServiceProcess) -> None:
         "/api/v1/workflows/{workflow_id}/simulate",
     ):
         assert path in paths
+
+
+async def test_workflow_analytics_route(
+    orchestrator: ServiceProcess, sessionmaker: SessionMaker
+) -> None:
+    workspace = f"ws-{uuid.uuid4().hex[:10]}"
+    writer = await key(sessionmaker, workspace, "read", "write")
+    stranger = await key(sessionmaker, f"ws-{uuid.uuid4().hex[:10]}", "read")
+    async with client(orchestrator, writer) as api:
+        template = await api.post(
+            "/api/v1/templates",
+            json={"name": "hi", "channel": "email", "subject": "Hi", "text": "Hello"},
+        )
+        created = await api.post(
+            "/api/v1/workflows", json={"name": "w", "definition": welcome(template.json()["id"])}
+        )
+        assert created.status_code == 201, created.text
+        workflow_id = created.json()["id"]
+        stats = await api.get(f"/api/v1/workflows/{workflow_id}/analytics")
+        assert stats.status_code == 200, stats.text
+        body = stats.json()
+        assert (body["entered"], body["requested"], body["open_rate"]) == (0, 0, None)
+        assert body["ab_test"] is None
+        bad = await api.get(f"/api/v1/workflows/{workflow_id}/analytics", params={"alpha": 2})
+        assert bad.status_code == 422
+        assert bad.json()["detail"][0]["loc"] == ["query", "alpha"]
+    async with client(orchestrator, stranger) as api:
+        assert (await api.get(f"/api/v1/workflows/{workflow_id}/analytics")).status_code == 404

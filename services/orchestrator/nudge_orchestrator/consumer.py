@@ -22,6 +22,7 @@ from nudge_common.consumer import ConsumerRunner, MessageHandler
 from nudge_common.events import (
     CONTACT_STAGE_CHANGED,
     CONTACT_UPDATED,
+    DELIVERY_REPORTED,
     EVENT_RECEIVED,
     SEGMENT_ENTERED,
     SEGMENT_EXITED,
@@ -272,6 +273,23 @@ async def _stage_changed(
     return out.messages
 
 
+async def handle_delivery(session: AsyncSession, envelope: Envelope) -> Sequence[OutgoingMessage]:
+    """What became of a message a run requested (its idempotency key is ``<run>:<step>``),
+    counted once per status for analytics; other deliveries (not from a run) are ignored."""
+    if envelope.type != DELIVERY_REPORTED.name:
+        return []
+    report = DELIVERY_REPORTED.parse(envelope)
+    run, _, step = report.idempotency_key.partition(":")
+    try:
+        run_id, index = uuid.UUID(run), int(step)
+    except ValueError:
+        return []
+    await store.record_delivery(
+        session, run_id=run_id, step=index, status=report.status, at=envelope.occurred_at
+    )
+    return []
+
+
 def consumers(runtime: Runtime) -> list[Worker]:
     settings = runtime.settings
     assert isinstance(settings, OrchestratorSettings)
@@ -292,6 +310,7 @@ def consumers(runtime: Runtime) -> list[Worker]:
         runner("orchestrator-contacts", Topic.CONTACTS, contact_handler(clock)),
         runner("orchestrator", Topic.MEMBERSHIPS, membership_handler(clock)),
         runner("orchestrator-events", Topic.EVENTS, event_handler(clock)),
+        runner("orchestrator-deliveries", Topic.DELIVERIES, handle_delivery),
         TimerWorker(
             settings=settings,
             sessionmaker=runtime.sessionmaker,

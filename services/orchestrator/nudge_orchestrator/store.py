@@ -169,6 +169,17 @@ sends = sa.Table(
     sa.Column("idempotency_key", sa.Text, nullable=False, unique=True),
     sa.Column("at", TIMESTAMP, nullable=False),
     sa.Index("ix_sends_caps", "contact_id", "channel", "at"),
+    sa.Index("ix_sends_workflow", "workflow_id", "step"),
+)
+deliveries = sa.Table(
+    "deliveries",
+    metadata,
+    # What became of each message a run requested (from the deliveries topic): one row per
+    # (message, status), so a status reported twice counts once.
+    sa.Column("run_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("step", sa.Integer, primary_key=True),
+    sa.Column("status", sa.Text, primary_key=True),
+    sa.Column("at", TIMESTAMP, nullable=False),
 )
 contacts = sa.Table(
     "contacts",
@@ -1138,4 +1149,56 @@ async def list_templates(
 async def delete_template(session: AsyncSession, *, template_id: uuid.UUID, at: datetime) -> None:
     await session.execute(
         sa.update(templates).where(templates.c.id == template_id).values(deleted_at=at)
+    )
+
+
+# --- analytics ----------------------------------------------------------------------------
+
+
+async def record_delivery(
+    session: AsyncSession, *, run_id: uuid.UUID, step: int, status: str, at: datetime
+) -> None:
+    await session.execute(
+        pg_insert(deliveries)
+        .values(run_id=run_id, step=step, status=status, at=at)
+        .on_conflict_do_nothing()
+    )
+
+
+@dataclass(frozen=True)
+class WorkflowCounts:
+    runs: list[tuple[str | None, str, int]]
+    """(variant, run status, runs)."""
+    sends: list[tuple[int, str | None, int]]
+    """(step, variant, messages requested)."""
+    deliveries: list[tuple[int, str | None, str, int]]
+    """(step, variant, delivery status, messages)."""
+
+
+async def workflow_counts(session: AsyncSession, *, workflow_id: uuid.UUID) -> WorkflowCounts:
+    """Three grouped queries on the workflow's runs, sends and their deliveries (indexes
+    lead with the workflow id)."""
+    run_rows = await session.execute(
+        sa.select(runs.c.variant, runs.c.status, sa.func.count())
+        .where(runs.c.workflow_id == workflow_id)
+        .group_by(runs.c.variant, runs.c.status)
+    )
+    send_rows = await session.execute(
+        sa.select(sends.c.step, sends.c.variant, sa.func.count())
+        .where(sends.c.workflow_id == workflow_id)
+        .group_by(sends.c.step, sends.c.variant)
+    )
+    delivery_rows = await session.execute(
+        sa.select(sends.c.step, sends.c.variant, deliveries.c.status, sa.func.count())
+        .join(
+            deliveries,
+            sa.and_(deliveries.c.run_id == sends.c.run_id, deliveries.c.step == sends.c.step),
+        )
+        .where(sends.c.workflow_id == workflow_id)
+        .group_by(sends.c.step, sends.c.variant, deliveries.c.status)
+    )
+    return WorkflowCounts(
+        [(r[0], r[1], r[2]) for r in run_rows],
+        [(r[0], r[1], r[2]) for r in send_rows],
+        [(r[0], r[1], r[2], r[3]) for r in delivery_rows],
     )

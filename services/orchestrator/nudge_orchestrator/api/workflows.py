@@ -30,6 +30,7 @@ from nudge_orchestrator.api.deps import (
     idempotently,
     paged,
 )
+from nudge_orchestrator.domain import analytics
 from nudge_orchestrator.domain.workflows import Context, WorkflowDefinition, problems, simulate
 
 router = APIRouter(prefix="/api/v1/workflows", tags=["workflows"])
@@ -149,6 +150,24 @@ async def update_workflow(
         db, workflow_id=workflow_id, name=body.name, definition=body.definition
     )
     return public(await get_or_404(db, principal.workspace_id, workflow_id))
+
+
+@router.get("/{workflow_id}/analytics")
+async def workflow_analytics(
+    workflow_id: uuid.UUID,
+    db: SessionDep,
+    principal: Reader,
+    alpha: Annotated[float, Query(gt=0, lt=0.5)] = 0.05,
+) -> dict[str, Any]:
+    """Entered, completed, converted; messages requested, sent, delivered, opened, clicked,
+    unsubscribed, bounced; open rate, CTR, conversion rate: in total, per step and per
+    split variant, with the A/B verdict (two-proportion z-test on conversions)."""
+    await get_or_404(db, principal.workspace_id, workflow_id)
+    counts = await store.workflow_counts(db, workflow_id=workflow_id)
+    return {
+        "workflow_id": str(workflow_id),
+        **analytics.report(counts.runs, counts.sends, counts.deliveries, alpha),
+    }
 
 
 @router.post("/{workflow_id}/publish")

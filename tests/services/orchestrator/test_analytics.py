@@ -1,0 +1,114 @@
+"""Analytics per workflow, step and variant from runs, sends and the deliveries topic, and
+the A/B verdict (two-proportion z-test on conversions)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from nudge_common.db import transaction
+from nudge_common.events import DELIVERY_REPORTED, DeliveryReported
+from nudge_orchestrator import store
+from nudge_orchestrator.consumer import handle_delivery
+from nudge_orchestrator.domain.analytics import ab_winner, report, two_proportion_z_test
+from tests.services.orchestrator.conftest import Engine
+
+TEMPLATE_A, TEMPLATE_B = uuid.uuid4(), uuid.uuid4()
+
+
+def test_two_proportion_z_test_matches_the_textbook() -> None:
+    # 200/1000 vs 150/1000: pooled 0.175, z = 0.05 / sqrt(0.175 * 0.825 * 0.002) = 2.9424
+    test = two_proportion_z_test(200, 1000, 150, 1000)
+    assert test is not None
+    assert test.z == pytest.approx(2.9424, abs=1e-3)
+    assert test.p_value == pytest.approx(0.00326, abs=1e-4)
+    assert two_proportion_z_test(0, 10, 0, 10) is None  # no variance
+    assert two_proportion_z_test(1, 0, 1, 10) is None
+
+
+def test_a_winner_only_once_significant() -> None:
+    assert ab_winner({"a": (200, 1000), "b": (150, 1000)}).winner == "a"
+    close = ab_winner({"a": (21, 100), "b": (20, 100), "holdout": (5, 50)})
+    assert (close.leader, close.runner_up, close.winner) == ("a", "b", None)
+    assert ab_winner({"a": (3, 10)}).winner is None
+
+
+def test_rates_per_step_and_variant() -> None:
+    out = report(
+        runs=[("a", "converted", 2), ("a", "completed", 2), ("b", "active", 4)],
+        sends=[(0, "a", 4), (0, "b", 4)],
+        deliveries=[(0, "a", "delivered", 4), (0, "a", "opened", 2), (0, "a", "clicked", 1)],
+    )
+    assert (out["entered"], out["completed"], out["converted"], out["requested"]) == (8, 2, 2, 8)
+    [step] = out["steps"]  # type: ignore[misc]
+    assert step["open_rate"] == 0.5
+    assert step["click_rate"] == 0.25
+    a, b = out["variants"]  # type: ignore[misc]
+    assert (a["variant"], a["conversion_rate"], b["conversion_rate"]) == ("a", 0.5, 0.0)
+
+
+async def test_analytics_of_a_split_workflow_from_runs_and_deliveries(engine: Engine) -> None:
+    workflow = await engine.workflow(
+        {
+            "trigger": {"kind": "event", "event": "Signed Up"},
+            "goal": {"event": "Upgraded"},
+            "steps": [
+                {
+                    "kind": "split",
+                    "variants": [
+                        {"name": "a", "weight": 1, "next": "a"},
+                        {"name": "b", "weight": 1, "next": "b"},
+                    ],
+                },
+                {"id": "a", "kind": "send", "channel": "email", "template_id": str(TEMPLATE_A)},
+                {"kind": "wait", "seconds": 86400, "next": "end"},
+                {"id": "b", "kind": "send", "channel": "email", "template_id": str(TEMPLATE_B)},
+                {"kind": "wait", "seconds": 86400},
+                {"id": "end", "kind": "exit"},
+            ],
+        }
+    )
+    users = [f"ana-{i}" for i in range(40)]
+    contact_of = {}
+    for user in users:
+        contact_of[user] = await engine.contact(user)
+        await engine.track(user, "Signed Up")
+    runs = {run.contact_id: run for run in await engine.runs(workflow)}
+    assert len(runs) == 40
+    # every email is delivered, a's are opened; contacts in "a" upgrade
+    upgraded = 0
+    for user in users:
+        run = runs[contact_of[user]]
+        step = 1 if run.variant == "a" else 3
+        for status in (
+            ("delivered", "opened", "delivered") if run.variant == "a" else ("delivered",)
+        ):
+            await engine.apply(
+                handle_delivery,
+                DELIVERY_REPORTED.envelope(
+                    workspace_id=engine.workspace_id,
+                    payload=DeliveryReported(
+                        idempotency_key=f"{run.id}:{step}",
+                        channel="email",
+                        status=status,  # type: ignore[arg-type]
+                        contact_id=run.contact_id,
+                    ),
+                    occurred_at=engine.now,
+                ),
+            )
+        if run.variant == "a":
+            await engine.track(user, "Upgraded")
+            upgraded += 1
+    async with transaction(engine.sessionmaker) as session:
+        counts = await store.workflow_counts(session, workflow_id=workflow)
+    out = report(counts.runs, counts.sends, counts.deliveries)
+    assert out["entered"] == 40
+    assert out["converted"] == upgraded
+    assert out["requested"] == out["delivered"] == 40  # a "delivered" reported twice counts once
+    variants = {v["variant"]: v for v in out["variants"]}  # type: ignore[attr-defined]
+    assert variants["a"]["open_rate"] == 1.0
+    assert variants["b"]["open_rate"] == 0.0
+    assert variants["a"]["conversion_rate"] == 1.0
+    assert out["ab_test"]["leader"] == "a"  # type: ignore[index]
+    assert out["ab_test"]["winner"] == "a"  # type: ignore[index]
