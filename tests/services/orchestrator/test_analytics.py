@@ -41,10 +41,10 @@ def test_rates_per_step_and_variant() -> None:
         deliveries=[(0, "a", "delivered", 4), (0, "a", "opened", 2), (0, "a", "clicked", 1)],
     )
     assert (out["entered"], out["completed"], out["converted"], out["requested"]) == (8, 2, 2, 8)
-    [step] = out["steps"]  # type: ignore[misc]
+    [step] = out["steps"]
     assert step["open_rate"] == 0.5
     assert step["click_rate"] == 0.25
-    a, b = out["variants"]  # type: ignore[misc]
+    a, b = out["variants"]
     assert (a["variant"], a["conversion_rate"], b["conversion_rate"]) == ("a", 0.5, 0.0)
 
 
@@ -91,7 +91,7 @@ async def test_analytics_of_a_split_workflow_from_runs_and_deliveries(engine: En
                     payload=DeliveryReported(
                         idempotency_key=f"{run.id}:{step}",
                         channel="email",
-                        status=status,  # type: ignore[arg-type]
+                        status=status,
                         contact_id=run.contact_id,
                     ),
                     occurred_at=engine.now,
@@ -106,9 +106,9 @@ async def test_analytics_of_a_split_workflow_from_runs_and_deliveries(engine: En
     assert out["entered"] == 40
     assert out["converted"] == upgraded
     assert out["requested"] == out["delivered"] == 40  # a "delivered" reported twice counts once
-    variants = {v["variant"]: v for v in out["variants"]}  # type: ignore[attr-defined]
+    variants = {v["variant"]: v for v in out["variants"]}
     assert variants["a"]["open_rate"] == 1.0
     assert variants["b"]["open_rate"] == 0.0
     assert variants["a"]["conversion_rate"] == 1.0
-    assert out["ab_test"]["leader"] == "a"  # type: ignore[index]
-    assert out["ab_test"]["winner"] == "a"  # type: ignore[index]
+    assert out["ab_test"]["leader"] == "a"
+    assert out["ab_test"]["winner"] == "a"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 STATUSES = ("sent", "delivered", "opened", "clicked", "unsubscribed", "bounced", "complained")
 
@@ -80,7 +81,7 @@ def report(
     sends: list[tuple[int, str | None, int]],
     deliveries: list[tuple[int, str | None, str, int]],
     alpha: float = 0.05,
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """The analytics of one workflow: totals, per step, per variant, and the A/B verdict
     on conversions (a run that reached the end without converting is ``completed``)."""
 
@@ -122,8 +123,8 @@ def report(
             if bucket is not None:
                 bucket[status] += count
 
-    def shown(counts: dict[str, int], per_step: bool = False) -> dict[str, object]:
-        out: dict[str, object] = dict(counts)
+    def shown(counts: dict[str, int], per_step: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = dict(counts)
         if per_step:  # runs are not counted per step
             for key in ("entered", "completed", "converted"):
                 out.pop(key)
