@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaProducer
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from nudge_common import codec
-from nudge_common.consumer import TRANSIENT_ERRORS
+from nudge_common.consumer import is_transient
 from nudge_common.db import SessionMaker, transaction
 from nudge_common.kafka import publish
 from nudge_common.settings import NudgeSettings
@@ -142,7 +142,11 @@ class TimerWorker:
                     clock=self.clock,
                     limit=self.batch,
                 )
-            except TRANSIENT_ERRORS as error:
+            except Exception as error:
+                # e.g. a deadlock with the events consumer (it locks a contact's runs, then
+                # their waits; a round locks timers, then their runs): retried
+                if not is_transient(error):
+                    raise
                 log.warning("timer round failed, retrying", error=repr(error))
             if fired == 0:
                 with contextlib.suppress(TimeoutError):
@@ -245,7 +249,9 @@ class WebhookWorker:
                     attempted = await deliver_due_webhooks(
                         self.sessionmaker, self.settings, client, clock=self.clock
                     )
-                except TRANSIENT_ERRORS as error:
+                except Exception as error:
+                    if not is_transient(error):
+                        raise
                     log.warning("webhook round failed, retrying", error=repr(error))
                 if attempted == 0:
                     with contextlib.suppress(TimeoutError):
