@@ -275,7 +275,9 @@ async def timer_phase(
                     seen.add(number)
                     due_ms = first_due_ms + number / rate * 1000
                     lags.append(record.timestamp - due_ms)
-        left = await _count(dsn, "SELECT count(*) FROM orchestrator.timers")
+        left = await _count(
+            dsn, "SELECT count(*) FROM orchestrator.timers WHERE workspace_id = $1", workspace_id
+        )
         fired = await _count(
             dsn, "SELECT count(*) FROM orchestrator.sends WHERE workflow_id = $1", workflow_id
         )
