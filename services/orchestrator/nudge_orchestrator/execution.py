@@ -374,9 +374,11 @@ def _walk(
                     )
                     metrics.MESSAGES_REQUESTED.labels(channel).inc()
                 index = nxt
-            case Schedule(due=due, resume=nxt, event=event, on_event=on_event):
-                if not record(index, "waiting"):
+            case Schedule(due=due, resume=nxt, event=event, on_event=on_event, variant=held):
+                if not record(index, held or "waiting"):
                     return
+                if held is not None:
+                    writes.variants.setdefault(held, []).append(run.id)
                 timer(index, due, nxt, event, on_event, "event" if event else "wait")
                 metrics.TIMERS_SCHEDULED.labels(kind).inc()
                 return

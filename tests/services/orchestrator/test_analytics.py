@@ -113,3 +113,41 @@ async def test_analytics_of_a_split_workflow_from_runs_and_deliveries(engine: En
     assert variants["a"]["conversion_rate"] == 1.0
     assert out["ab_test"]["leader"] == "a"
     assert out["ab_test"]["winner"] == "a"
+
+
+async def test_the_holdout_stays_open_for_the_goal_and_counts_its_conversions(
+    engine: Engine,
+) -> None:
+    workflow = await engine.workflow(
+        {
+            "trigger": {"kind": "event", "event": "Trial Started"},
+            "goal": {"event": "Subscribed"},
+            "steps": [
+                {
+                    "kind": "split",
+                    "variants": [{"name": "a", "weight": 1}, {"name": "b", "weight": 1}],
+                    "holdout": 0.5,
+                    "holdout_window_s": 300 * 86400,
+                },
+                {"kind": "send", "channel": "email", "template_id": str(TEMPLATE_A)},
+            ],
+        }
+    )
+    users = [f"hold-{i}" for i in range(30)]
+    for user in users:
+        await engine.contact(user)
+        await engine.track(user, "Trial Started")
+    runs = await engine.runs(workflow)
+    held = [run for run in runs if run.variant == "holdout"]
+    assert held, "with 30 contacts and a 0.5 holdout, some are held out"
+    assert {run.status for run in held} == {"active"}  # open, sending nothing
+    for user in users:
+        await engine.track(user, "Subscribed")
+    async with transaction(engine.sessionmaker) as session:
+        counts = await store.workflow_counts(session, workflow_id=workflow)
+    out = report(counts.runs, counts.sends, counts.deliveries)
+    variants = {v["variant"]: v for v in out["variants"]}
+    assert variants["holdout"]["entered"] == len(held)
+    assert variants["holdout"]["converted"] == len(held)  # the goal reached them
+    assert variants["holdout"]["requested"] == 0
+    assert out["requested"] == len(runs) - len(held)

@@ -278,6 +278,9 @@ class Split(_Step):
     kind: Literal["split"]
     variants: list[Variant] = Field(min_length=2, max_length=20)
     holdout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    holdout_window_s: int | None = Field(default=None, gt=0, le=366 * 86400)
+    """How long a held-out run stays open (doing nothing) so the goal can still convert
+    it, for the holdout's conversion rate; by default it ends at the split."""
 
     @model_validator(mode="after")
     def names_unique(self) -> Split:
@@ -566,6 +569,8 @@ class Schedule:
     resume: int | None
     event: str | None = None
     on_event: int | None = None
+    variant: str | None = None
+    """A split's holdout waiting for the goal: the run's variant, recorded as the outcome."""
 
 
 @dataclass(frozen=True)
@@ -625,6 +630,9 @@ def decide(definition: WorkflowDefinition, index: int, ctx: Context) -> Decision
             return Goto(after[outcome], outcome)
         case Split():
             variant = assign_variant(step, ctx.workflow_id, ctx.contact_id, index)
+            if variant == "holdout" and step.holdout_window_s:
+                window = timedelta(seconds=step.holdout_window_s)
+                return Schedule(ctx.now + window, None, variant=variant)
             return Goto(after[variant], variant)
         case Exit():
             return End()
