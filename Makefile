@@ -1,5 +1,5 @@
 # The README's two commands are `make demo` and `make test`; each sets up what it needs.
-.PHONY: setup stack stack-down test-tools browser demo test lint typecheck pytest bench-ingest bench-e2e bench-scoring bench-notifier bench-orchestrator
+.PHONY: setup stack stack-down test-tools monitor chaos chaos-cluster demo test lint typecheck pytest bench-ingest bench-e2e bench-scoring bench-notifier bench-orchestrator
 
 setup:
 	scripts/bootstrap
@@ -16,9 +16,6 @@ test-tools:
 monitor:
 	scripts/monitor
 
-browser:
-	scripts/install-chromium
-
 demo: stack
 	.venv/bin/python -m nudge_devtools.demo
 
@@ -29,7 +26,7 @@ lint: setup
 typecheck: setup
 	.venv/bin/mypy
 
-pytest: stack test-tools browser
+pytest: stack test-tools
 	.venv/bin/pytest
 
 test: lint typecheck pytest

@@ -33,7 +33,7 @@ CHROMIUM_ARGS = [
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists() and not os.environ.get("CI"),
-    reason="chromium is installed by scripts/install-chromium (make test runs it)",
+    reason="chromium is installed by scripts/test-tools (make test runs it)",
 )
 
 LANDING = """<!doctype html>
