@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from nudge_common.consumer import ConsumerRunner
@@ -54,7 +53,6 @@ from nudge_scoring.domain.rules import (
 )
 from nudge_scoring.domain.scoring import incoming_traits
 
-RETRYABLE_SQLSTATES = {"40P01", "40001"}  # deadlock detected, serialization failure
 MergeReason = Literal["identify", "alias", "email"]
 
 
@@ -342,19 +340,16 @@ class ScoringHandler:
             event = EVENT_RECEIVED.parse(envelope)
             validate(event)
             by_workspace.setdefault(envelope.workspace_id, []).append((envelope, event))
+        # A deadlock or serialization failure with another partition's batch propagates:
+        # the consumer runner sees it is transient and retries the batch.
         messages: list[OutgoingMessage] = []
-        try:
-            for workspace_id, items in by_workspace.items():
-                batch = WorkspaceBatch(
-                    workspace_id,
-                    book=await self.rulebooks.get(session, workspace_id),
-                    merge_on_email=await store.merge_on_email(session, workspace_id=workspace_id),
-                )
-                messages.extend(await batch.apply(session, items))
-        except sa.exc.DBAPIError as error:
-            if getattr(error.orig, "sqlstate", None) in RETRYABLE_SQLSTATES:
-                raise RetryLater(f"concurrent update: {error.orig}") from error
-            raise
+        for workspace_id, items in by_workspace.items():
+            batch = WorkspaceBatch(
+                workspace_id,
+                book=await self.rulebooks.get(session, workspace_id),
+                merge_on_email=await store.merge_on_email(session, workspace_id=workspace_id),
+            )
+            messages.extend(await batch.apply(session, items))
         return messages
 
 

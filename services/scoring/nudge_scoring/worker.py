@@ -25,7 +25,7 @@ from aiokafka import AIOKafkaProducer
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from nudge_common.consumer import TRANSIENT_ERRORS
+from nudge_common.consumer import is_transient
 from nudge_common.db import SessionMaker, transaction
 from nudge_common.events import (
     EVENT_RECEIVED,
@@ -40,7 +40,6 @@ from nudge_common.kafka import OutgoingMessage, publish
 from nudge_common.settings import NudgeSettings
 from nudge_scoring import metrics, store
 from nudge_scoring.consumer import (
-    RETRYABLE_SQLSTATES,
     Outputs,
     Rulebook,
     after_points,
@@ -59,15 +58,6 @@ from nudge_scoring.domain.rules import (
 
 log = structlog.get_logger(__name__)
 Clock = Callable[[], datetime]
-
-
-RETRIED_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, sa.exc.DBAPIError)
-
-
-def _retryable(error: sa.exc.DBAPIError) -> bool:
-    if isinstance(error, sa.exc.OperationalError | sa.exc.InterfaceError):
-        return True
-    return getattr(error.orig, "sqlstate", None) in RETRYABLE_SQLSTATES
 
 
 def system_clock() -> datetime:
@@ -440,10 +430,10 @@ class TimerWorker:
                     self.sessionmaker, self.producer, self.settings, now=now
                 )
                 busy = fired > 0 or stepped
-            except RETRIED_ERRORS as error:
+            except Exception as error:
                 # lost connections, and deadlocks or serialization failures with the
                 # consumer or the API: the transaction rolled back, the next turn redoes it
-                if isinstance(error, sa.exc.DBAPIError) and not _retryable(error):
+                if not is_transient(error):
                     raise
                 log.warning("timer work failed, retrying", error=repr(error))
             if not busy:
