@@ -210,7 +210,7 @@ def contact_handler(clock: Clock) -> MessageHandler:
                     )
         old_traits: dict[str, Any] = (before or {}).get("traits") or {}
         if old_traits != update.traits:
-            for workflow in await store.workflows_of_kind(
+            for workflow in await store.triggered_workflows(
                 session, workspace_id=workspace_id, kind="date_trait"
             ):
                 trigger = workflow.definition.trigger

@@ -420,18 +420,19 @@ async def version_definition(
 
 
 async def triggered_workflows(
-    session: AsyncSession, *, workspace_id: str, kind: str, key: str
+    session: AsyncSession, *, workspace_id: str, kind: str, key: str | None = None
 ) -> list[Published]:
-    """Active workflows whose published trigger listens to (kind, key)."""
-    rows = await session.execute(
-        sa.select(workflows.c.id, workflows.c.version).where(
-            workflows.c.workspace_id == workspace_id,
-            workflows.c.trigger_kind == kind,
-            workflows.c.trigger_key == key,
-            workflows.c.status == "active",
-            workflows.c.version > 0,
-        )
-    )
+    """Active workflows whose published trigger listens to (kind, key); without ``key``,
+    every active workflow of that trigger kind."""
+    conditions = [
+        workflows.c.workspace_id == workspace_id,
+        workflows.c.trigger_kind == kind,
+        workflows.c.status == "active",
+        workflows.c.version > 0,
+    ]
+    if key is not None:
+        conditions.append(workflows.c.trigger_key == key)
+    rows = await session.execute(sa.select(workflows.c.id, workflows.c.version).where(*conditions))
     return [
         Published(
             row.id,
@@ -798,29 +799,6 @@ async def contacts_with_trait(
         )
     )
     return [(row.contact_id, row.traits) for row in rows]
-
-
-async def workflows_of_kind(
-    session: AsyncSession, *, workspace_id: str, kind: str
-) -> list[Published]:
-    """Active workflows of a trigger kind, whatever they listen to."""
-    rows = await session.execute(
-        sa.select(workflows.c.id, workflows.c.version).where(
-            workflows.c.workspace_id == workspace_id,
-            workflows.c.trigger_kind == kind,
-            workflows.c.status == "active",
-            workflows.c.version > 0,
-        )
-    )
-    return [
-        Published(
-            row.id,
-            workspace_id,
-            row.version,
-            await version_definition(session, workflow_id=row.id, version=row.version),
-        )
-        for row in rows.all()
-    ]
 
 
 # --- sends, caps --------------------------------------------------------------------------
