@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from nudge_common.clock import set_file_clock
 from nudge_common.db import SessionMaker, transaction
 from nudge_common.events import (
     EVENT_RECEIVED,
@@ -28,7 +29,6 @@ from nudge_common.kafka import OutgoingMessage, create_producer, publish
 from nudge_devtools.pipeline import eventually, read_topic, wait_until_idle
 from nudge_devtools.services import ServiceProcess, free_port
 from nudge_orchestrator import store
-from nudge_orchestrator.clock import set_file_clock
 from nudge_orchestrator.domain.workflows import WorkflowDefinition
 from tests.conftest import StackHandle
 

@@ -150,8 +150,40 @@ class ContactUpdated(BaseModel):
     user_id: str | None = None
     traits: dict[str, Any] = Field(default_factory=dict)
     scores: dict[str, int] = Field(default_factory=dict)
-    changed: list[Literal["traits", "scores"]]
+    tags: dict[str, int] = Field(default_factory=dict)
+    """The contact's active tags and their tag scores (how many times each was assigned)."""
+    stages: dict[str, str] = Field(default_factory=dict)
+    """The lifecycle stage per scoring model."""
+    changed: list[Literal["traits", "scores", "tags", "stages"]]
     cause_message_id: str | None = None
+
+
+class ContactActivity(BaseModel):
+    """An event a contact performed, once identity is resolved: published by scoring for
+    every new track, page and screen call it stores, keyed by the contact, so consumers of
+    the contacts topic see a contact's events in order with its updates."""
+
+    contact_id: uuid.UUID
+    message_id: str
+    kind: Literal["track", "page", "screen"]
+    event: str
+    """The track event's name; for page and screen calls, ``Page Viewed`` and
+    ``Screen Viewed``."""
+    properties: dict[str, Any] = Field(default_factory=dict)
+    revenue: float | None = None
+    """Set on ``Order Completed`` (the order value) and ``Order Refunded`` (negative)."""
+    at: datetime
+
+
+class ListChanged(BaseModel):
+    """A request to add a contact to a static list or remove it (by a workflow step);
+    the segmenter, which owns lists, applies it and publishes the membership change."""
+
+    list_id: uuid.UUID
+    contact_id: uuid.UUID
+    action: Literal["add", "remove"]
+    reason: str = "workflow"
+    at: datetime
 
 
 class ContactSnapshot(BaseModel):
@@ -179,6 +211,17 @@ class NotificationRequested(BaseModel):
     workflow_id: uuid.UUID | None = None
     run_id: uuid.UUID | None = None
     step: int | None = None
+    recipient: str | None = Field(default=None, min_length=3, max_length=320)
+    """Internal mail (e.g. notify sales): send to this address instead of the contact's.
+    The contact's consent, suppression and frequency caps do not apply (nor tracking or
+    unsubscribe links); the idempotency key does. Email only."""
+    data: dict[str, Any] = Field(default_factory=dict)
+    """More template variables, seen as ``data`` (e.g. the contact's 360 summary)."""
+
+
+CONTACT_SUMMARY_TEMPLATE_ID = uuid.UUID("00000000-0000-4000-8000-000000000360")
+"""An email template every notifier has without being told: the contact's 360 summary
+(``data`` of a notify-sales request) for internal mail."""
 
 
 DeliveryStatus = Literal[
@@ -249,6 +292,21 @@ class ContactStageChanged(BaseModel):
     at: datetime
 
 
+class ScoreAdjusted(BaseModel):
+    """Points given to or taken from a contact's score in a model without a rule (a
+    workflow's ``adjust_score`` step). Scoring applies each ``adjustment_id`` once, moves
+    lifecycle stages and publishes ``contact.updated``. Keyed by the contact id."""
+
+    contact_id: uuid.UUID
+    model: str = Field(min_length=1, max_length=100)
+    points: int
+    reason: str = Field(default="adjustment", min_length=1, max_length=100)
+    """Kept in the score breakdown (``score_changes.reason``), e.g. ``workflow``."""
+    adjustment_id: str = Field(min_length=1, max_length=200)
+    """What makes a replay count once, e.g. ``<run id>:<step>``."""
+    at: datetime
+
+
 class ContactErased(BaseModel):
     """GDPR erasure: every service deletes or anonymises what it holds about these contacts
     (the contact and the contacts merged into it)."""
@@ -259,10 +317,13 @@ class ContactErased(BaseModel):
 
 
 EVENT_RECEIVED = EventType("event.received", SegmentEvent, Topic.EVENTS)
+SCORE_ADJUSTED = EventType("score.adjusted", ScoreAdjusted, Topic.EVENTS)
 CONTACT_UPDATED = EventType("contact.updated", ContactUpdated, Topic.CONTACTS)
 CONTACT_MERGED = EventType("contact.merged", ContactMerged, Topic.CONTACTS)
 CONTACT_STAGE_CHANGED = EventType("contact.stage_changed", ContactStageChanged, Topic.CONTACTS)
 CONTACT_ERASED = EventType("contact.erased", ContactErased, Topic.CONTACTS)
+CONTACT_ACTIVITY = EventType("contact.activity", ContactActivity, Topic.CONTACTS)
+LIST_CHANGED = EventType("list.changed", ListChanged, Topic.CONTACTS)
 SEGMENT_ENTERED = EventType("segment.entered", MembershipChanged, Topic.MEMBERSHIPS)
 SEGMENT_EXITED = EventType("segment.exited", MembershipChanged, Topic.MEMBERSHIPS)
 NOTIFICATION_REQUESTED = EventType(

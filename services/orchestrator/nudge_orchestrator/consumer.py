@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from nudge_common.clock import Clock, clock_from
 from nudge_common.conditions import Profile, matches
 from nudge_common.consumer import ConsumerRunner, MessageHandler
 from nudge_common.events import (
@@ -34,7 +35,6 @@ from nudge_common.ids import stable_id
 from nudge_common.kafka import OutgoingMessage
 from nudge_common.service import Runtime, Worker
 from nudge_orchestrator import execution, store
-from nudge_orchestrator.clock import Clock, clock_from
 from nudge_orchestrator.domain.workflows import (
     DateTrait,
     EventPerformed,

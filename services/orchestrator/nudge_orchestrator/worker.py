@@ -20,12 +20,12 @@ from aiokafka import AIOKafkaProducer
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from nudge_common import codec
+from nudge_common.clock import Clock, system_clock
 from nudge_common.consumer import is_transient
 from nudge_common.db import SessionMaker, transaction
 from nudge_common.kafka import publish
 from nudge_common.settings import NudgeSettings
 from nudge_orchestrator import execution, metrics, store
-from nudge_orchestrator.clock import Clock, system_clock
 from nudge_orchestrator.domain.workflows import DateTrait, next_date_occurrence
 from nudge_orchestrator.settings import OrchestratorSettings
 

@@ -4,13 +4,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from nudge_common.rfm import CELL_NAMES, Level, level
 from nudge_segmenter.domain.rfm import (
-    CELL_NAMES,
     CustomerValue,
-    Level,
     RfmScores,
     cells,
-    level,
     quintiles,
     score_customers,
 )

@@ -7,7 +7,8 @@ window, 5 being the best (most recent, most frequent, highest spend). A score is
 same rule is expressible in SQL (``cume_dist() OVER (ORDER BY ...)``) for set-based
 computation over millions of contacts.
 
-For the matrices each score becomes a level: 1-2 low, 3 medium, 4-5 high.
+The matrices and their cell names are in :mod:`nudge_common.rfm`, shared with the condition
+language.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from enum import StrEnum
-from typing import Literal, TypeVar
+from typing import TypeVar
+
+from nudge_common.rfm import CELL_NAMES, level
 
 
 @dataclass(frozen=True)
@@ -33,59 +35,6 @@ class RfmScores:
     recency: int
     frequency: int
     monetary: int
-
-
-class Level(StrEnum):
-    LOW = "low"
-    MEDIUM = "medium"
-    HIGH = "high"
-
-
-def level(score: int) -> Level:
-    if score <= 2:
-        return Level.LOW
-    return Level.MEDIUM if score == 3 else Level.HIGH
-
-
-Matrix = Literal["rf", "rm", "fm"]
-
-_L, _M, _H = Level.LOW, Level.MEDIUM, Level.HIGH
-
-CELL_NAMES: dict[Matrix, dict[tuple[Level, Level], str]] = {
-    "rf": {
-        (_H, _H): "champions",
-        (_H, _M): "potential loyalists",
-        (_H, _L): "new customers",
-        (_M, _H): "loyal",
-        (_M, _M): "need attention",
-        (_M, _L): "promising",
-        (_L, _H): "at risk",
-        (_L, _M): "about to sleep",
-        (_L, _L): "hibernating",
-    },
-    "rm": {
-        (_H, _H): "active big spenders",
-        (_H, _M): "active mid spenders",
-        (_H, _L): "active low spenders",
-        (_M, _H): "cooling big spenders",
-        (_M, _M): "cooling mid spenders",
-        (_M, _L): "cooling low spenders",
-        (_L, _H): "lapsed big spenders",
-        (_L, _M): "lapsed mid spenders",
-        (_L, _L): "lapsed low spenders",
-    },
-    "fm": {
-        (_H, _H): "top customers",
-        (_H, _M): "frequent mid spenders",
-        (_H, _L): "frequent bargain hunters",
-        (_M, _H): "occasional big spenders",
-        (_M, _M): "regulars",
-        (_M, _L): "occasional low spenders",
-        (_L, _H): "one-off big spenders",
-        (_L, _M): "one-off mid spenders",
-        (_L, _L): "one-off low spenders",
-    },
-}
 
 
 @dataclass(frozen=True)

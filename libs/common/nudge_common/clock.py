@@ -1,5 +1,6 @@
-"""What "now" is for workflows: the system clock, or, in tests, an instant read from a file
-that a test moves by hand (so a process started by the test follows it)."""
+"""What "now" is for timed work (workflow waits, time-driven segments): the system clock,
+or, in tests, an instant read from a file that a test moves by hand (so a process started
+by the test follows it)."""
 
 from __future__ import annotations
 
