@@ -18,13 +18,14 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from nudge_common.db import transaction
-from nudge_common.events import CONTACT_ERASED, ContactErased, Topic
+from nudge_common.events import CONTACT_ERASED, CONTACT_UPDATED, ContactErased, Topic
 from nudge_common.ids import stable_id
+from nudge_common.internal_api import SessionDep, WorkspaceDep
 from nudge_common.kafka import OutgoingMessage, publish
 from nudge_common.service import RuntimeDep
 from nudge_scoring import store
-from nudge_scoring.api.deps import SessionDep, WorkspaceDep
 from nudge_scoring.api.models import JobPublic, _job
+from nudge_scoring.consumer import contact_updated
 from nudge_scoring.domain import imports
 from nudge_scoring.domain.profile import is_valid_tag
 from nudge_scoring.worker import start_import
@@ -213,8 +214,14 @@ async def contact_360(
 
 @router.post("/contacts/{contact_id}/tags")
 async def tag(
-    contact_id: uuid.UUID, body: TagsPost, workspace: WorkspaceDep, session: SessionDep
+    contact_id: uuid.UUID,
+    body: TagsPost,
+    workspace: WorkspaceDep,
+    session: SessionDep,
+    runtime: RuntimeDep,
 ) -> dict[str, int]:
+    """Add and remove tags; returns the active tags with their tag scores. A change is
+    published as ``contact.updated`` (``changed`` = ``tags``)."""
     for field, names in (("add", body.add), ("remove", body.remove)):
         for index, name in enumerate(names):
             if not is_valid_tag(name):
@@ -229,15 +236,24 @@ async def tag(
                     ]
                 )
     row = await _contact_or_404(session, workspace, contact_id)
+    at = datetime.now(UTC)
+    # locked as the consumer locks it, so the published tags are the committed ones
+    contact = (await store.lock_states(session, [row.id], with_spent=False))[row.id]
     await store.assign_tags(
-        session,
-        workspace_id=workspace,
-        contact_id=row.id,
-        add=body.add,
-        remove=body.remove,
-        at=datetime.now(UTC),
+        session, workspace_id=workspace, contact_id=row.id, add=body.add, remove=body.remove, at=at
     )
-    return await store.tags_of(session, contact_id=row.id)
+    if contact.tag(body.add, body.remove):
+        envelope = CONTACT_UPDATED.envelope(
+            workspace_id=workspace,
+            payload=contact_updated(contact, ["tags"], None),
+            occurred_at=at,
+        )
+        await publish(
+            runtime.producer,
+            runtime.settings,
+            [OutgoingMessage(Topic.CONTACTS, str(row.id), envelope)],
+        )
+    return contact.tags
 
 
 @router.delete("/contacts/{contact_id}", status_code=202)

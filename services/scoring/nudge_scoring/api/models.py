@@ -11,8 +11,8 @@ from fastapi import APIRouter, HTTPException
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 
+from nudge_common.internal_api import SessionDep, WorkspaceDep
 from nudge_scoring import store
-from nudge_scoring.api.deps import SessionDep, WorkspaceDep
 from nudge_scoring.domain.profile import COMMON_TRAITS
 from nudge_scoring.domain.rules import ProfileSpec, Rule, RuleSpec, Stage
 from nudge_scoring.worker import start_recompute

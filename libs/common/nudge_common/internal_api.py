@@ -1,3 +1,7 @@
+"""Dependencies of the services' internal HTTP APIs (scoring, segmenter): a session in a
+transaction per request, and the workspace the orchestrator's authenticated front names
+in the ``X-Nudge-Workspace`` header."""
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
