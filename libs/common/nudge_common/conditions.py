@@ -10,7 +10,7 @@ property filters). A condition is JSON, nested with ``all`` / ``any`` / ``not``:
     ]}
 
 Every leaf kind is documented in ``docs/segmenter.md``. The segmenter also compiles a
-condition to SQL (``nudge_segmenter.domain.sql``) for set-based backfill; the semantics
+condition to SQL (``nudge_segmenter.sql``) for set-based backfill; the semantics
 here are the reference, and the property tests hold the two equal:
 
 * values compare only with values of the same JSON kind (number with number, string with
@@ -28,6 +28,7 @@ rescanning everyone on a cron.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,11 +40,19 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator,
 
 from nudge_common.rfm import CELL_NAMES, LEVEL_SCORES, MATRIX_AXES, Axis, Matrix, cell_levels
 
+_ISO_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
 Comparison = Literal["eq", "neq", "gt", "gte", "lt", "lte"]
 Channel = Literal["email", "sms", "push"]
 ValueMetric = Literal[
     "revenue", "orders", "average_order_value", "clv", "p_alive", "expected_purchases"
 ]
+
+
+def trait_path(name: str) -> str:
+    if any(not part or part.lstrip("-").isdigit() for part in name.split(".")):
+        raise ValueError("a dotted path of trait names (no empty parts, no list indexes)")
+    return name
 
 
 class _Node(BaseModel):
@@ -73,10 +82,16 @@ class TraitIs(_Node):
     op: Comparison | Literal["exists", "in", "contains", "starts_with"]
     value: Any = None
 
+    _path = field_validator("name")(classmethod(lambda cls, name: trait_path(name)))
+
     @model_validator(mode="after")
     def _value_fits_op(self) -> TraitIs:
-        if self.op == "in" and not isinstance(self.value, list):
-            raise ValueError("'in' needs a list value")
+        if self.op != "exists" and self.value is None:
+            raise ValueError(f"'{self.op}' needs a value")
+        if self.op == "in" and not (
+            isinstance(self.value, list) and all(v is not None for v in self.value)
+        ):
+            raise ValueError("'in' needs a list of values (no nulls)")
         if self.op == "starts_with" and not isinstance(self.value, str):
             raise ValueError("'starts_with' needs a string value")
         if self.op == "contains" and not _is_scalar(self.value):
@@ -98,6 +113,8 @@ class TraitDate(_Node):
     op: Literal["before", "after", "within_last", "within_next", "anniversary_within"]
     value: date | None = None
     days: int | None = Field(default=None, ge=0, le=36_500)
+
+    _path = field_validator("name")(classmethod(lambda cls, name: trait_path(name)))
 
     @model_validator(mode="after")
     def _operand_fits_op(self) -> TraitDate:
@@ -437,13 +454,10 @@ def trait_matches(actual: Any, op: str, expected: Any) -> bool:
 
 def as_date(value: Any) -> date | None:
     """The calendar day of an ISO date or date-time string (its first ten characters)."""
-    if not isinstance(value, str) or len(value) < 10:
-        return None
-    head = value[:10]
-    if not (head[4] == "-" and head[7] == "-" and (head[:4] + head[5:7] + head[8:]).isdigit()):
+    if not isinstance(value, str) or not _ISO_DAY.match(value):
         return None
     try:
-        return date.fromisoformat(head)
+        return date.fromisoformat(value[:10])
     except ValueError:
         return None
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 
 TRANSITIONS = Counter(
     "nudge_segmenter_transitions_total",
@@ -11,6 +11,15 @@ TRANSITIONS = Counter(
 )
 STALE_UPDATES = Counter(
     "nudge_segmenter_stale_updates_total",
-    "contact.updated messages ignored because their contact had been merged away before "
-    "they arrived.",
+    "Messages about a contact ignored because it had been merged away before they arrived.",
+)
+RECHECK_LAG = Histogram(
+    "nudge_segmenter_recheck_lag_seconds",
+    "From a time-driven recheck's due time to its re-evaluation.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+BACKFILL_SECONDS = Histogram(
+    "nudge_segmenter_backfill_seconds",
+    "Duration of a segment's backfill, from staging to hand-over.",
+    buckets=(0.1, 0.5, 1, 5, 10, 30, 60, 300, 900),
 )
