@@ -1,7 +1,9 @@
 """Scoring's Kafka wiring: an inbound event resolves to one contact (merging contacts that
 turn out to be one person), is stored once, updates the profile, tags and transactions,
 scores against the workspace's rules, and publishes ``contact.merged``,
-``contact.stage_changed`` and ``contact.updated`` (only on a real change).
+``contact.activity`` (track, page and screen calls), ``contact.stage_changed`` and
+``contact.updated`` (only on a real change), in that order. A ``score.adjusted`` adds its
+points to one contact once.
 
 Every output id derives from its cause (the inbound envelope, plus the merged contact or
 the model as scope), and every contact id from the identity it was first seen with, so a
@@ -21,14 +23,18 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from nudge_common.consumer import ConsumerRunner
 from nudge_common.errors import InvalidMessage, RetryLater
 from nudge_common.events import (
+    CONTACT_ACTIVITY,
     CONTACT_MERGED,
     CONTACT_STAGE_CHANGED,
     CONTACT_UPDATED,
     EVENT_RECEIVED,
+    SCORE_ADJUSTED,
+    ContactActivity,
     ContactMerged,
     ContactStageChanged,
     ContactUpdated,
     Envelope,
+    ScoreAdjusted,
     SegmentEvent,
     SegmentType,
     Topic,
@@ -54,6 +60,8 @@ from nudge_scoring.domain.rules import (
 from nudge_scoring.domain.scoring import incoming_traits
 
 MergeReason = Literal["identify", "alias", "email"]
+Changed = Literal["traits", "scores", "tags", "stages"]
+ACTIVITY_NAMES = {SegmentType.PAGE: "Page Viewed", SegmentType.SCREEN: "Screen Viewed"}
 
 
 @dataclass
@@ -76,6 +84,20 @@ class Outputs:
                     occurred_at=self.occurred_at,
                     caused_by=self.cause,
                     scope=str(change.merged_id),
+                ),
+            )
+        )
+
+    def activity(self, activity: ContactActivity) -> None:
+        self.messages.append(
+            OutgoingMessage(
+                Topic.CONTACTS,
+                key=str(activity.contact_id),
+                envelope=CONTACT_ACTIVITY.envelope(
+                    workspace_id=self.workspace_id,
+                    payload=activity,
+                    occurred_at=self.occurred_at,
+                    caused_by=self.cause,
                 ),
             )
         )
@@ -258,6 +280,22 @@ def _merge_reason(
 # --- the handler ---------------------------------------------------------------------------
 
 
+def contact_updated(
+    contact: store.ContactState, changed: list[Changed], cause_message_id: str | None
+) -> ContactUpdated:
+    """The contact as it is now (traits, scores, active tags, stages) and what changed."""
+    return ContactUpdated(
+        contact_id=contact.id,
+        user_id=contact.user_id,
+        traits=contact.traits,
+        scores=dict(contact.scores),
+        tags=contact.tags,
+        stages=dict(contact.stages),
+        changed=changed,
+        cause_message_id=cause_message_id,
+    )
+
+
 @dataclass(frozen=True)
 class Rulebook:
     rules: list[Rule]
@@ -318,9 +356,10 @@ class ScoringHandler:
     claimed at once, the contacts' rows are locked and read at once (in id order), each
     event is then applied in order to that in-memory state, and every table is written
     with one statement. An event that merges contacts (or an alias) is applied alone, in
-    its place in the batch, by ``resolve_contact``. One message (``__call__``, the
-    runner's fallback when a batch fails) is a batch of one: there is one way to apply an
-    event, whatever the batch size."""
+    its place in the batch, by ``resolve_contact``. Score adjustments (keyed by contact,
+    so on other partitions than events) follow their workspace's events. One message
+    (``__call__``, the runner's fallback when a batch fails) is a batch of one: there is
+    one way to apply an event, whatever the batch size."""
 
     def __init__(self) -> None:
         self.rulebooks = RulebookCache()
@@ -334,7 +373,13 @@ class ScoringHandler:
         self, session: AsyncSession, envelopes: Sequence[Envelope]
     ) -> Sequence[OutgoingMessage]:
         by_workspace: dict[str, list[tuple[Envelope, SegmentEvent]]] = {}
+        adjustments: dict[str, list[tuple[Envelope, ScoreAdjusted]]] = {}
         for envelope in envelopes:
+            if envelope.type == SCORE_ADJUSTED.name:
+                adjustment = SCORE_ADJUSTED.parse(envelope)
+                adjustments.setdefault(envelope.workspace_id, []).append((envelope, adjustment))
+                by_workspace.setdefault(envelope.workspace_id, [])
+                continue
             if envelope.type != EVENT_RECEIVED.name:
                 continue
             event = EVENT_RECEIVED.parse(envelope)
@@ -350,6 +395,7 @@ class ScoringHandler:
                 merge_on_email=await store.merge_on_email(session, workspace_id=workspace_id),
             )
             messages.extend(await batch.apply(session, items))
+            messages.extend(await batch.adjust(session, adjustments.get(workspace_id, [])))
         return messages
 
 
@@ -451,7 +497,7 @@ class WorkspaceBatch:
         new = await store.claim_event_ids(
             session,
             workspace_id=self.workspace_id,
-            rows=[(p.event, p.contact_id) for p in first.values()],
+            rows=[(p.event.message_id, p.event.timestamp, p.contact_id) for p in first.values()],
         )
         writes = store.BatchWrites(self.workspace_id)
         messages: list[OutgoingMessage] = []
@@ -460,6 +506,60 @@ class WorkspaceBatch:
             if message_id in new and first[message_id] is pending:
                 self.apply_one(writes, states[pending.contact_id], pending)
             messages.extend(pending.out.messages)
+        await store.write_batch(session, writes)
+        return messages
+
+    async def adjust(
+        self, session: AsyncSession, items: list[tuple[Envelope, ScoreAdjusted]]
+    ) -> list[OutgoingMessage]:
+        """Score adjustments, in order: each ``adjustment_id`` adds its points once (it is
+        claimed in ``event_ids`` as ``adjustment:<id>``) to the contact, or to the contact
+        it was merged into; an erased contact's adjustments are dropped."""
+        if not items:
+            return []
+        states = await store.lock_states(
+            session, {adjustment.contact_id for _, adjustment in items}, with_spent=False
+        )
+        survivors = {s.merged_into for s in states.values() if s.merged_into} - states.keys()
+        if survivors:
+            states |= await store.lock_states(session, survivors, with_spent=False)
+        first: dict[str, tuple[Envelope, ScoreAdjusted, store.ContactState]] = {}
+        for envelope, adjustment in items:
+            contact = states.get(adjustment.contact_id)
+            if contact is not None and contact.merged_into is not None:
+                contact = states.get(contact.merged_into)
+                if contact is not None and contact.merged_into is not None:
+                    raise RetryLater("a contact of the batch was merged meanwhile")
+            if contact is not None:
+                key = f"adjustment:{adjustment.adjustment_id}"
+                first.setdefault(key, (envelope, adjustment, contact))
+        new = await store.claim_event_ids(
+            session,
+            workspace_id=self.workspace_id,
+            rows=[(key, a.at, contact.id) for key, (_, a, contact) in first.items()],
+        )
+        writes = store.BatchWrites(self.workspace_id)
+        messages: list[OutgoingMessage] = []
+        for key, (envelope, adjustment, contact) in first.items():
+            if key not in new:
+                continue
+            out = Outputs(self.workspace_id, envelope, adjustment.at)
+            model, points = adjustment.model, adjustment.points
+            writes.adjust(
+                contact.id,
+                model,
+                points,
+                message_id=key,
+                reason=adjustment.reason,
+                at=adjustment.at,
+            )
+            before = dict(contact.scores)
+            contact.scores[model] = contact.scores.get(model, 0) + points
+            metrics.SCORE_CHANGES.labels(model).inc()
+            changed = self.move_stages(writes, contact, out, before, at=adjustment.at)
+            if changed:
+                out.updated(contact_updated(contact, changed, key))
+            messages.extend(out.messages)
         await store.write_batch(session, writes)
         return messages
 
@@ -479,7 +579,7 @@ class WorkspaceBatch:
             touch["first_touch"] = profile.first_touch(event)
             contact.has_first_touch = True
 
-        changed: list[Literal["traits", "scores"]] = ["traits", "scores"] if pending.merged else []
+        changed: list[Changed] = ["traits", "scores", "tags", "stages"] if pending.merged else []
         incoming = {k: v for k, v in incoming_traits(event).items() if k not in ("tags", "untags")}
         new_traits = profile.changed_traits(contact.traits, incoming)
         if new_traits:
@@ -502,12 +602,15 @@ class WorkspaceBatch:
         if event.type is SegmentType.IDENTIFY:
             add, remove = profile.tags_in(event.traits)
             writes.tag(contact.id, add, remove, at)
+            if contact.tag(add, remove) and "tags" not in changed:
+                changed.append("tags")
 
         state = ScoringState(
             spent=contact.spent,
             held={rule: p for (rule, period), p in contact.spent.items() if period == "held"},
             orders_before=contact.orders_count,
         )
+        revenue: float | None = None
         if event.type is SegmentType.TRACK and event.event in TRANSACTION_EVENTS:
             value = order_value(event.properties) or 0.0
             is_order = event.event == ORDER_COMPLETED
@@ -523,6 +626,10 @@ class WorkspaceBatch:
                 contact.orders_count += 1
                 touch["first_order"] = min(touch["first_order"] or at, at)
                 touch["last_order"] = max(touch["last_order"] or at, at)
+        if event.type is SegmentType.TRACK:
+            out.activity(self.activity_of(contact.id, event, event.event or "", revenue))
+        elif event.type in ACTIVITY_NAMES:
+            out.activity(self.activity_of(contact.id, event, ACTIVITY_NAMES[event.type], None))
 
         deltas = score_event(book.rules, event, state)  # counts cap spending in state.spent
         if new_traits:
@@ -542,19 +649,26 @@ class WorkspaceBatch:
             writes.timers[timer] = max(writes.timers.get(timer, due), due)
         if deltas or pending.merged:
             moved = self.move_stages(writes, contact, out, before, at=at)
-            if moved and "scores" not in changed:
-                changed.append("scores")
+            changed.extend(m for m in moved if m not in changed)
         if changed:
-            out.updated(
-                ContactUpdated(
-                    contact_id=contact.id,
-                    user_id=contact.user_id,
-                    traits=contact.traits,
-                    scores=dict(contact.scores),
-                    changed=changed,
-                    cause_message_id=event.message_id,
-                )
-            )
+            out.updated(contact_updated(contact, changed, event.message_id))
+
+    @staticmethod
+    def activity_of(
+        contact_id: uuid.UUID, event: SegmentEvent, name: str, revenue: float | None
+    ) -> ContactActivity:
+        properties = event.properties
+        if event.type is not SegmentType.TRACK and event.name and "name" not in properties:
+            properties = {"name": event.name, **properties}
+        return ContactActivity(
+            contact_id=contact_id,
+            message_id=event.message_id,
+            kind=event.type.value,
+            event=name,
+            properties=properties,
+            revenue=revenue,
+            at=event.timestamp,
+        )
 
     def move_stages(
         self,
@@ -564,10 +678,12 @@ class WorkspaceBatch:
         before: dict[str, int],
         *,
         at: datetime,
-    ) -> bool:
-        """``after_points`` on the in-memory state; returns whether a score moved."""
+    ) -> list[Changed]:
+        """``after_points`` on the in-memory state; returns what moved (``scores`` when a
+        model's total did, ``stages`` when a stage did)."""
         now = contact.scores
         moved = [m for m in set(now) | set(before) if now.get(m, 0) != before.get(m, 0)]
+        changed: list[Changed] = ["scores"] if moved else []
         for model in sorted(m for m in moved if m in self.book.stages):
             score = now.get(model, 0)
             stage = stage_for(self.book.stages[model], score)
@@ -575,6 +691,8 @@ class WorkspaceBatch:
             if stage is None or stage == previous:
                 continue
             contact.stages[model] = stage
+            if "stages" not in changed:
+                changed.append("stages")
             writes.stages[(contact.id, model)] = (stage, at)
             writes.stage_history.append(
                 {
@@ -598,7 +716,7 @@ class WorkspaceBatch:
                     at=at,
                 )
             )
-        return bool(moved)
+        return changed
 
 
 async def after_points(
@@ -609,14 +727,15 @@ async def after_points(
     before: dict[str, int],
     *,
     at: datetime,
-) -> dict[str, int]:
+) -> list[Changed]:
     """After a contact's scores may have moved: move lifecycle stages whose thresholds were
-    crossed and publish each stage change. Returns the scores now."""
+    crossed and publish each stage change. Returns what moved, as ``move_stages`` does."""
     now = await store.scores_of(session, contact_id=contact_id)
     moved = [m for m in set(now) | set(before) if now.get(m, 0) != before.get(m, 0)]
+    changed: list[Changed] = ["scores"] if moved else []
     staged = [m for m in moved if m in book.stages]
     if not staged:
-        return now
+        return changed
     current = await store.stages_of(session, contact_id=contact_id)
     workspace_id = out.workspace_id
     for model in sorted(staged):
@@ -634,6 +753,8 @@ async def after_points(
             score=now.get(model, 0),
             at=at,
         )
+        if "stages" not in changed:
+            changed.append("stages")
         metrics.STAGE_CHANGES.labels(model, stage).inc()
         out.stage_changed(
             ContactStageChanged(
@@ -645,7 +766,7 @@ async def after_points(
                 at=at,
             )
         )
-    return now
+    return changed
 
 
 def consumers(runtime: Runtime) -> list[Worker]:

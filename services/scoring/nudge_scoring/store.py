@@ -152,10 +152,11 @@ score_changes = sa.Table(
     sa.Column("workspace_id", sa.Text, nullable=False),
     sa.Column("contact_id", UUID(as_uuid=True), nullable=False, index=True),
     sa.Column("model", sa.Text, nullable=False),
-    sa.Column("rule_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("rule_id", UUID(as_uuid=True)),  # none for a score adjustment
     sa.Column("points", sa.Integer, nullable=False),
     sa.Column("message_id", sa.Text, nullable=False),
     sa.Column("at", TIMESTAMP, nullable=False),
+    # event | decay | recompute, or an adjustment's reason (e.g. workflow)
     sa.Column("reason", sa.Text, nullable=False, server_default="event"),
 )
 rule_spending = sa.Table(
@@ -1105,6 +1106,24 @@ class ContactState:
     scores: dict[str, int]
     stages: dict[str, str]
     spent: dict[tuple[uuid.UUID, str], int]
+    tag_scores: dict[str, int] = field(default_factory=dict)
+    """Every tag the contact ever had and its tag score (assignments), active or not."""
+    active_tags: set[str] = field(default_factory=set)
+
+    @property
+    def tags(self) -> dict[str, int]:
+        """The active tags and their tag scores."""
+        return {tag: self.tag_scores[tag] for tag in sorted(self.active_tags)}
+
+    def tag(self, add: Sequence[str], remove: Sequence[str]) -> bool:
+        """``BatchWrites.tag`` on the in-memory state; returns whether the active tags or
+        their tag scores changed."""
+        for name in set(add):
+            self.tag_scores[name] = self.tag_scores.get(name, 0) + 1
+            self.active_tags.add(name)
+        removed = self.active_tags & set(remove)
+        self.active_tags -= removed
+        return bool(add) or bool(removed)
 
 
 async def identities_in(
@@ -1158,7 +1177,8 @@ async def lock_states(
     session: AsyncSession, ids: Iterable[uuid.UUID], *, with_spent: bool
 ) -> dict[uuid.UUID, ContactState]:
     """Lock the contacts' rows (in id order, as merges do) and read what scoring needs:
-    profile, scores, stages and (when a rule has caps or profile conditions) spending."""
+    profile, scores, stages, tags and (when a rule has caps or profile conditions)
+    spending."""
     wanted = sorted(set(ids))
     if not wanted:
         return {}
@@ -1203,6 +1223,14 @@ async def lock_states(
         )
     ):
         states[row.contact_id].stages[row.model] = row.stage
+    for tag in await session.execute(
+        sa.select(tags.c.contact_id, tags.c.tag, tags.c.assignments, tags.c.active).where(
+            tags.c.contact_id.in_(wanted)
+        )
+    ):
+        states[tag.contact_id].tag_scores[tag.tag] = tag.assignments
+        if tag.active:
+            states[tag.contact_id].active_tags.add(tag.tag)
     if with_spent:
         for row in await session.execute(
             sa.select(rule_spending).where(rule_spending.c.contact_id.in_(wanted))
@@ -1212,10 +1240,14 @@ async def lock_states(
 
 
 async def claim_event_ids(
-    session: AsyncSession, *, workspace_id: str, rows: Sequence[tuple[SegmentEvent, uuid.UUID]]
+    session: AsyncSession,
+    *,
+    workspace_id: str,
+    rows: Sequence[tuple[str, datetime, uuid.UUID]],
 ) -> set[str]:
-    """Record (event, contact) pairs in ``event_ids``; returns the message ids that were
-    new (the events to store and apply). Message ids must be distinct."""
+    """Record (message id, occurred at, contact) in ``event_ids``; returns the message ids
+    that were new (the events to store and apply; also score adjustments, as
+    ``adjustment:<id>``). Message ids must be distinct."""
     new: set[str] = set()
     for start in range(0, len(rows), 5000):  # PostgreSQL takes at most 32767 parameters
         result = await session.execute(
@@ -1224,11 +1256,11 @@ async def claim_event_ids(
                 [
                     {
                         "workspace_id": workspace_id,
-                        "message_id": event.message_id,
-                        "occurred_at": event.timestamp,
+                        "message_id": message_id,
+                        "occurred_at": at,
                         "contact_id": contact_id,
                     }
-                    for event, contact_id in rows[start : start + 5000]
+                    for message_id, at, contact_id in rows[start : start + 5000]
                 ]
             )
             .on_conflict_do_nothing()
@@ -1353,6 +1385,32 @@ class BatchWrites:
             for period in delta.periods:
                 spend = (contact_id, delta.rule_id, period)
                 self.spending[spend] = self.spending.get(spend, 0) + delta.points
+
+    def adjust(
+        self,
+        contact_id: uuid.UUID,
+        model: str,
+        points: int,
+        *,
+        message_id: str,
+        reason: str,
+        at: datetime,
+    ) -> None:
+        """Points without a rule (a score adjustment): no caps to count against."""
+        key = (contact_id, model)
+        self.scores[key] = self.scores.get(key, 0) + points
+        self.score_changes.append(
+            {
+                "workspace_id": self.workspace_id,
+                "contact_id": contact_id,
+                "model": model,
+                "rule_id": None,
+                "points": points,
+                "message_id": message_id,
+                "at": at,
+                "reason": reason,
+            }
+        )
 
 
 _TOUCH = sa.update(contacts).where(contacts.c.id == sa.bindparam("cid"))

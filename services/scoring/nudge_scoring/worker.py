@@ -40,6 +40,7 @@ from nudge_common.kafka import OutgoingMessage, publish
 from nudge_common.settings import NudgeSettings
 from nudge_scoring import metrics, store
 from nudge_scoring.consumer import (
+    Changed,
     Outputs,
     Rulebook,
     after_points,
@@ -76,7 +77,7 @@ def _cause(workspace_id: str, *parts: str, at: datetime) -> Envelope:
 
 
 async def _contact_updated(
-    session: AsyncSession, out: Outputs, contact_id: uuid.UUID, cause: str
+    session: AsyncSession, out: Outputs, contact_id: uuid.UUID, cause: str, changed: list[Changed]
 ) -> None:
     contact = await store.get_contact(session, contact_id=contact_id)
     if contact is None:
@@ -87,7 +88,9 @@ async def _contact_updated(
             user_id=contact.user_id,
             traits=contact.traits,
             scores=await store.scores_of(session, contact_id=contact_id),
-            changed=["scores"],
+            tags=await store.tags_of(session, contact_id=contact_id),
+            stages=await store.stages_of(session, contact_id=contact_id),
+            changed=changed,
             cause_message_id=cause,
         )
     )
@@ -138,8 +141,10 @@ async def run_due_timers(
                     reason="decay",
                 )
                 metrics.DECAYS.labels(rule.model).inc()
-                await after_points(session, out, book, timer.contact_id, before, at=timer.due_at)
-                await _contact_updated(session, out, timer.contact_id, cause)
+                changed = await after_points(
+                    session, out, book, timer.contact_id, before, at=timer.due_at
+                )
+                await _contact_updated(session, out, timer.contact_id, cause, changed)
             left = before.get(rule.model, 0) + points
             next_due = timer.due_at + timedelta(days=spec.after_days) if left > 0 else None
             await store.reschedule_timer(session, timer=timer, due_at=next_due)
@@ -191,12 +196,16 @@ async def recompute_contact(
     session: AsyncSession, out: Outputs, book: Rulebook, contact_id: uuid.UUID, model: str
 ) -> None:
     """Replay the contact's stored events under the model's current rules. Past decay is
-    not replayed: the decay timer resumes from the contact's last activity."""
+    not replayed: the decay timer resumes from the contact's last activity. Score
+    adjustments (no rule) are kept as they were."""
     rules = [r for r in book.rules if r.model == model]
     before = await store.scores_of(session, contact_id=contact_id)
+    changes = store.score_changes
     await session.execute(
-        sa.delete(store.score_changes).where(
-            store.score_changes.c.contact_id == contact_id, store.score_changes.c.model == model
+        sa.delete(changes).where(
+            changes.c.contact_id == contact_id,
+            changes.c.model == model,
+            changes.c.rule_id.is_not(None),
         )
     )
     rule_ids = [r.id for r in rules]
@@ -214,6 +223,20 @@ async def recompute_contact(
     contact = await store.get_contact(session, contact_id=contact_id)
     if contact is None:
         return
+    adjusted = await session.scalar(
+        sa.select(sa.func.sum(changes.c.points)).where(
+            changes.c.contact_id == contact_id, changes.c.model == model
+        )
+    )
+    if adjusted is not None:
+        await session.execute(
+            sa.insert(store.scores).values(
+                contact_id=contact_id,
+                model=model,
+                workspace_id=out.workspace_id,
+                points=adjusted,
+            )
+        )
     rows = await session.execute(
         sa.select(store.events)
         .where(store.family(contact_id))
@@ -243,9 +266,9 @@ async def recompute_contact(
         at=out.occurred_at,
         reason="recompute",
     )
-    now = await after_points(session, out, book, contact_id, before, at=out.occurred_at)
-    if now.get(model, 0) != before.get(model, 0):
-        await _contact_updated(session, out, contact_id, f"recompute:{model}")
+    changed = await after_points(session, out, book, contact_id, before, at=out.occurred_at)
+    if changed:
+        await _contact_updated(session, out, contact_id, f"recompute:{model}", changed)
 
 
 async def run_job_step(

@@ -1,6 +1,7 @@
 """Scoring's internal API in-process on the real database and broker: models and rules with
-422s naming the field, the contact 360 view, tags, recompute over history with progress,
-and GDPR erase publishing ``contact.erased``."""
+422s naming the field, the contact 360 view, tags (a change published as
+``contact.updated``), recompute over history with progress, and GDPR erase publishing
+``contact.erased``."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from nudge_common.db import SessionMaker, transaction
-from nudge_common.events import CONTACT_ERASED, Envelope, Topic
+from nudge_common.events import CONTACT_ERASED, CONTACT_UPDATED, Envelope, Topic
 from nudge_common.kafka import create_producer
 from nudge_common.service import create_service_app
 from nudge_devtools.pipeline import read_topic
@@ -188,3 +189,10 @@ async def test_contact_360_tags_recompute_and_erase(
     assert [e.type for e in erase_messages if e.type == CONTACT_ERASED.name] == [
         CONTACT_ERASED.name
     ]
+    # the tag endpoint published the change (the handler's outputs are not published here)
+    tagged, recomputed = [
+        CONTACT_UPDATED.parse(e) for e in erase_messages if e.type == CONTACT_UPDATED.name
+    ]
+    assert (tagged.changed, tagged.tags) == (["tags"], {"interest:shoes": 2})
+    assert tagged.stages == {"lead": "lead"}
+    assert (recomputed.changed, recomputed.tags) == (["scores", "stages"], tagged.tags)
