@@ -119,6 +119,8 @@ async def contact_of(
 
 def event_handler(clock: Clock) -> MessageHandler:
     async def handle(session: AsyncSession, envelope: Envelope) -> Sequence[OutgoingMessage]:
+        if envelope.type != EVENT_RECEIVED.name:
+            return []  # score.adjusted, for scoring
         event = EVENT_RECEIVED.parse(envelope)
         if event.type is not SegmentType.TRACK or not event.event:
             return []

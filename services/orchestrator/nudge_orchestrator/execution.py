@@ -20,8 +20,10 @@ from nudge_common.conditions import Profile
 from nudge_common.events import (
     EVENT_RECEIVED,
     NOTIFICATION_REQUESTED,
+    SCORE_ADJUSTED,
     ContactSnapshot,
     NotificationRequested,
+    ScoreAdjusted,
     SegmentEvent,
     Topic,
     segment_event_id,
@@ -415,9 +417,10 @@ def _act(
     now: datetime,
 ) -> str:
     """An action of another service, as an output of this step: a Segment call on the
-    events topic (tags, traits, score: scoring applies it like any call, identified by the
+    events topic (tags, traits: scoring applies it like any call, identified by the
     contact's user id; the message id derives from (run, step), so a replay is the same
-    call), or a row in the webhook outbox. Returns the step's outcome."""
+    call), a ``score.adjusted`` for scoring (adjustment id ``<run>:<step>``, applied once),
+    or a row in the webhook outbox. Returns the step's outcome."""
     match action:
         case Webhook(url=url) | NotifySales(url=url):
             body: dict[str, Any] = {
@@ -446,6 +449,27 @@ def _act(
                 }
             )
             return "requested"
+        case AdjustScore(model=model, points=points):
+            out.messages.append(
+                OutgoingMessage(
+                    Topic.EVENTS,
+                    key=str(run.contact_id),
+                    envelope=SCORE_ADJUSTED.envelope(
+                        workspace_id=run.workspace_id,
+                        payload=ScoreAdjusted(
+                            contact_id=run.contact_id,
+                            model=model,
+                            points=points,
+                            reason="workflow",
+                            adjustment_id=f"{run.id}:{step}",
+                            at=now,
+                        ),
+                        occurred_at=now,
+                        id=stable_id(str(run.id), SCORE_ADJUSTED.name, str(step)),
+                    ),
+                )
+            )
+            return "requested"
     user_id = contact.get("user_id")
     if not user_id:
         return "no_user_id"  # scoring resolves calls by identity; this contact has none here
@@ -462,12 +486,6 @@ def _act(
             call |= {"type": "identify", "traits": {"tags": add, "untags": remove}}
         case SetTraits(traits=traits):
             call |= {"type": "identify", "traits": dict(traits)}
-        case AdjustScore(model=model, points=points):
-            call |= {
-                "type": "track",
-                "event": SCORE_ADJUSTED,
-                "properties": {"model": model, "points": points},
-            }
     out.messages.append(
         OutgoingMessage(
             Topic.EVENTS,
@@ -481,9 +499,6 @@ def _act(
         )
     )
     return "requested"
-
-
-SCORE_ADJUSTED = "Score Adjusted"
 
 
 def sales_summary(contact: dict[str, Any], note: str) -> str:

@@ -1,7 +1,8 @@
-"""Actions that belong to other services: tags, traits and score adjustments as Segment
-calls on the events topic (scoring applies identify ``traits.tags``/``untags`` and traits
-as any call), and signed webhooks (and notify sales) from a durable outbox, retried with
-backoff, delivered to a local HTTP server."""
+"""Actions that belong to other services: tags and traits as Segment calls on the events
+topic (scoring applies identify ``traits.tags``/``untags`` and traits as any call), score
+adjustments as ``score.adjusted`` (applied by scoring's handler here), and signed webhooks
+(and notify sales) from a durable outbox, retried with backoff, delivered to a local HTTP
+server."""
 
 from __future__ import annotations
 
@@ -19,13 +20,19 @@ import pytest
 import sqlalchemy as sa
 
 from nudge_common.db import transaction
-from nudge_common.events import EVENT_RECEIVED, Envelope, SegmentType, Topic
+from nudge_common.events import EVENT_RECEIVED, SCORE_ADJUSTED, Envelope, SegmentType, Topic
+from nudge_common.ids import stable_id
 from nudge_devtools.pipeline import read_topic
 from nudge_orchestrator import store
+from nudge_orchestrator.consumer import event_handler
 from nudge_orchestrator.settings import OrchestratorSettings
 from nudge_orchestrator.worker import deliver_due_webhooks
+from nudge_scoring import store as scoring_store
+from nudge_scoring.consumer import handle_event as scoring_handler
 from nudge_scoring.domain.profile import tags_in
+from nudge_scoring.domain.rules import Stage
 from tests.services.orchestrator.conftest import Engine
+from tests.services.scoring.conftest import segment
 
 
 class Receiver:
@@ -65,7 +72,7 @@ def _decode(record: Any) -> Envelope:
     return Envelope.decode(record.value)
 
 
-async def test_tags_traits_and_score_are_segment_calls_for_scoring(engine: Engine) -> None:
+async def test_tags_and_traits_are_segment_calls_and_score_an_adjustment(engine: Engine) -> None:
     workflow = await engine.workflow(
         {
             "trigger": {"kind": "event", "event": "Demo Requested"},
@@ -76,29 +83,73 @@ async def test_tags_traits_and_score_are_segment_calls_for_scoring(engine: Engin
             ],
         }
     )
-    await engine.contact("act-1")
+    contact_id = await engine.contact("act-1")
     await engine.track("act-1", "Demo Requested")
     [run] = await engine.runs(workflow)
     assert run.status == "completed"
     prefix = f"nudge-orchestrator:{run.id}:"
-    found = await read_topic(
-        engine.settings,
-        Topic.EVENTS,
-        where=lambda r: EVENT_RECEIVED.parse(_decode(r)).message_id.startswith(prefix),
-        expected=3,
+
+    def ours(record: Any) -> bool:
+        envelope = _decode(record)
+        if envelope.type == SCORE_ADJUSTED.name:
+            return SCORE_ADJUSTED.parse(envelope).adjustment_id.startswith(f"{run.id}:")
+        return EVENT_RECEIVED.parse(envelope).message_id.startswith(prefix)
+
+    found = await read_topic(engine.settings, Topic.EVENTS, where=ours, expected=3)
+    calls = sorted(
+        (EVENT_RECEIVED.parse(_decode(r)) for r in found if r.key == b"act-1"),
+        key=lambda c: c.message_id,
     )
-    calls = sorted((EVENT_RECEIVED.parse(_decode(r)) for r in found), key=lambda c: c.message_id)
-    tag, traits, score = calls
+    tag, traits = calls
     assert tag.type is SegmentType.IDENTIFY
     assert tag.user_id == "act-1"
     # what scoring's consumer reads from an identify call
     assert tags_in(tag.traits) == (["intent:demo"], ["stage:cold"])
     assert traits.traits == {"demo_requested": True}
-    assert score.type is SegmentType.TRACK
-    assert score.event == "Score Adjusted"
-    assert score.properties == {"model": "default", "points": 15}
+    [score] = [r for r in found if r.key == str(contact_id).encode()]
+    adjustment = SCORE_ADJUSTED.parse(_decode(score))
+    assert (adjustment.contact_id, adjustment.model, adjustment.points) == (
+        contact_id,
+        "default",
+        15,
+    )
     # a replay of the run's steps would be the same messages (ids from run and step)
-    assert {r.key for r in found} == {b"act-1"}
+    assert adjustment.adjustment_id == f"{run.id}:2"
+
+
+async def test_adjust_score_reaches_scoring_once_for_a_contact_without_user_id(
+    engine: Engine,
+) -> None:
+    """Scoring's handler applies the step's ``score.adjusted``: the points land once (a
+    replay adds nothing) and move a stage, for a contact scoring knows only anonymously."""
+    ws = engine.workspace_id
+    await engine.workflow(
+        {
+            "trigger": {"kind": "event", "event": "Webinar Attended"},
+            "steps": [{"kind": "adjust_score", "model": "default", "points": 25}],
+        }
+    )
+    async with transaction(engine.sessionmaker) as session:
+        await scoring_store.put_model(
+            session,
+            workspace_id=ws,
+            name="default",
+            description="",
+            stages=[Stage(name="lead", min_score=0), Stage(name="mql", min_score=20)],
+        )
+    event = segment(ws, event="Webinar Attended", anonymousId="anon-7")
+    async with transaction(engine.sessionmaker) as session:
+        await scoring_handler(session, event)
+    await engine.apply(event_handler(engine.clock), event)
+    contact_id = stable_id(ws, "contact", "anonymous_id", "anon-7")
+    [adjusted] = [e for e in engine.published if e.type == SCORE_ADJUSTED.name]
+    for _ in range(2):  # the second is a replay of the same message
+        async with transaction(engine.sessionmaker) as session:
+            out = await scoring_handler(session, adjusted)
+    assert out == []
+    async with transaction(engine.sessionmaker) as session:
+        assert await scoring_store.scores_of(session, contact_id=contact_id) == {"default": 25}
+        assert await scoring_store.stages_of(session, contact_id=contact_id) == {"default": "mql"}
 
 
 async def webhook_rows(engine: Engine, workflow: uuid.UUID) -> list[Any]:

@@ -323,8 +323,8 @@ class SetTraits(_Step):
 
 
 class AdjustScore(_Step):
-    """A track event ``Score Adjusted`` (properties ``model``, ``points``) on the events
-    topic: scoring counts it through a rule on that event (see docs/orchestrator.md)."""
+    """Add ``points`` (negative: take) to the contact's score in ``model``: a
+    ``score.adjusted`` on the events topic, which scoring applies once, without a rule."""
 
     kind: Literal["adjust_score"]
     model: str = Field(default="default", min_length=1, max_length=100)
