@@ -71,7 +71,7 @@ class ContactsHandler:
             update = CONTACT_UPDATED.parse(envelope)
             if await self.stale(session, update.contact_id):
                 return []
-            await store.save_contact(
+            created = await store.save_contact(
                 session,
                 workspace_id=workspace_id,
                 contact_id=update.contact_id,
@@ -88,13 +88,13 @@ class ContactsHandler:
                 contact_id=update.contact_id,
                 now=now,
                 cause=cause,
-                facts=update.changed or None,
+                facts=None if created else update.changed or None,
             )
         if envelope.type == CONTACT_ACTIVITY.name:
             activity = CONTACT_ACTIVITY.parse(envelope)
             if await self.stale(session, activity.contact_id):
                 return []
-            await store.record_activity(
+            created = await store.record_activity(
                 session,
                 workspace_id=workspace_id,
                 contact_id=activity.contact_id,
@@ -112,7 +112,7 @@ class ContactsHandler:
                 contact_id=activity.contact_id,
                 now=now,
                 cause=cause,
-                facts=facts,
+                facts=None if created else facts,
             )
         if envelope.type == LIST_CHANGED.name:
             return await self.list_changed(session, envelope, now)

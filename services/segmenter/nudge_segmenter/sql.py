@@ -82,7 +82,7 @@ def _text_path(column: Expr, dotted: str) -> Expr:
 
 
 def _as_text(value: Expr) -> Expr:
-    return value.op("#>>")(sa.literal([], ARRAY(sa.Text)))
+    return sa.type_coerce(value.op("#>>")(sa.literal([], ARRAY(sa.Text))), sa.Text)
 
 
 _OPS = {
@@ -182,7 +182,7 @@ class _Compiler:
                     memberships.c.contact_id == contacts.c.contact_id,
                 )
             case Consents(channel=channel):
-                return _strict(contacts.c.consents.any(channel))
+                return _strict(sa.literal(channel, sa.Text) == sa.any_(contacts.c.consents))
             case ValueIs(metric=metric, op=op, value=value):
                 return compare_sql(self.metric(metric), op, value)
             case RfmScore(axis=axis, op=op, value=value):

@@ -303,6 +303,11 @@ async def history_of(
     return list(rows)
 
 
+_INSERTED: sa.ColumnElement[bool] = sa.literal_column("xmax = 0", sa.Boolean)
+"""True in ``RETURNING`` when an upsert inserted the row (PostgreSQL's row version
+marker: an updated row carries the updating transaction's id)."""
+
+
 # --- contacts ------------------------------------------------------------------------------
 
 
@@ -313,17 +318,18 @@ async def save_contact(
     contact_id: uuid.UUID,
     at: datetime,
     **values: Any,
-) -> None:
-    """Insert the contact or update the given columns."""
+) -> bool:
+    """Insert the contact or update the given columns; returns whether it is new."""
     statement = pg_insert(contacts).values(
         contact_id=contact_id, workspace_id=workspace_id, updated_at=at, **values
     )
-    await session.execute(
+    inserted = await session.scalar(
         statement.on_conflict_do_update(
             index_elements=[contacts.c.contact_id],
             set_={k: statement.excluded[k] for k in (*values, "updated_at")},
-        )
+        ).returning(_INSERTED)
     )
+    return bool(inserted)
 
 
 async def record_activity(
@@ -335,9 +341,10 @@ async def record_activity(
     at: datetime,
     properties: Mapping[str, Any],
     revenue: float | None,
-) -> None:
+) -> bool:
     """The contact performed ``event``: kept for behavioural conditions; last seen, and
-    orders and revenue on a completed or refunded order, move with it."""
+    orders and revenue on a completed or refunded order, move with it. Returns whether
+    the contact is new."""
     await session.execute(
         sa.insert(contact_events).values(
             workspace_id=workspace_id,
@@ -371,9 +378,12 @@ async def record_activity(
             first_order_at=sa.func.least(contacts.c.first_order_at, excluded.first_order_at),
             last_order_at=sa.func.greatest(contacts.c.last_order_at, excluded.last_order_at),
         )
-    await session.execute(
-        statement.on_conflict_do_update(index_elements=[contacts.c.contact_id], set_=updates)
+    inserted = await session.scalar(
+        statement.on_conflict_do_update(
+            index_elements=[contacts.c.contact_id], set_=updates
+        ).returning(_INSERTED)
     )
+    return bool(inserted)
 
 
 async def set_consent(
