@@ -50,7 +50,12 @@ from nudge_notifier import feedback, metrics, store
 from nudge_notifier.domain import links
 from nudge_notifier.domain.consent import decide
 from nudge_notifier.domain.hygiene import InvalidPhone, check_email, to_e164
-from nudge_notifier.domain.templates import Template, TemplateRenderError, render
+from nudge_notifier.domain.templates import (
+    CONTACT_SUMMARY,
+    Template,
+    TemplateRenderError,
+    render,
+)
 from nudge_notifier.providers.base import (
     Limiter,
     Outbound,
@@ -112,6 +117,12 @@ class Item:
     def done(self) -> bool:
         return self.error is not None or bool(self.outputs)
 
+    @property
+    def internal(self) -> bool:
+        """Mail to a named recipient (notify sales), not to the contact: the contact's
+        consent and suppression, tracking and address health do not apply."""
+        return self.request is not None and self.request.recipient is not None
+
 
 class NotificationHandler:
     def __init__(
@@ -148,6 +159,9 @@ class NotificationHandler:
                 item.request = NOTIFICATION_REQUESTED.parse(item.envelope)
             except ValidationError as error:
                 item.error = InvalidMessage(f"invalid notification request: {error}")
+                continue
+            if item.request.recipient is not None and item.request.channel != "email":
+                item.error = InvalidMessage("recipient: internal messages are email only")
         await self._plan(items)
         await self._claim(items)
         sendable = [item for item in items if not item.done and item.outbound is not None]
@@ -172,8 +186,12 @@ class NotificationHandler:
                 workspace = item.envelope.workspace_id
                 key = (workspace, request.template_id)
                 if key not in templates:
-                    templates[key] = await store.get_template(
-                        session, workspace_id=workspace, template_id=request.template_id
+                    templates[key] = (
+                        CONTACT_SUMMARY
+                        if request.template_id == CONTACT_SUMMARY.id
+                        else await store.get_template(
+                            session, workspace_id=workspace, template_id=request.template_id
+                        )
                     )
                 template = templates[key]
                 if template is None:
@@ -198,7 +216,7 @@ class NotificationHandler:
                     item.error = InvalidMessage(str(error))
                     continue
                 headers: dict[str, str] = {}
-                if request.channel == "email":
+                if request.channel == "email" and not item.internal:
                     ctx = self._links(item, template, address)
                     headers = links.unsubscribe_headers(ctx)
                     rendered = type(rendered)(
@@ -214,7 +232,8 @@ class NotificationHandler:
                 item.outbound = Outbound(
                     request.channel, address, rendered, request.idempotency_key, headers, data
                 )
-                by_workspace.setdefault(workspace, []).append(item)
+                if not item.internal:
+                    by_workspace.setdefault(workspace, []).append(item)
             for workspace, group in by_workspace.items():
                 pairs = {(i.request.channel, i.address) for i in group if i.request and i.address}
                 suppressed, consents = await store.sending_policy(
@@ -262,6 +281,11 @@ class NotificationHandler:
         assert request is not None
         traits = request.contact.traits
         workspace = item.envelope.workspace_id
+        if request.recipient is not None:
+            check = check_email(request.recipient)
+            if not check.valid or check.normalized is None:
+                return None, None, {}, f"invalid recipient address: {check.reason}"
+            return check.normalized.lower(), "smtp", {}, None
         if request.channel == "email":
             raw = traits.get("email")
             if not isinstance(raw, str) or not raw:
@@ -328,7 +352,10 @@ class NotificationHandler:
         assert request is not None
         return {
             "contact": request.contact.model_dump(mode="json"),
-            "unsubscribe_url": links.unsubscribe_url(self._links(item, template, address)),
+            "unsubscribe_url": ""
+            if item.internal
+            else links.unsubscribe_url(self._links(item, template, address)),
+            "data": request.data,
         }
 
     async def _claim(self, items: list[Item]) -> None:
@@ -414,7 +441,12 @@ class NotificationHandler:
             await store.record_outcomes(session, outcomes)
             by_workspace: dict[str, list[tuple[str, str]]] = {}
             for item in items:
-                if item.outcome is None or item.request is None or item.address is None:
+                if (
+                    item.outcome is None
+                    or item.request is None
+                    or item.address is None
+                    or item.internal
+                ):
                     continue
                 workspace = item.envelope.workspace_id
                 pair = (item.request.channel, item.address)

@@ -187,6 +187,8 @@ def contact_handler(clock: Clock) -> MessageHandler:
             user_id=update.user_id,
             traits=update.traits,
             scores=update.scores,
+            tags=update.tags if update.tags or "tags" in update.changed else None,
+            stages=update.stages if update.stages or "stages" in update.changed else None,
         )
         now = clock()
         contact = {"user_id": update.user_id, "traits": update.traits, "scores": update.scores}
@@ -254,6 +256,9 @@ async def _stage_changed(
     session: AsyncSession, envelope: Envelope, now: datetime
 ) -> Sequence[OutgoingMessage]:
     change = CONTACT_STAGE_CHANGED.parse(envelope)
+    await store.set_contact_stage(
+        session, contact_id=change.contact_id, model=change.model, stage=change.stage
+    )
     out = execution.Outputs(origin_received_at=envelope.origin_received_at)
     workflows = await store.triggered_workflows(
         session, workspace_id=envelope.workspace_id, kind="stage_changed", key=change.model

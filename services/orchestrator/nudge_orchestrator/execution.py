@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from nudge_common.conditions import Profile
 from nudge_common.events import (
+    CONTACT_SUMMARY_TEMPLATE_ID,
     EVENT_RECEIVED,
     NOTIFICATION_REQUESTED,
     SCORE_ADJUSTED,
@@ -263,6 +264,12 @@ async def advance_many(
         if capped_contacts
         else []
     )
+    mailing = {
+        run.workflow_id
+        for run, definition, _ in items
+        if any(isinstance(step, NotifySales) and step.email for step in definition.steps)
+    }
+    names = await store.workflow_names(session, workflow_ids=list(mailing)) if mailing else {}
     writes = store.Writes()
     for run, definition, index in items:
         caps, quiet = settings[run.workspace_id]
@@ -278,6 +285,7 @@ async def advance_many(
             writes,
             out,
             now,
+            names.get(run.workflow_id),
         )
     await store.flush(session, writes, at=now)
 
@@ -294,6 +302,7 @@ def _walk(
     writes: store.Writes,
     out: Outputs,
     now: datetime,
+    workflow_name: str | None,
 ) -> None:
     """One run's path from ``index`` until it waits or ends, as writes and messages."""
     traits = contact.get("traits") or {}
@@ -392,7 +401,7 @@ def _walk(
                     writes.variants.setdefault(outcome, []).append(run.id)
                 index = nxt
             case Act(action=action, next=nxt):
-                done = _act(run, index, action, contact, writes, out, now)
+                done = _act(run, index, action, contact, writes, out, now, workflow_name)
                 if not record(index, done):
                     return
                 metrics.ACTIONS.labels(action.kind, done).inc()
@@ -415,39 +424,44 @@ def _act(
     writes: store.Writes,
     out: Outputs,
     now: datetime,
+    workflow_name: str | None = None,
 ) -> str:
     """An action of another service, as an output of this step: a Segment call on the
     events topic (tags, traits: scoring applies it like any call, identified by the
     contact's user id; the message id derives from (run, step), so a replay is the same
     call), a ``score.adjusted`` for scoring (adjustment id ``<run>:<step>``, applied once),
+    internal email requests to the notifier,
     or a row in the webhook outbox. Returns the step's outcome."""
     match action:
-        case Webhook(url=url) | NotifySales(url=url):
-            body: dict[str, Any] = {
-                "kind": action.kind,
-                "workflow_id": str(run.workflow_id),
-                "run_id": str(run.id),
-                "step": step,
-                "at": now.isoformat(),
-                "contact": {
-                    "contact_id": str(run.contact_id),
-                    "user_id": contact.get("user_id"),
-                    "traits": contact.get("traits") or {},
-                    "scores": contact.get("scores") or {},
-                },
-            }
-            if isinstance(action, NotifySales):
-                body["summary"] = sales_summary(contact, action.note)
-            writes.webhooks.append(
-                {
-                    "run_id": run.id,
+        case Webhook() | NotifySales():
+            if action.url is not None:
+                body: dict[str, Any] = {
+                    "kind": action.kind,
+                    "workflow_id": str(run.workflow_id),
+                    "run_id": str(run.id),
                     "step": step,
-                    "workspace_id": run.workspace_id,
-                    "url": url,
-                    "body": body,
-                    "next_at": now,
+                    "at": now.isoformat(),
+                    "contact": {
+                        "contact_id": str(run.contact_id),
+                        "user_id": contact.get("user_id"),
+                        "traits": contact.get("traits") or {},
+                        "scores": contact.get("scores") or {},
+                    },
                 }
-            )
+                if isinstance(action, NotifySales):
+                    body["summary"] = sales_summary(contact, action.note)
+                writes.webhooks.append(
+                    {
+                        "run_id": run.id,
+                        "step": step,
+                        "workspace_id": run.workspace_id,
+                        "url": action.url,
+                        "body": body,
+                        "next_at": now,
+                    }
+                )
+            if isinstance(action, NotifySales):
+                out.messages += _sales_emails(run, step, action, contact, workflow_name, now)
             return "requested"
         case AdjustScore(model=model, points=points):
             out.messages.append(
@@ -501,11 +515,16 @@ def _act(
     return "requested"
 
 
+def _name(contact: dict[str, Any]) -> str | None:
+    traits = contact.get("traits") or {}
+    name = " ".join(str(traits[k]) for k in ("first_name", "last_name") if traits.get(k))
+    return name or (str(traits["name"]) if traits.get("name") else None)
+
+
 def sales_summary(contact: dict[str, Any], note: str) -> str:
     """One line for a salesperson: who, where they work, their scores."""
     traits = contact.get("traits") or {}
-    name = " ".join(str(traits[k]) for k in ("first_name", "last_name") if traits.get(k))
-    who = name or str(traits.get("name") or traits.get("email") or contact.get("user_id") or "?")
+    who = _name(contact) or str(traits.get("email") or contact.get("user_id") or "?")
     parts = [who]
     if traits.get("email") and traits.get("email") != who:
         parts.append(str(traits["email"]))
@@ -517,6 +536,68 @@ def sales_summary(contact: dict[str, Any], note: str) -> str:
     if note:
         parts.append(note)
     return " - ".join(parts)
+
+
+def sales_data(
+    run: store.Run, contact: dict[str, Any], note: str, workflow_name: str | None
+) -> dict[str, Any]:
+    """The contact's 360 summary for an internal email (the template's ``data``)."""
+    traits = contact.get("traits") or {}
+    return {
+        "summary": sales_summary(contact, note),
+        "contact_id": str(run.contact_id),
+        "user_id": contact.get("user_id"),
+        "name": _name(contact),
+        **{key: traits.get(key) for key in ("email", "phone", "company", "title")},
+        "scores": contact.get("scores") or {},
+        "stages": contact.get("stages") or {},
+        "tags": sorted(contact.get("tags") or {}),
+        "traits": traits,
+        "note": note,
+        "workflow": {"id": str(run.workflow_id), "name": workflow_name, "run_id": str(run.id)},
+    }
+
+
+def _sales_emails(
+    run: store.Run,
+    step: int,
+    action: NotifySales,
+    contact: dict[str, Any],
+    workflow_name: str | None,
+    now: datetime,
+) -> list[OutgoingMessage]:
+    """One internal email request per address: ids and idempotency keys derive from (run,
+    step, address number), so a replay is the same request and the notifier sends once."""
+    data = sales_data(run, contact, action.note, workflow_name)
+    snapshot = ContactSnapshot(
+        contact_id=run.contact_id,
+        user_id=contact.get("user_id"),
+        traits=contact.get("traits") or {},
+        scores=contact.get("scores") or {},
+    )
+    return [
+        OutgoingMessage(
+            Topic.NOTIFICATIONS,
+            key=str(run.contact_id),
+            envelope=NOTIFICATION_REQUESTED.envelope(
+                workspace_id=run.workspace_id,
+                payload=NotificationRequested(
+                    idempotency_key=f"{idempotency_key(run.id, step)}:sales-{number}",
+                    channel="email",
+                    template_id=action.template_id or CONTACT_SUMMARY_TEMPLATE_ID,
+                    contact=snapshot,
+                    workflow_id=run.workflow_id,
+                    run_id=run.id,
+                    step=step,
+                    recipient=address,
+                    data=data,
+                ),
+                occurred_at=now,
+                id=stable_id(str(run.id), "notification.requested", f"{step}:sales-{number}"),
+            ),
+        )
+        for number, address in enumerate(action.email)
+    ]
 
 
 def _quiet_hours(raw: dict[str, Any] | None) -> QuietHours | None:

@@ -189,6 +189,10 @@ contacts = sa.Table(
     sa.Column("user_id", sa.Text),
     sa.Column("traits", JSONB, nullable=False, server_default=JSON_OBJECT),
     sa.Column("scores", JSONB, nullable=False, server_default=JSON_OBJECT),
+    sa.Column("tags", JSONB, nullable=False, server_default=JSON_OBJECT),
+    # {tag: tag score}, as scoring announces them
+    sa.Column("stages", JSONB, nullable=False, server_default=JSON_OBJECT),
+    # {model: lifecycle stage}
     sa.Column("updated_at", TIMESTAMP, nullable=False, server_default=sa.func.now()),
     sa.Index("ix_contacts_user", "workspace_id", "user_id"),
 )
@@ -389,6 +393,15 @@ async def publish_workflow(
                 due_at=next_date_occurrence(trigger, traits.get(trigger.trait), timezone, at),
             )
     return version
+
+
+async def workflow_names(
+    session: AsyncSession, *, workflow_ids: list[uuid.UUID]
+) -> dict[uuid.UUID, str]:
+    rows = await session.execute(
+        sa.select(workflows.c.id, workflows.c.name).where(workflows.c.id.in_(workflow_ids))
+    )
+    return {row.id: row.name for row in rows}
 
 
 @dataclass(frozen=True)
@@ -883,14 +896,25 @@ async def upsert_contact(
     user_id: str | None,
     traits: dict[str, Any],
     scores: dict[str, int],
+    tags: dict[str, int] | None = None,
+    stages: dict[str, str] | None = None,
 ) -> None:
+    """Traits and scores replace the copy's; ``tags`` and ``stages`` too, unless None
+    (not announced: the copy's are kept)."""
     statement = pg_insert(contacts).values(
         contact_id=contact_id,
         workspace_id=workspace_id,
         user_id=user_id,
         traits=traits,
         scores=scores,
+        tags=tags or {},
+        stages=stages or {},
     )
+    kept: dict[str, Any] = {}
+    if tags is not None:
+        kept["tags"] = statement.excluded.tags
+    if stages is not None:
+        kept["stages"] = statement.excluded.stages
     await session.execute(
         statement.on_conflict_do_update(
             index_elements=[contacts.c.contact_id],
@@ -898,35 +922,45 @@ async def upsert_contact(
                 "user_id": sa.func.coalesce(statement.excluded.user_id, contacts.c.user_id),
                 "traits": statement.excluded.traits,
                 "scores": statement.excluded.scores,
+                **kept,
                 "updated_at": sa.func.now(),
             },
         )
     )
 
 
+async def set_contact_stage(
+    session: AsyncSession, *, contact_id: uuid.UUID, model: str, stage: str
+) -> None:
+    await session.execute(
+        sa.update(contacts)
+        .where(contacts.c.contact_id == contact_id)
+        .values(stages=contacts.c.stages.op("||")(sa.cast({model: stage}, JSONB)))
+    )
+
+
+def _contact(row: Any) -> dict[str, Any]:
+    return {
+        "user_id": row.user_id,
+        "traits": row.traits,
+        "scores": row.scores,
+        "tags": row.tags,
+        "stages": row.stages,
+    }
+
+
 async def get_contact(session: AsyncSession, *, contact_id: uuid.UUID) -> dict[str, Any] | None:
     row = (
-        await session.execute(
-            sa.select(contacts.c.user_id, contacts.c.traits, contacts.c.scores).where(
-                contacts.c.contact_id == contact_id
-            )
-        )
+        await session.execute(sa.select(contacts).where(contacts.c.contact_id == contact_id))
     ).first()
-    return {"user_id": row.user_id, "traits": row.traits, "scores": row.scores} if row else None
+    return _contact(row) if row else None
 
 
 async def get_contacts(
     session: AsyncSession, *, contact_ids: list[uuid.UUID]
 ) -> dict[uuid.UUID, dict[str, Any]]:
-    rows = await session.execute(
-        sa.select(
-            contacts.c.contact_id, contacts.c.user_id, contacts.c.traits, contacts.c.scores
-        ).where(contacts.c.contact_id.in_(contact_ids))
-    )
-    return {
-        row.contact_id: {"user_id": row.user_id, "traits": row.traits, "scores": row.scores}
-        for row in rows
-    }
+    rows = await session.execute(sa.select(contacts).where(contacts.c.contact_id.in_(contact_ids)))
+    return {row.contact_id: _contact(row) for row in rows}
 
 
 async def contact_by_user_id(

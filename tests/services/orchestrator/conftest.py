@@ -76,8 +76,17 @@ class Engine:
     async def contact(self, user_id: str, **traits: Any) -> uuid.UUID:
         return await self.update(user_id, {}, **traits)
 
-    async def update(self, user_id: str, scores: dict[str, int], **traits: Any) -> uuid.UUID:
-        """Scoring's ``contact.updated`` for this contact: these traits and scores."""
+    async def update(
+        self,
+        user_id: str,
+        scores: dict[str, int],
+        *,
+        tags: dict[str, int] | None = None,
+        stages: dict[str, str] | None = None,
+        **traits: Any,
+    ) -> uuid.UUID:
+        """Scoring's ``contact.updated`` for this contact: these traits and scores (and
+        tags and stages when given)."""
         contact_id = stable_id(self.workspace_id, "contact", "user_id", user_id)
         envelope = Envelope(
             type="contact.updated",
@@ -89,7 +98,14 @@ class Engine:
                 "user_id": user_id,
                 "traits": {"email": f"{user_id}@example.com", **traits},
                 "scores": scores,
-                "changed": ["traits", "scores"],
+                "tags": tags or {},
+                "stages": stages or {},
+                "changed": [
+                    "traits",
+                    "scores",
+                    *(["tags"] if tags is not None else []),
+                    *(["stages"] if stages is not None else []),
+                ],
             },
         )
         await self.apply(contact_handler(self.clock), envelope)

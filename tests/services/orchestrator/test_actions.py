@@ -1,8 +1,9 @@
 """Actions that belong to other services: tags and traits as Segment calls on the events
 topic (scoring applies identify ``traits.tags``/``untags`` and traits as any call), score
-adjustments as ``score.adjusted`` (applied by scoring's handler here), and signed webhooks
-(and notify sales) from a durable outbox, retried with backoff, delivered to a local HTTP
-server."""
+adjustments as ``score.adjusted`` (applied by scoring's handler here), static-list changes
+for the segmenter on the contacts topic, signed webhooks (and notify sales) from a durable
+outbox, retried with backoff, delivered to a local HTTP server, and notify sales by
+internal email through the notifier to an SMTP server."""
 
 from __future__ import annotations
 
@@ -20,9 +21,21 @@ import pytest
 import sqlalchemy as sa
 
 from nudge_common.db import transaction
-from nudge_common.events import EVENT_RECEIVED, SCORE_ADJUSTED, Envelope, SegmentType, Topic
+from nudge_common.events import (
+    CONTACT_SUMMARY_TEMPLATE_ID,
+    EVENT_RECEIVED,
+    NOTIFICATION_REQUESTED,
+    SCORE_ADJUSTED,
+    Envelope,
+    SegmentType,
+    Topic,
+)
 from nudge_common.ids import stable_id
 from nudge_devtools.pipeline import read_topic
+from nudge_devtools.services import free_port
+from nudge_devtools.smtp_sink import SmtpSink
+from nudge_notifier.consumer import NotificationHandler, Providers
+from nudge_notifier.settings import NotifierSettings
 from nudge_orchestrator import store
 from nudge_orchestrator.consumer import event_handler
 from nudge_orchestrator.settings import OrchestratorSettings
@@ -238,3 +251,78 @@ async def test_a_webhook_that_keeps_failing_is_given_up(engine: Engine, receiver
     [row] = await webhook_rows(engine, workflow)
     assert (row.status, row.attempts, row.next_at) == ("failed", 2, None)
     assert row.last_error == "HTTP 500"
+
+
+@pytest.fixture
+def smtp_sink() -> Iterator[SmtpSink]:
+    sink = SmtpSink(port=free_port())
+    sink.start()
+    yield sink
+    sink.stop()
+
+
+async def test_notify_sales_by_email_reaches_the_sales_address_once(
+    engine: Engine, smtp_sink: SmtpSink
+) -> None:
+    sales = ["sales-a@example.com", "sales-b@example.com"]
+    workflow = await engine.workflow(
+        {
+            "trigger": {"kind": "event", "event": "Demo Requested"},
+            "steps": [{"kind": "notify_sales", "email": sales, "note": "call within the hour"}],
+        },
+        name="Demo requests",
+    )
+    contact = await engine.update(
+        "lead-7",
+        {"default": 85},
+        tags={"intent:demo": 1},
+        stages={"default": "sql"},
+        first_name="Ada",
+        last_name="Lovelace",
+        company="Acme",
+    )
+    await engine.track("lead-7", "Demo Requested")
+    [run] = await engine.runs(workflow)
+    assert run.status == "completed"
+    records = await read_topic(
+        engine.settings,
+        Topic.NOTIFICATIONS,
+        where=lambda r: str(run.id).encode() in (r.value or b""),
+        expected=2,
+    )
+    assert {r.key for r in records} == {str(contact).encode()}
+    requests = [NOTIFICATION_REQUESTED.parse(_decode(r)) for r in records]
+    assert sorted(r.recipient or "" for r in requests) == sales
+    assert {r.template_id for r in requests} == {CONTACT_SUMMARY_TEMPLATE_ID}
+
+    # the notifier's handler on what the orchestrator published, twice (a replay)
+    settings = NotifierSettings(
+        **engine.settings.model_dump(exclude={"service_name", "http_port"}),
+        smtp_port=smtp_sink.port,
+    )
+    providers = Providers(settings)
+    handler = NotificationHandler(settings, engine.sessionmaker, providers)
+    envelopes = [_decode(r) for r in records]
+    try:
+        for _ in range(2):
+            await handler.prepare(envelopes)
+            for envelope in envelopes:
+                async with transaction(engine.sessionmaker) as session:
+                    await handler(session, envelope)
+    finally:
+        await providers.close()
+    received = await smtp_sink.wait_for(2, to=sales)
+    assert sorted(str(m["To"]) for m in received) == sales, "each address once"
+    message = received[0]
+    assert message["Subject"] == "Lead: Ada Lovelace (Acme)"
+    text = message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    for shown in (
+        "Email: lead-7@example.com",
+        "Company: Acme",
+        "Score default: 85 (sql)",
+        "Tags: intent:demo",
+        "Note: call within the hour",
+        f"Workflow: Demo requests ({workflow})",
+    ):
+        assert shown in text
+    assert smtp_sink.received(to=["lead-7@example.com"]) == []

@@ -14,6 +14,7 @@ from nudge_orchestrator.domain.workflows import (
     Context,
     Defer,
     Goto,
+    NotifySales,
     QuietHours,
     Schedule,
     Send,
@@ -124,6 +125,27 @@ def test_bad_fields_fail_validation() -> None:
                 "steps": [{"kind": "wait_for_event", "event": "X", "timeout_s": 0}],
             }
         )
+
+
+def test_notify_sales_takes_one_address_or_a_list_and_a_known_template() -> None:
+    def sales(**step: Any) -> WorkflowDefinition:
+        return WorkflowDefinition.model_validate(
+            {"trigger": {"kind": "api"}, "steps": [{"kind": "notify_sales", **step}]}
+        )
+
+    [one] = sales(email="sales@example.com").steps
+    [many] = sales(email=["a@example.com", "b@example.com"], url="https://crm.example").steps
+    assert isinstance(one, NotifySales)
+    assert isinstance(many, NotifySales)
+    assert (one.email, many.email) == (["sales@example.com"], ["a@example.com", "b@example.com"])
+    with pytest.raises(ValidationError, match="email"):
+        sales(note="nowhere to go")
+    with pytest.raises(ValidationError, match="email"):
+        sales(email="not an address")
+    with pytest.raises(ValidationError, match="template_id"):
+        sales(url="https://crm.example", template_id=str(EMAIL))
+    unknown = sales(email="sales@example.com", template_id=str(SMS))
+    assert [p.loc for p in problems(unknown, {EMAIL})] == [("steps", 0, "template_id")]
 
 
 def test_wait_for_event_schedules_a_timeout_with_both_ways_out() -> None:

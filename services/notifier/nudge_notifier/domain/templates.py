@@ -3,7 +3,7 @@
 One template per channel: email uses subject, HTML and text; SMS the text; push the
 subject as the title and the text as the body. Templates see ``contact`` (traits and
 scores), so blocks can depend on the score (``{% if contact.scores.lead | default(0) >= 50
-%}``), and ``unsubscribe_url``.
+%}``), ``unsubscribe_url`` and the request's ``data``.
 
 HTML is autoescaped; a variable that is missing fails the render (StrictUndefined) unless
 the template gives a fallback (``{{ contact.traits.name | default("there") }}``), so a
@@ -21,7 +21,7 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from nudge_common.events import Channel
+from nudge_common.events import CONTACT_SUMMARY_TEMPLATE_ID, Channel
 
 _html = ImmutableSandboxedEnvironment(autoescape=True, undefined=jinja2.StrictUndefined)
 _text = ImmutableSandboxedEnvironment(autoescape=False, undefined=jinja2.StrictUndefined)
@@ -67,3 +67,49 @@ def render(template: Template, variables: Mapping[str, Any]) -> Rendered:
         raise TemplateRenderError(
             f"template {template.name!r} failed to render: {error}"
         ) from error
+
+
+_SUMMARY_ROWS = [
+    ("Email", "email"),
+    ("Company", "company"),
+    ("Phone", "phone"),
+    ("User id", "user_id"),
+    ("Note", "note"),
+]
+
+
+def _summary_text() -> str:
+    rows = "".join(
+        f"{{% if data.{key} is defined and data.{key} %}}{label}: {{{{ data.{key} }}}}\n"
+        "{% endif %}"
+        for label, key in _SUMMARY_ROWS
+    )
+    return (
+        "{{ data.summary | default('') }}\n\n"
+        "Name: {{ data.name | default('?') }}\n"
+        + rows
+        + "{% set stages = data.stages | default({}) %}"
+        "{% for model, score in (data.scores | default({})) | dictsort %}"
+        "Score {{ model }}: {{ score }}"
+        "{% if stages[model] is defined %} ({{ stages[model] }}){% endif %}\n"
+        "{% endfor %}"
+        "{% if data.tags is defined and data.tags %}Tags: {{ data.tags | join(', ') }}\n"
+        "{% endif %}"
+        "{% if data.workflow is defined %}"
+        "Workflow: {{ data.workflow.name }} ({{ data.workflow.id }})\n{% endif %}"
+        "Contact: {{ contact.contact_id }}\n"
+    )
+
+
+CONTACT_SUMMARY = Template(
+    CONTACT_SUMMARY_TEMPLATE_ID,
+    "contact summary (built in)",
+    "email",
+    subject="Lead: {{ data.name | default('a contact') }}"
+    "{% if data.company is defined and data.company %} ({{ data.company }}){% endif %}",
+    html="<pre>" + _summary_text() + "</pre>",
+    text=_summary_text(),
+    topic="internal",
+)
+"""The notify-sales email when the step names no template of its own: the contact's 360
+summary from the request's ``data``."""

@@ -22,7 +22,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from nudge_common.conditions import Condition, Profile, matches
 from nudge_common.events import Channel
@@ -338,13 +338,36 @@ class Webhook(_Step):
     url: str = Field(pattern=r"^https?://", max_length=2000)
 
 
+def _one_or_many(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+EmailAddress = Annotated[str, Field(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$", max_length=320)]
+
+
 class NotifySales(_Step):
-    """Tell sales: a signed webhook (like ``webhook``) whose body is the contact's summary
-    with ``"kind": "notify_sales"`` and a one-line ``summary`` for a chat or CRM."""
+    """Tell sales about the contact, by internal email and/or a signed webhook. ``email``
+    (one address or a list) gets the contact's 360 summary (name, email, company, scores,
+    stages, tags, the note, the workflow), or ``template_id``'s email template with that
+    summary as ``data``; the contact's consent, suppression and caps do not apply. ``url``
+    gets a signed webhook (like ``webhook``) whose body is the contact's summary with
+    ``"kind": "notify_sales"`` and a one-line ``summary`` for a chat or CRM."""
 
     kind: Literal["notify_sales"]
-    url: str = Field(pattern=r"^https?://", max_length=2000)
+    email: Annotated[list[EmailAddress], BeforeValidator(_one_or_many)] = Field(
+        default_factory=list, max_length=20
+    )
+    template_id: uuid.UUID | None = None
+    url: str | None = Field(default=None, pattern=r"^https?://", max_length=2000)
     note: str = Field(default="", max_length=500)
+
+    @model_validator(mode="after")
+    def goes_somewhere(self) -> NotifySales:
+        if not self.email and self.url is None:
+            raise ValueError("notify_sales needs email (an address or a list) or url")
+        if self.template_id is not None and not self.email:
+            raise ValueError("template_id: a template is for the email form (give email)")
+        return self
 
 
 Action = Tag | SetTraits | AdjustScore | Webhook | NotifySales
@@ -433,10 +456,9 @@ def problems(definition: WorkflowDefinition, known_templates: set[uuid.UUID]) ->
             if step.id in seen:
                 found.append(Problem(("steps", i, "id"), f"duplicate step id {step.id!r}"))
             seen[step.id] = i
-        if isinstance(step, SendMessage) and step.template_id not in known_templates:
-            found.append(
-                Problem(("steps", i, "template_id"), f"unknown template {step.template_id}")
-            )
+        template = step.template_id if isinstance(step, SendMessage | NotifySales) else None
+        if template is not None and template not in known_templates:
+            found.append(Problem(("steps", i, "template_id"), f"unknown template {template}"))
         for name, target in _targets(step):
             if target is not None and target not in seen and target not in _ids(steps):
                 loc: tuple[str | int, ...] = ("steps", i, *_split_loc(name))
@@ -588,7 +610,8 @@ class End:
 
 @dataclass(frozen=True)
 class Act:
-    """Do an action of another service (tags, traits, score, webhook); go on at ``next``."""
+    """Do an action of another service (tags, traits, score, webhook, notify sales); go on
+    at ``next``."""
 
     action: Action
     next: int | None
