@@ -20,9 +20,11 @@ from nudge_common.conditions import Profile
 from nudge_common.events import (
     CONTACT_SUMMARY_TEMPLATE_ID,
     EVENT_RECEIVED,
+    LIST_CHANGED,
     NOTIFICATION_REQUESTED,
     SCORE_ADJUSTED,
     ContactSnapshot,
+    ListChanged,
     NotificationRequested,
     ScoreAdjusted,
     SegmentEvent,
@@ -40,6 +42,7 @@ from nudge_orchestrator.domain.workflows import (
     Defer,
     End,
     Goto,
+    ListChange,
     NotifySales,
     QuietHours,
     Schedule,
@@ -401,9 +404,10 @@ def _walk(
                     writes.variants.setdefault(outcome, []).append(run.id)
                 index = nxt
             case Act(action=action, next=nxt):
+                if (run.id, index) in executed:
+                    return  # a replay: the action's outputs went out with the first execution
                 done = _act(run, index, action, contact, writes, out, now, workflow_name)
-                if not record(index, done):
-                    return
+                record(index, done)
                 metrics.ACTIONS.labels(action.kind, done).inc()
                 index = nxt
             case End(outcome=outcome):
@@ -430,7 +434,7 @@ def _act(
     events topic (tags, traits: scoring applies it like any call, identified by the
     contact's user id; the message id derives from (run, step), so a replay is the same
     call), a ``score.adjusted`` for scoring (adjustment id ``<run>:<step>``, applied once),
-    internal email requests to the notifier,
+    a ``list.changed`` for the segmenter, internal email requests to the notifier,
     or a row in the webhook outbox. Returns the step's outcome."""
     match action:
         case Webhook() | NotifySales():
@@ -462,6 +466,22 @@ def _act(
                 )
             if isinstance(action, NotifySales):
                 out.messages += _sales_emails(run, step, action, contact, workflow_name, now)
+            return "requested"
+        case ListChange(list_id=list_id, action=change):
+            out.messages.append(
+                OutgoingMessage(
+                    Topic.CONTACTS,
+                    key=str(run.contact_id),
+                    envelope=LIST_CHANGED.envelope(
+                        workspace_id=run.workspace_id,
+                        payload=ListChanged(
+                            list_id=list_id, contact_id=run.contact_id, action=change, at=now
+                        ),
+                        occurred_at=now,
+                        id=stable_id(str(run.id), LIST_CHANGED.name, str(step)),
+                    ),
+                )
+            )
             return "requested"
         case AdjustScore(model=model, points=points):
             out.messages.append(

@@ -24,6 +24,7 @@ from nudge_common.db import transaction
 from nudge_common.events import (
     CONTACT_SUMMARY_TEMPLATE_ID,
     EVENT_RECEIVED,
+    LIST_CHANGED,
     NOTIFICATION_REQUESTED,
     SCORE_ADJUSTED,
     Envelope,
@@ -36,7 +37,7 @@ from nudge_devtools.services import free_port
 from nudge_devtools.smtp_sink import SmtpSink
 from nudge_notifier.consumer import NotificationHandler, Providers
 from nudge_notifier.settings import NotifierSettings
-from nudge_orchestrator import store
+from nudge_orchestrator import execution, store
 from nudge_orchestrator.consumer import event_handler
 from nudge_orchestrator.settings import OrchestratorSettings
 from nudge_orchestrator.worker import deliver_due_webhooks
@@ -326,3 +327,48 @@ async def test_notify_sales_by_email_reaches_the_sales_address_once(
     ):
         assert shown in text
     assert smtp_sink.received(to=["lead-7@example.com"]) == []
+
+
+async def test_a_list_step_asks_the_segmenter_once_per_step_execution(engine: Engine) -> None:
+    listed = uuid.uuid4()
+    workflow = await engine.workflow(
+        {
+            "trigger": {"kind": "event", "event": "Webinar Attended"},
+            "entry": {"rule": "every_time"},
+            "steps": [
+                {"kind": "list", "list_id": str(listed), "action": "add"},
+                {"kind": "list", "list_id": str(listed), "action": "remove"},
+            ],
+        }
+    )
+    contact = await engine.contact("list-1")
+    await engine.track("list-1", "Webinar Attended")
+    await engine.track("list-1", "Webinar Attended")  # a second run: its own messages
+    runs = await engine.runs(workflow)
+    assert len(runs) == 2
+    # executing a run's steps again publishes nothing (the steps are recorded)
+    async with transaction(engine.sessionmaker) as session:
+        [again] = (await store.get_runs(session, run_ids=[runs[0].id])).values()
+        definition = await store.version_definition(session, workflow_id=workflow, version=1)
+        out = execution.Outputs()
+        await execution.advance(
+            session, out, run=again, definition=definition, index=0, now=engine.now
+        )
+    assert out.messages == []
+    records = await read_topic(
+        engine.settings,
+        Topic.CONTACTS,
+        where=lambda r: (
+            _decode(r).type == LIST_CHANGED.name
+            and LIST_CHANGED.parse(_decode(r)).list_id == listed
+        ),
+        deadline_s=10,
+    )
+    assert len(records) == 4
+    assert {r.key for r in records} == {str(contact).encode()}
+    changes = [(_decode(r).id, LIST_CHANGED.parse(_decode(r))) for r in records]
+    assert sorted(c.action for _, c in changes) == ["add", "add", "remove", "remove"]
+    assert {c.contact_id for _, c in changes} == {contact}
+    assert {envelope_id for envelope_id, _ in changes} == {
+        stable_id(str(run.id), LIST_CHANGED.name, str(step)) for run in runs for step in (0, 1)
+    }

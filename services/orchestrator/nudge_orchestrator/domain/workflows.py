@@ -370,7 +370,16 @@ class NotifySales(_Step):
         return self
 
 
-Action = Tag | SetTraits | AdjustScore | Webhook | NotifySales
+class ListChange(_Step):
+    """Add the contact to a static list, or remove it: ``list.changed`` on the contacts
+    topic, which the segmenter (owner of lists) applies."""
+
+    kind: Literal["list"]
+    list_id: uuid.UUID
+    action: Literal["add", "remove"]
+
+
+Action = Tag | SetTraits | AdjustScore | Webhook | NotifySales | ListChange
 
 Step = Annotated[
     SendMessage
@@ -384,7 +393,8 @@ Step = Annotated[
     | SetTraits
     | AdjustScore
     | Webhook
-    | NotifySales,
+    | NotifySales
+    | ListChange,
     Field(discriminator="kind"),
 ]
 
@@ -610,8 +620,8 @@ class End:
 
 @dataclass(frozen=True)
 class Act:
-    """Do an action of another service (tags, traits, score, webhook, notify sales); go on
-    at ``next``."""
+    """Do an action of another service (tags, traits, score, list, webhook, notify sales);
+    go on at ``next``."""
 
     action: Action
     next: int | None
@@ -659,7 +669,7 @@ def decide(definition: WorkflowDefinition, index: int, ctx: Context) -> Decision
             return Goto(after[variant], variant)
         case Exit():
             return End()
-        case Tag() | SetTraits() | AdjustScore() | Webhook() | NotifySales():
+        case Tag() | SetTraits() | AdjustScore() | Webhook() | NotifySales() | ListChange():
             return Act(step, after["next"])
     raise AssertionError(f"unknown step {step!r}")
 
