@@ -3,15 +3,22 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from nudge_common.service import create_service_app
-from nudge_orchestrator.api import fronted, keys, messaging, templates, workflows
+from nudge_orchestrator.api import broadcasts, fronted, keys, messaging, templates, workflows
 from nudge_orchestrator.consumer import consumers
 from nudge_orchestrator.settings import OrchestratorSettings
+
+ROUTERS = [
+    workflows.router,
+    broadcasts.router,
+    templates.router,
+    keys.router,
+    messaging.router,
+    fronted.router,
+]
+TITLE = "Nudge marketers' API"
 
 
 def create_app() -> FastAPI:
     return create_service_app(
-        settings=OrchestratorSettings(),
-        routers=[workflows.router, templates.router, keys.router, messaging.router, fronted.router],
-        consumers=consumers,
-        title="Nudge marketers' API",
+        settings=OrchestratorSettings(), routers=ROUTERS, consumers=consumers, title=TITLE
     )

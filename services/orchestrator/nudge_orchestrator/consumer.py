@@ -45,7 +45,7 @@ from nudge_orchestrator.domain.workflows import (
     stage_matches,
 )
 from nudge_orchestrator.settings import OrchestratorSettings
-from nudge_orchestrator.worker import TimerWorker, WebhookWorker
+from nudge_orchestrator.worker import BroadcastWorker, TimerWorker, WebhookWorker
 
 
 class MembershipHandler:
@@ -327,4 +327,10 @@ def consumers(runtime: Runtime) -> list[Worker]:
             idle_s=settings.timer_idle_s,
         ),
         WebhookWorker(settings=settings, sessionmaker=runtime.sessionmaker, clock=clock),
+        BroadcastWorker(
+            settings=settings,
+            sessionmaker=runtime.sessionmaker,
+            producer=runtime.producer,
+            clock=clock,
+        ),
     ]

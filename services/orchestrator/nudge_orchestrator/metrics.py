@@ -54,3 +54,8 @@ WEBHOOK_ATTEMPTS = Counter(
     "Webhook calls attempted, by result: delivered, retry (will try again), failed (gave up).",
     ["result"],
 )
+BROADCAST_MEMBERS = Counter(
+    "nudge_orchestrator_broadcast_members_total",
+    "Members of a broadcast's segment or list handed to its workflow (a message each, unless"
+    " capped, deferred by quiet hours, or the member was handed over before).",
+)

@@ -29,6 +29,12 @@ class OrchestratorSettings(NudgeSettings):
     """Base URL of scoring's internal API, fronted under /api/v1 (contacts, scoring)."""
     notifier_url: str | None = None
     """Base URL of the notifier's internal API, fronted under /api/v1 (suppression)."""
+    segmenter_url: str | None = None
+    """Base URL of the segmenter's internal API: the members of a broadcast's segment."""
+    broadcast_page: int = Field(default=1000, ge=1, le=5000)
+    """Members of a broadcast handed to runs per transaction (at most ``rate_per_s``)."""
+    broadcast_idle_s: float = Field(default=0.5, gt=0)
+    """How long the broadcast worker sleeps when no broadcast is due."""
 
     @model_validator(mode="after")
     def no_test_clock_in_production(self) -> Self:

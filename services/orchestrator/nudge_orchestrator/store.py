@@ -240,6 +240,34 @@ messaging_settings = sa.Table(
     sa.Column("quiet_hours", JSONB),
     # {"start": "21:00", "end": "08:00"} in the contact's timezone (trait ``timezone``).
 )
+broadcasts = sa.Table(
+    "broadcasts",
+    metadata,
+    # A one-off send to a segment or static list. Its messages are the runs of the one-step
+    # workflow with the same id (trigger ``broadcast``), started by the broadcast worker as
+    # it pages through the members (ordered by contact id).
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("workspace_id", sa.Text, nullable=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("channel", sa.Text, nullable=False),
+    sa.Column("template_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("segment_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("send_at", TIMESTAMP, nullable=False),
+    sa.Column("rate_per_s", sa.Float),
+    sa.Column("status", sa.Text, nullable=False),
+    # scheduled | sending | sent | cancelled | failed
+    sa.Column("after", UUID(as_uuid=True)),
+    # The last member handed to a run: the next page starts after it.
+    sa.Column("members", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_at", TIMESTAMP),
+    # When the worker takes it (again): send_at, then paced by rate_per_s; None once over.
+    sa.Column("last_error", sa.Text),
+    sa.Column("created_at", TIMESTAMP, nullable=False, server_default=sa.func.now()),
+    sa.Column("started_at", TIMESTAMP),
+    sa.Column("finished_at", TIMESTAMP),
+    sa.Index("ix_broadcasts_due", "next_at", postgresql_where=sa.text("next_at IS NOT NULL")),
+    sa.Index("ix_broadcasts_workspace", "workspace_id", "created_at"),
+)
 processed_messages = processed_messages_table(metadata)
 
 
@@ -317,7 +345,8 @@ async def get_workflow(
 async def list_workflows(
     session: AsyncSession, *, workspace_id: str, status: str | None, limit: int, offset: int
 ) -> tuple[list[Workflow], int]:
-    where = [workflows.c.workspace_id == workspace_id]
+    """The workspace's workflows, without the broadcasts' own."""
+    where = [workflows.c.workspace_id == workspace_id, workflows.c.trigger_kind != "broadcast"]
     if status:
         where.append(workflows.c.status == status)
     total = await session.scalar(sa.select(sa.func.count()).select_from(workflows).where(*where))
@@ -1214,3 +1243,161 @@ async def workflow_counts(session: AsyncSession, *, workflow_id: uuid.UUID) -> W
         [(r[0], r[1], r[2]) for r in send_rows],
         [(r[0], r[1], r[2], r[3]) for r in delivery_rows],
     )
+
+
+# --- broadcasts ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    id: uuid.UUID
+    workspace_id: str
+    name: str
+    channel: str
+    template_id: uuid.UUID
+    segment_id: uuid.UUID
+    send_at: datetime
+    rate_per_s: float | None
+    status: str
+    after: uuid.UUID | None
+    members: int
+    next_at: datetime | None
+    last_error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+def _broadcast(row: Any) -> Broadcast:
+    return Broadcast(**{column.name: getattr(row, column.name) for column in broadcasts.c})
+
+
+async def create_broadcast(
+    session: AsyncSession,
+    *,
+    broadcast_id: uuid.UUID,
+    workspace_id: str,
+    name: str,
+    channel: str,
+    template_id: uuid.UUID,
+    segment_id: uuid.UUID,
+    send_at: datetime,
+    rate_per_s: float | None,
+) -> Broadcast:
+    """The broadcast and its one-step workflow (same id), published: each member's message
+    is a run of it, so caps, quiet hours, sends, deliveries and analytics are a workflow's."""
+    definition = WorkflowDefinition.model_validate(
+        {
+            "trigger": {"kind": "broadcast"},
+            "steps": [{"kind": "send", "channel": channel, "template_id": str(template_id)}],
+        }
+    )
+    await create_workflow(
+        session,
+        workspace_id=workspace_id,
+        workflow_id=broadcast_id,
+        name=f"broadcast: {name}",
+        definition=definition,
+    )
+    row = (
+        await session.execute(
+            sa.insert(broadcasts)
+            .values(
+                id=broadcast_id,
+                workspace_id=workspace_id,
+                name=name,
+                channel=channel,
+                template_id=template_id,
+                segment_id=segment_id,
+                send_at=send_at,
+                rate_per_s=rate_per_s,
+                status="scheduled",
+                next_at=send_at,
+            )
+            .returning(broadcasts)
+        )
+    ).one()
+    return _broadcast(row)
+
+
+async def get_broadcast(
+    session: AsyncSession, *, workspace_id: str, broadcast_id: uuid.UUID, lock: bool = False
+) -> Broadcast | None:
+    query = sa.select(broadcasts).where(
+        broadcasts.c.id == broadcast_id, broadcasts.c.workspace_id == workspace_id
+    )
+    if lock:
+        query = query.with_for_update()
+    row = (await session.execute(query)).first()
+    return _broadcast(row) if row else None
+
+
+async def list_broadcasts(
+    session: AsyncSession, *, workspace_id: str, status: str | None, limit: int, offset: int
+) -> tuple[list[Broadcast], int]:
+    where = [broadcasts.c.workspace_id == workspace_id]
+    if status:
+        where.append(broadcasts.c.status == status)
+    total = await session.scalar(sa.select(sa.func.count()).select_from(broadcasts).where(*where))
+    rows = await session.execute(
+        sa.select(broadcasts)
+        .where(*where)
+        .order_by(broadcasts.c.created_at, broadcasts.c.id)
+        .limit(limit)
+        .offset(offset)
+    )
+    return [_broadcast(row) for row in rows], total or 0
+
+
+async def claim_due_broadcast(session: AsyncSession, *, now: datetime) -> Broadcast | None:
+    """The broadcast most overdue for its next page, locked (SKIP LOCKED: replicas take
+    different ones) until this transaction ends."""
+    row = (
+        await session.execute(
+            sa.select(broadcasts)
+            .where(broadcasts.c.next_at <= now)
+            .order_by(broadcasts.c.next_at)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        )
+    ).first()
+    return _broadcast(row) if row else None
+
+
+async def broadcast_progressed(
+    session: AsyncSession,
+    *,
+    broadcast_id: uuid.UUID,
+    status: str,
+    after: uuid.UUID | None,
+    members: int,
+    next_at: datetime | None,
+    last_error: str | None,
+    at: datetime,
+) -> None:
+    """A page went out (or failed): where the next starts, and when."""
+    finished = next_at is None
+    await session.execute(
+        sa.update(broadcasts)
+        .where(broadcasts.c.id == broadcast_id)
+        .values(
+            status=status,
+            after=after,
+            members=broadcasts.c.members + members,
+            next_at=next_at,
+            last_error=last_error,
+            started_at=sa.func.coalesce(broadcasts.c.started_at, at),
+            finished_at=at if finished else None,
+        )
+    )
+
+
+async def cancel_broadcast(session: AsyncSession, *, broadcast_id: uuid.UUID, at: datetime) -> int:
+    """No more pages; its runs still waiting (quiet hours) are cancelled. Returns how many."""
+    await session.execute(
+        sa.update(broadcasts)
+        .where(broadcasts.c.id == broadcast_id)
+        .values(status="cancelled", next_at=None, finished_at=at)
+    )
+    await update_workflow(session, workflow_id=broadcast_id, status="archived")
+    return await cancel_runs(session, workflow_id=broadcast_id, at=at)

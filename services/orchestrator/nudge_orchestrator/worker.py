@@ -1,9 +1,11 @@
-"""The timer worker: fires due waits, shared by every replica.
+"""The workers shared by every replica: timers (due waits), webhooks (the outbox) and
+broadcasts (a page of members at a time).
 
-Each round claims up to ``timer_batch`` due timers with ``FOR UPDATE SKIP LOCKED`` (a timer
-another replica holds is skipped), deletes them, advances their runs and publishes the
+Each timer round claims up to ``timer_batch`` due timers with ``FOR UPDATE SKIP LOCKED`` (a
+timer another replica holds is skipped), deletes them, advances their runs and publishes the
 outputs, then commits. A crash before the commit brings the timers back for any replica;
-their outputs are re-published with the same ids and idempotency keys.
+their outputs are re-published with the same ids and idempotency keys. Broadcasts work the
+same way, a page of members per round.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from nudge_common.consumer import is_transient
 from nudge_common.db import SessionMaker, transaction
 from nudge_common.kafka import publish
 from nudge_common.settings import NudgeSettings
-from nudge_orchestrator import execution, metrics, store
+from nudge_orchestrator import execution, metrics, segmenter, store
 from nudge_orchestrator.domain.workflows import DateTrait, next_date_occurrence
 from nudge_orchestrator.settings import OrchestratorSettings
 
@@ -256,3 +258,130 @@ class WebhookWorker:
                 if attempted == 0:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._stopping.wait(), timeout=self.idle_s)
+
+
+BROADCAST_RETRY = timedelta(seconds=5)
+"""How long a broadcast waits when the segmenter does not answer before asking again."""
+
+
+async def send_due_broadcasts(
+    sessionmaker: SessionMaker,
+    producer: AIOKafkaProducer,
+    settings: OrchestratorSettings,
+    client: httpx.AsyncClient,
+    *,
+    clock: Clock,
+) -> int:
+    """Send the next page of the broadcast most overdue (locked with SKIP LOCKED, so
+    replicas share broadcasts): its members after the last one done, each entering the
+    broadcast's one-step workflow (caps, quiet hours and the send as any run; the run id
+    derives from the broadcast and the contact, so no member is sent twice), then the
+    cursor moves, in the same transaction, after the outputs are acknowledged: a crash
+    before the commit replays the page with the same ids. ``rate_per_s`` paces the pages
+    (at most that many members a second). Returns how many members went (0: none due, or
+    an empty last page)."""
+    now = clock()
+    async with transaction(sessionmaker) as session:
+        broadcast = await store.claim_due_broadcast(session, now=now)
+        if broadcast is None:
+            return 0
+        rate = broadcast.rate_per_s
+        limit = (
+            settings.broadcast_page
+            if rate is None
+            else max(1, min(settings.broadcast_page, int(rate)))
+        )
+        try:
+            page = await segmenter.members(
+                client,
+                settings.segmenter_url,
+                workspace_id=broadcast.workspace_id,
+                segment_id=broadcast.segment_id,
+                after=broadcast.after,
+                limit=limit,
+            )
+        except (segmenter.SegmentNotFound, segmenter.SegmenterUnavailable) as error:
+            gone = isinstance(error, segmenter.SegmentNotFound)
+            log.warning("broadcast page failed", broadcast=str(broadcast.id), error=str(error))
+            await store.broadcast_progressed(
+                session,
+                broadcast_id=broadcast.id,
+                status="failed" if gone else broadcast.status,
+                after=broadcast.after,
+                members=0,
+                next_at=None if gone else now + BROADCAST_RETRY,
+                last_error=str(error),
+                at=now,
+            )
+            return 0
+        members = list(dict.fromkeys(page.members))
+        known = await store.get_contacts(session, contact_ids=members) if members else {}
+        definition = await store.version_definition(session, workflow_id=broadcast.id, version=1)
+        out = execution.Outputs()
+        await execution.enter_many(
+            session,
+            out,
+            workflow=store.Published(broadcast.id, broadcast.workspace_id, 1, definition),
+            entrants=[
+                execution.Entrant(
+                    contact_id,
+                    known.get(contact_id) or {"user_id": None, "traits": {}, "scores": {}},
+                    f"broadcast:{broadcast.id}",
+                )
+                for contact_id in members
+            ],
+            now=now,
+        )
+        over = page.next_after is None or not members
+        await store.broadcast_progressed(
+            session,
+            broadcast_id=broadcast.id,
+            status="sent" if over else "sending",
+            after=page.next_after or (members[-1] if members else broadcast.after),
+            members=len(members),
+            next_at=None if over else now + timedelta(seconds=len(members) / rate if rate else 0),
+            last_error=None,
+            at=now,
+        )
+        await publish(producer, settings, out.messages)
+    metrics.BROADCAST_MEMBERS.inc(len(members))
+    return len(members)
+
+
+class BroadcastWorker:
+    name = "orchestrator-broadcasts"
+
+    def __init__(
+        self,
+        *,
+        settings: OrchestratorSettings,
+        sessionmaker: SessionMaker,
+        producer: AIOKafkaProducer,
+        clock: Clock = system_clock,
+    ) -> None:
+        self.settings = settings
+        self.sessionmaker = sessionmaker
+        self.producer = producer
+        self.clock = clock
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        async with httpx.AsyncClient() as client:
+            while not self._stopping.is_set():
+                sent = 0
+                try:
+                    sent = await send_due_broadcasts(
+                        self.sessionmaker, self.producer, self.settings, client, clock=self.clock
+                    )
+                except Exception as error:
+                    if not is_transient(error):
+                        raise
+                    log.warning("broadcast round failed, retrying", error=repr(error))
+                if sent == 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(
+                            self._stopping.wait(), timeout=self.settings.broadcast_idle_s
+                        )

@@ -31,7 +31,13 @@ from nudge_orchestrator.api.deps import (
     paged,
 )
 from nudge_orchestrator.domain import analytics
-from nudge_orchestrator.domain.workflows import Context, WorkflowDefinition, problems, simulate
+from nudge_orchestrator.domain.workflows import (
+    Context,
+    Problem,
+    WorkflowDefinition,
+    problems,
+    simulate,
+)
 
 router = APIRouter(prefix="/api/v1/workflows", tags=["workflows"])
 
@@ -81,6 +87,8 @@ def public(workflow: store.Workflow) -> dict[str, Any]:
 
 async def check(db: AsyncSession, workspace_id: str, definition: WorkflowDefinition) -> None:
     found = problems(definition, await store.template_ids(db, workspace_id=workspace_id))
+    if definition.trigger.kind == "broadcast":
+        found.append(Problem(("trigger", "kind"), "broadcasts are made with /api/v1/broadcasts"))
     if found:
         raise RequestValidationError(
             [
@@ -91,8 +99,9 @@ async def check(db: AsyncSession, workspace_id: str, definition: WorkflowDefinit
 
 
 async def get_or_404(db: AsyncSession, workspace_id: str, workflow_id: uuid.UUID) -> store.Workflow:
+    """A workflow of the workspace; a broadcast's own is the broadcast's business."""
     workflow = await store.get_workflow(db, workspace_id=workspace_id, workflow_id=workflow_id)
-    if workflow is None:
+    if workflow is None or workflow.definition.trigger.kind == "broadcast":
         raise HTTPException(404, f"workflow {workflow_id} not found")
     return workflow
 

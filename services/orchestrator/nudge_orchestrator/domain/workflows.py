@@ -95,6 +95,13 @@ class DateTrait(_Node):
     yearly: bool = True
 
 
+class BroadcastSend(_Node):
+    """The one-step workflow a broadcast runs per member of its segment or list: runs are
+    started only by the broadcast worker (``/api/v1/broadcasts``), never by a message."""
+
+    kind: Literal["broadcast"]
+
+
 AnyTrigger = (
     SegmentEntered
     | SegmentExited
@@ -103,6 +110,7 @@ AnyTrigger = (
     | ScoreCrossed
     | StageChanged
     | DateTrait
+    | BroadcastSend
 )
 Trigger = Annotated[AnyTrigger, Field(discriminator="kind")]
 
