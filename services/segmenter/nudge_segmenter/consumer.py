@@ -34,7 +34,7 @@ from nudge_common.events import (
 )
 from nudge_common.kafka import OutgoingMessage
 from nudge_common.service import Runtime, Worker
-from nudge_segmenter import metrics, store
+from nudge_segmenter import metrics, store, value
 from nudge_segmenter.evaluation import Cause, reevaluate, transition
 from nudge_segmenter.settings import SegmenterSettings
 
@@ -105,6 +105,9 @@ class ContactsHandler:
             )
             facts = ["activity", f"event:{activity.event}"]
             if activity.revenue is not None:
+                await value.rescore_contact(
+                    session, workspace_id=workspace_id, contact_id=activity.contact_id
+                )
                 facts.append("value")
             return await reevaluate(
                 session,
@@ -238,7 +241,7 @@ handle_contact_updated = ContactsHandler(system_clock)
 
 
 def consumers(runtime: Runtime) -> list[Worker]:
-    from nudge_segmenter.worker import BackfillWorker, RecheckWorker
+    from nudge_segmenter.worker import BackfillWorker, RecheckWorker, ValueWorker
 
     settings = runtime.settings
     assert isinstance(settings, SegmenterSettings)
@@ -262,4 +265,5 @@ def consumers(runtime: Runtime) -> list[Worker]:
         runner("segmenter-consents", Topic.DELIVERIES, ConsentHandler(clock)),
         RecheckWorker(runtime, clock),
         BackfillWorker(runtime, clock),
+        ValueWorker(runtime, clock),
     ]

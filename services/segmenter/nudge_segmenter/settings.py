@@ -17,6 +17,11 @@ class SegmenterSettings(NudgeSettings):
     recheck_idle_s: float = 0.2
     backfill_chunk: int = 5000
     backfill_idle_s: float = 0.5
+    value_refresh_s: float = 86_400
+    """How often a workspace's RFM scores and CLV models are refreshed."""
+    value_idle_s: float = 5.0
+    rfm_window_days: int = 365
+    clv_horizon_days: int = 365
 
     @model_validator(mode="after")
     def no_test_clock_in_production(self) -> Self:

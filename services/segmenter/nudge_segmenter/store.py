@@ -82,6 +82,7 @@ contact_events = sa.Table(
     sa.Column("event", sa.Text, nullable=False),
     sa.Column("at", TIMESTAMP, nullable=False),
     sa.Column("properties", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
+    sa.Column("revenue", sa.Float),
     sa.Index("contact_events_contact_event_at", "contact_id", "event", "at"),
 )
 """What each contact did, for behavioural conditions: counted per contact through the
@@ -132,6 +133,20 @@ backfill_changes = sa.Table(
     sa.Column("entering", sa.Boolean, nullable=False),
 )
 """A backfill's transitions, computed set-based, then applied and published in chunks."""
+value_models = sa.Table(
+    "value_models",
+    metadata,
+    sa.Column("workspace_id", sa.Text, primary_key=True),
+    sa.Column("rfm_cuts", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
+    sa.Column("bg_nbd", JSONB),
+    sa.Column("gamma_gamma", JSONB),
+    sa.Column("customers", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("refreshed_at", TIMESTAMP),
+    sa.Column("error", sa.Text),
+)
+"""A workspace's customer-value models from the last refresh: the RFM quintile cut points
+(an order scores its contact against them at once) and the fitted BG/NBD and Gamma-Gamma
+parameters."""
 merged_contacts = sa.Table(
     "merged_contacts",
     metadata,
@@ -352,6 +367,7 @@ async def record_activity(
             event=event,
             at=at,
             properties=dict(properties),
+            revenue=revenue,
         )
     )
     statement = pg_insert(contacts).values(

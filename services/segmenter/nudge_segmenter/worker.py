@@ -1,10 +1,11 @@
-"""Segmenter's durable work, shared by every replica: time-driven rechecks and
-backfills (see :mod:`nudge_segmenter.backfill`)."""
+"""Segmenter's durable work, shared by every replica: time-driven rechecks, backfills
+(:mod:`nudge_segmenter.backfill`) and customer-value refreshes (:mod:`nudge_segmenter.value`)."""
 
 from __future__ import annotations
 
 import time
 import uuid
+from datetime import timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -14,7 +15,7 @@ from nudge_common.db import transaction
 from nudge_common.kafka import OutgoingMessage, publish
 from nudge_common.service import Runtime
 from nudge_common.worker import PollingWorker
-from nudge_segmenter import backfill, metrics, store
+from nudge_segmenter import backfill, metrics, store, value
 from nudge_segmenter.evaluation import Cause, reevaluate
 from nudge_segmenter.settings import SegmenterSettings
 
@@ -129,4 +130,25 @@ def BackfillWorker(runtime: Runtime, clock: Clock) -> PollingWorker:  # noqa: N8
         "segmenter-backfills",
         lambda: backfill_next(runtime, clock, settings.backfill_chunk),
         idle_s=settings.backfill_idle_s,
+    )
+
+
+async def refresh_value(runtime: Runtime, clock: Clock) -> int:
+    settings = _settings(runtime)
+    async with transaction(runtime.sessionmaker) as session:
+        refreshed = await value.refresh_due(
+            session,
+            now=clock(),
+            every=timedelta(seconds=settings.value_refresh_s),
+            window_days=settings.rfm_window_days,
+            horizon_days=settings.clv_horizon_days,
+        )
+    return 0 if refreshed is None else 1
+
+
+def ValueWorker(runtime: Runtime, clock: Clock) -> PollingWorker:  # noqa: N802
+    return PollingWorker(
+        "segmenter-value",
+        lambda: refresh_value(runtime, clock),
+        idle_s=_settings(runtime).value_idle_s,
     )

@@ -1,0 +1,284 @@
+"""Customer value per workspace: RFM scores and CLV, refreshed in bulk and kept current as
+orders arrive.
+
+A refresh (the value worker, per workspace, every ``value_refresh_s``):
+
+1. scores RFM set-based in PostgreSQL: quintiles as ``ceil(5 * cume_dist)`` over the
+   customers with an order in the window (``domain/rfm.py`` is the same rule in Python),
+   and keeps each axis's cut points (the lowest value of each score);
+2. fits BG/NBD and Gamma-Gamma (``domain/clv.py``) on every customer's purchase history,
+   summarised in SQL from their ``Order Completed`` events exactly as ``clv.summarise``
+   does (purchases on one day are one purchase), and writes each customer's expected
+   purchases over ``clv_horizon_days``, probability of being alive and CLV;
+3. re-backfills the segments that depend on value, so memberships follow the new scores
+   with one transition per real change.
+
+Between refreshes, an order re-scores its contact against the stored cut points, and the
+segments depending on value are re-evaluated for that contact in real time.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import uuid
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from nudge_common.rfm import Axis
+from nudge_segmenter import store
+from nudge_segmenter.domain import clv
+from nudge_segmenter.domain.segments import facts_of
+from nudge_segmenter.store import contacts, value_models
+
+ORDER_COMPLETED = "Order Completed"
+AXES: dict[Axis, str] = {
+    "recency": "extract(epoch FROM last_order_at)",
+    "frequency": "orders",
+    "monetary": "revenue",
+}
+
+
+def score(cuts: list[float], value: float) -> int:
+    """The quintile score of a value given the lowest value of scores 1 to 5."""
+    return max(1, bisect.bisect_right(cuts, value)) if cuts else 1
+
+
+async def rescore_contact(
+    session: AsyncSession, *, workspace_id: str, contact_id: uuid.UUID
+) -> bool:
+    """After an order: the contact's RFM scores against the workspace's last cut points.
+    Returns whether the workspace has any (before its first refresh there are none)."""
+    cuts = await session.scalar(
+        sa.select(value_models.c.rfm_cuts).where(value_models.c.workspace_id == workspace_id)
+    )
+    if cuts is None:  # the workspace's first order: its first refresh is due now
+        await session.execute(
+            pg_insert(value_models).values(workspace_id=workspace_id).on_conflict_do_nothing()
+        )
+        return False
+    if not cuts:
+        return False
+    row = (
+        await session.execute(
+            sa.select(contacts.c.last_order_at, contacts.c.orders, contacts.c.revenue).where(
+                contacts.c.contact_id == contact_id
+            )
+        )
+    ).first()
+    if row is None or row.last_order_at is None:
+        return False
+    values = {
+        "recency": row.last_order_at.timestamp(),
+        "frequency": float(row.orders),
+        "monetary": float(row.revenue),
+    }
+    await session.execute(
+        sa.update(contacts)
+        .where(contacts.c.contact_id == contact_id)
+        .values({f"rfm_{axis}": score(cuts[axis], values[axis]) for axis in AXES})
+    )
+    return True
+
+
+async def refresh(
+    session: AsyncSession,
+    *,
+    workspace_id: str,
+    now: datetime,
+    window_days: int,
+    horizon_days: int,
+) -> int:
+    """Refresh the workspace's RFM scores and CLV; returns the number of customers."""
+    params = {"ws": workspace_id, "since": now - timedelta(days=window_days)}
+    scored = ", ".join(
+        f"greatest(1, ceil(5 * cume_dist() OVER (ORDER BY {expression})))::smallint AS {axis}"
+        for axis, expression in AXES.items()
+    )
+    customers = f"""
+        SELECT contact_id, {", ".join(f"{e} AS v_{a}" for a, e in AXES.items())}, {scored}
+        FROM segmenter.contacts
+        WHERE workspace_id = :ws AND orders > 0 AND last_order_at > :since
+    """
+    await session.execute(
+        sa.text(f"""
+            WITH scored AS ({customers})
+            UPDATE segmenter.contacts c
+            SET rfm_recency = s.recency, rfm_frequency = s.frequency, rfm_monetary = s.monetary
+            FROM scored s
+            WHERE c.contact_id = s.contact_id
+              AND (c.rfm_recency, c.rfm_frequency, c.rfm_monetary)
+                  IS DISTINCT FROM (s.recency, s.frequency, s.monetary)
+        """),
+        params,
+    )
+    await session.execute(
+        sa.text("""
+            UPDATE segmenter.contacts
+            SET rfm_recency = NULL, rfm_frequency = NULL, rfm_monetary = NULL
+            WHERE workspace_id = :ws AND rfm_recency IS NOT NULL
+              AND NOT (orders > 0 AND last_order_at > :since)
+        """),
+        params,
+    )
+    cuts: dict[str, list[float]] = {}
+    for axis in AXES:
+        rows = await session.execute(
+            sa.text(f"""
+                WITH scored AS ({customers})
+                SELECT {axis} AS score, min(v_{axis}) AS lowest FROM scored
+                GROUP BY {axis} ORDER BY {axis}
+            """),
+            params,
+        )
+        cuts[axis] = _cut_points({int(r.score): float(r.lowest) for r in rows})
+    count, bg_nbd, gamma_gamma, error = await _fit_clv(session, workspace_id, now, horizon_days)
+    statement = pg_insert(value_models).values(
+        workspace_id=workspace_id,
+        rfm_cuts=cuts,
+        bg_nbd=bg_nbd,
+        gamma_gamma=gamma_gamma,
+        customers=count,
+        refreshed_at=now,
+        error=error,
+    )
+    await session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[value_models.c.workspace_id],
+            set_={
+                k: statement.excluded[k]
+                for k in ("rfm_cuts", "bg_nbd", "gamma_gamma", "customers", "refreshed_at", "error")
+            },
+        )
+    )
+    for segment in await store.list_segments(session, workspace_id=workspace_id):
+        if segment.condition is not None and "value" in facts_of(segment.condition):
+            await store.update_segment(
+                session, segment_id=segment.id, status="backfilling", new_version=True
+            )
+    return count
+
+
+def _cut_points(lowest: dict[int, float]) -> list[float]:
+    """Scores 1 to 5 -> the lowest value scoring at least each (a score no customer got
+    starts where the next one does)."""
+    if not lowest:
+        return []
+    points: list[float] = []
+    following = math.inf
+    for value in (lowest.get(s, math.nan) for s in range(5, 0, -1)):
+        following = following if math.isnan(value) else value
+        points.append(following)
+    return points[::-1]
+
+
+async def _fit_clv(
+    session: AsyncSession, workspace_id: str, now: datetime, horizon_days: int
+) -> tuple[int, dict[str, float] | None, dict[str, float] | None, str | None]:
+    rows = (
+        await session.execute(
+            sa.text("""
+                WITH days AS (
+                    SELECT contact_id, (at AT TIME ZONE 'UTC')::date AS day, sum(revenue) AS value
+                    FROM segmenter.contact_events
+                    WHERE workspace_id = :ws AND event = :order
+                      AND revenue IS NOT NULL AND at <= :now
+                    GROUP BY contact_id, day
+                ), ranked AS (
+                    SELECT *, row_number() OVER (PARTITION BY contact_id ORDER BY day) AS n
+                    FROM days
+                )
+                SELECT contact_id, count(*) - 1 AS frequency,
+                       max(day) - min(day) AS recency_days,
+                       (:now AT TIME ZONE 'UTC')::date - min(day) AS age_days,
+                       coalesce(avg(value) FILTER (WHERE n > 1), 0) AS monetary
+                FROM ranked GROUP BY contact_id
+            """),
+            {"ws": workspace_id, "order": ORDER_COMPLETED, "now": now},
+        )
+    ).all()
+    histories = [
+        clv.PurchaseHistory(
+            frequency=int(r.frequency),
+            recency=r.recency_days / 7.0,
+            age=r.age_days / 7.0,
+            monetary=float(r.monetary),
+        )
+        for r in rows
+    ]
+    if len(histories) < 10:
+        return len(histories), None, None, "fewer than 10 customers: no CLV fit"
+    try:
+        bg_nbd = clv.fit_bg_nbd(histories)
+        gamma_gamma = clv.fit_gamma_gamma(histories)
+    except clv.FitError as error:
+        return len(histories), None, None, str(error)
+    periods = horizon_days / 7.0
+    updates = [
+        {
+            "id": row.contact_id,
+            "expected": clv.expected_purchases(bg_nbd, history, periods),
+            "alive": clv.probability_alive(bg_nbd, history),
+        }
+        for row, history in zip(rows, histories, strict=True)
+    ]
+    for update, history in zip(updates, histories, strict=True):
+        update["clv"] = update["expected"] * clv.expected_value_per_purchase(gamma_gamma, history)
+    if updates:
+        await session.execute(
+            sa.text("""
+                UPDATE segmenter.contacts c
+                SET expected_purchases = u.expected, p_alive = u.alive, clv = u.clv
+                FROM unnest(CAST(:ids AS uuid[]), CAST(:expected AS float8[]),
+                            CAST(:alive AS float8[]), CAST(:clv AS float8[]))
+                     AS u(id, expected, alive, clv)
+                WHERE c.contact_id = u.id
+            """),
+            {
+                "ids": [u["id"] for u in updates],
+                "expected": [u["expected"] for u in updates],
+                "alive": [u["alive"] for u in updates],
+                "clv": [u["clv"] for u in updates],
+            },
+        )
+    return (
+        len(histories),
+        {"r": bg_nbd.r, "alpha": bg_nbd.alpha, "a": bg_nbd.a, "b": bg_nbd.b},
+        {"p": gamma_gamma.p, "q": gamma_gamma.q, "gamma": gamma_gamma.gamma},
+        None,
+    )
+
+
+async def refresh_due(
+    session: AsyncSession,
+    *,
+    now: datetime,
+    every: timedelta,
+    window_days: int,
+    horizon_days: int,
+) -> str | None:
+    """Refresh one workspace whose models are due (claimed with SKIP LOCKED, so replicas
+    share the work); returns it."""
+    workspace_id = await session.scalar(
+        sa.select(value_models.c.workspace_id)
+        .where(
+            sa.or_(
+                value_models.c.refreshed_at.is_(None), value_models.c.refreshed_at <= now - every
+            )
+        )
+        .order_by(value_models.c.refreshed_at.nulls_first())
+        .limit(1)
+        .with_for_update(skip_locked=True)
+    )
+    if workspace_id is not None:
+        await refresh(
+            session,
+            workspace_id=workspace_id,
+            now=now,
+            window_days=window_days,
+            horizon_days=horizon_days,
+        )
+    return workspace_id
