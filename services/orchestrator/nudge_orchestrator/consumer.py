@@ -93,6 +93,7 @@ class MembershipHandler:
                         change.contact.model_dump(mode="json", exclude={"contact_id"}),
                         str(envelope.id),
                         envelope.origin_received_at,
+                        change.segment_id,
                     )
                 )
         for workflow, group in entrants.values():

@@ -81,6 +81,8 @@ class Entrant:
     cause: str
     """The id of what triggered the entry (the run id derives from it)."""
     origin_received_at: datetime | None = None
+    segment_id: uuid.UUID | None = None
+    """The segment or list behind the entry (segment triggers, broadcasts), for analytics."""
 
 
 async def enter(
@@ -144,6 +146,7 @@ async def enter_many(
                 "exclusive": not entry.concurrent,
                 "goal_event": definition.goal.event if definition.goal else None,
                 "contact": entrant.contact,
+                "segment_id": entrant.segment_id,
                 "started_at": now,
             }
         )

@@ -81,6 +81,8 @@ runs = sa.Table(
     sa.Column("goal_event", sa.Text),
     sa.Column("contact", JSONB, nullable=False, server_default=JSON_OBJECT),
     # The contact as the trigger saw it (traits, scores), used until a fresher copy exists.
+    sa.Column("segment_id", UUID(as_uuid=True)),
+    # The segment or list that started the run (segment triggers, broadcasts): analytics.
     sa.Column("started_at", TIMESTAMP, nullable=False),
     sa.Column("finished_at", TIMESTAMP),
     sa.Index("ix_runs_entries", "workflow_id", "contact_id", "started_at"),
@@ -97,6 +99,7 @@ runs = sa.Table(
         "contact_id",
         postgresql_where=sa.text("status = 'active'"),
     ),
+    sa.Index("ix_runs_segment", "segment_id", postgresql_where=sa.text("segment_id IS NOT NULL")),
 )
 step_executions = sa.Table(
     "step_executions",
@@ -1401,3 +1404,62 @@ async def cancel_broadcast(session: AsyncSession, *, broadcast_id: uuid.UUID, at
     )
     await update_workflow(session, workflow_id=broadcast_id, status="archived")
     return await cancel_runs(session, workflow_id=broadcast_id, at=at)
+
+
+@dataclass(frozen=True)
+class SegmentCounts:
+    workflows: dict[uuid.UUID, tuple[str, str]]
+    """workflow -> (name, trigger kind) of every workflow the segment started runs of."""
+    runs: list[tuple[uuid.UUID, str, int]]
+    """(workflow, run status, runs)."""
+    sends: list[tuple[uuid.UUID, int]]
+    """(workflow, messages requested)."""
+    deliveries: list[tuple[uuid.UUID, str, int]]
+    """(workflow, delivery status, messages)."""
+
+
+async def segment_counts(
+    session: AsyncSession, *, workspace_id: str, segment_id: uuid.UUID
+) -> SegmentCounts:
+    """The runs a segment (or list) started, their sends and deliveries, per workflow: the
+    runs through the index on ``segment_id``, their sends and deliveries by primary key."""
+    mine = sa.and_(runs.c.segment_id == segment_id, runs.c.workspace_id == workspace_id)
+    run_rows = await session.execute(
+        sa.select(
+            runs.c.workflow_id,
+            workflows.c.name,
+            workflows.c.trigger_kind,
+            runs.c.status,
+            sa.func.count(),
+        )
+        .join(workflows, workflows.c.id == runs.c.workflow_id)
+        .where(mine)
+        .group_by(runs.c.workflow_id, workflows.c.name, workflows.c.trigger_kind, runs.c.status)
+    )
+    send_rows = await session.execute(
+        sa.select(sends.c.workflow_id, sa.func.count())
+        .join(runs, runs.c.id == sends.c.run_id)
+        .where(mine)
+        .group_by(sends.c.workflow_id)
+    )
+    delivery_rows = await session.execute(
+        sa.select(sends.c.workflow_id, deliveries.c.status, sa.func.count())
+        .join(runs, runs.c.id == sends.c.run_id)
+        .join(
+            deliveries,
+            sa.and_(deliveries.c.run_id == sends.c.run_id, deliveries.c.step == sends.c.step),
+        )
+        .where(mine)
+        .group_by(sends.c.workflow_id, deliveries.c.status)
+    )
+    names: dict[uuid.UUID, tuple[str, str]] = {}
+    counted: list[tuple[uuid.UUID, str, int]] = []
+    for workflow_id, name, kind, status, count in run_rows:
+        names[workflow_id] = (name, kind)
+        counted.append((workflow_id, status, count))
+    return SegmentCounts(
+        names,
+        counted,
+        [(r[0], r[1]) for r in send_rows],
+        [(r[0], r[1], r[2]) for r in delivery_rows],
+    )

@@ -327,6 +327,7 @@ async def send_due_broadcasts(
                     contact_id,
                     known.get(contact_id) or {"user_id": None, "traits": {}, "scores": {}},
                     f"broadcast:{broadcast.id}",
+                    segment_id=broadcast.segment_id,
                 )
                 for contact_id in members
             ],

@@ -1,5 +1,5 @@
-"""Analytics per workflow, step and variant from runs, sends and the deliveries topic, and
-the A/B verdict (two-proportion z-test on conversions)."""
+"""Analytics per workflow, step and variant, and per segment, from runs, sends and the
+deliveries topic, and the A/B verdict (two-proportion z-test on conversions)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,21 @@ import uuid
 import pytest
 
 from nudge_common.db import transaction
-from nudge_common.events import DELIVERY_REPORTED, DeliveryReported
+from nudge_common.events import (
+    DELIVERY_REPORTED,
+    SEGMENT_EXITED,
+    ContactSnapshot,
+    DeliveryReported,
+    MembershipChanged,
+)
 from nudge_orchestrator import store
-from nudge_orchestrator.consumer import handle_delivery
-from nudge_orchestrator.domain.analytics import ab_winner, report, two_proportion_z_test
+from nudge_orchestrator.consumer import handle_delivery, membership_handler
+from nudge_orchestrator.domain.analytics import (
+    ab_winner,
+    grouped_report,
+    report,
+    two_proportion_z_test,
+)
 from tests.services.orchestrator.conftest import Engine
 
 TEMPLATE_A, TEMPLATE_B = uuid.uuid4(), uuid.uuid4()
@@ -151,3 +162,78 @@ async def test_the_holdout_stays_open_for_the_goal_and_counts_its_conversions(
     assert variants["holdout"]["converted"] == len(held)  # the goal reached them
     assert variants["holdout"]["requested"] == 0
     assert out["requested"] == len(runs) - len(held)
+
+
+async def test_analytics_per_segment_count_the_runs_the_segment_started(engine: Engine) -> None:
+    segment, other = uuid.uuid4(), uuid.uuid4()
+    onboarding = await engine.workflow(
+        {
+            "trigger": {"kind": "segment_entered", "segment_id": str(segment)},
+            "steps": [{"kind": "send", "channel": "email", "template_id": str(TEMPLATE_A)}],
+        },
+        name="Onboarding",
+    )
+    winback = await engine.workflow(
+        {
+            "trigger": {"kind": "segment_exited", "segment_id": str(segment)},
+            "steps": [{"kind": "send", "channel": "email", "template_id": str(TEMPLATE_B)}],
+        },
+        name="Win-back",
+    )
+    elsewhere = await engine.workflow(
+        {
+            "trigger": {"kind": "segment_entered", "segment_id": str(other)},
+            "steps": [{"kind": "send", "channel": "email", "template_id": str(TEMPLATE_A)}],
+        }
+    )
+    contacts = [await engine.contact(f"seg-{i}") for i in range(6)]
+    for contact in contacts:
+        await engine.enter_segment(segment, contact)
+        await engine.enter_segment(other, contact)
+    for contact in contacts[:2]:
+        await engine.apply(
+            membership_handler(engine.clock),
+            SEGMENT_EXITED.envelope(
+                workspace_id=engine.workspace_id,
+                payload=MembershipChanged(
+                    segment_id=segment,
+                    segment_name="s",
+                    contact=ContactSnapshot(contact_id=contact),
+                    at=engine.now,
+                ),
+                occurred_at=engine.now,
+            ),
+        )
+    runs = {run.contact_id: run for run in await engine.runs(onboarding)}
+    for contact in contacts[:4]:  # delivered; half of them opened
+        for status in ("delivered", "opened") if contact in contacts[:2] else ("delivered",):
+            await engine.apply(
+                handle_delivery,
+                DELIVERY_REPORTED.envelope(
+                    workspace_id=engine.workspace_id,
+                    payload=DeliveryReported(
+                        idempotency_key=f"{runs[contact].id}:0",
+                        channel="email",
+                        status=status,
+                        contact_id=contact,
+                    ),
+                    occurred_at=engine.now,
+                ),
+            )
+    async with transaction(engine.sessionmaker) as session:
+        counts = await store.segment_counts(
+            session, workspace_id=engine.workspace_id, segment_id=segment
+        )
+        elsewhere_counts = await store.segment_counts(
+            session, workspace_id="another", segment_id=segment
+        )
+    assert counts.workflows == {
+        onboarding: ("Onboarding", "segment_entered"),
+        winback: ("Win-back", "segment_exited"),
+    }
+    assert elsewhere not in counts.workflows
+    assert elsewhere_counts.runs == []
+    total, per_workflow = grouped_report(counts.runs, counts.sends, counts.deliveries)
+    assert (total["entered"], total["requested"], total["delivered"]) == (8, 8, 4)
+    assert per_workflow[onboarding]["open_rate"] == 0.5
+    assert (per_workflow[winback]["entered"], per_workflow[winback]["opened"]) == (2, 0)

@@ -254,6 +254,17 @@ async def test_a_broadcast_reaches_every_member_once_paced_capped_and_after_quie
     assert len(keys) == len(set(keys)) == 24, "each member's message requested once"
     report = (await api.get(f"/api/v1/broadcasts/{broadcast}/analytics", headers=headers)).json()
     assert (report["entered"], report["requested"]) == (25, 24)
+    # per segment: the broadcast's runs count for the segment it went to
+    by_segment = (await api.get(f"/api/v1/analytics/segments/{segment}", headers=headers)).json()
+    assert (by_segment["entered"], by_segment["requested"]) == (25, 24)
+    [row] = by_segment["workflows"]
+    assert (row["kind"], row["broadcast_id"], row["name"]) == (
+        "broadcast",
+        str(broadcast),
+        "March news",
+    )
+    nothing = (await api.get(f"/api/v1/analytics/segments/{uuid.uuid4()}", headers=headers)).json()
+    assert (nothing["entered"], nothing["workflows"]) == (0, [])
 
 
 async def test_replicas_share_broadcasts_and_a_crash_replays_the_page_with_the_same_ids(

@@ -8,8 +8,11 @@ with a two-proportion z-test on conversions (pooled, two-sided).
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+K = TypeVar("K", bound=Hashable)
 
 STATUSES = ("sent", "delivered", "opened", "clicked", "unsubscribed", "bounced", "complained")
 
@@ -76,6 +79,29 @@ def ab_winner(groups: dict[str, tuple[int, int]], alpha: float = 0.05) -> Verdic
 FINISHED = {"completed": "completed", "exited": "completed", "converted": "converted"}
 
 
+def blank() -> dict[str, int]:
+    return {
+        "entered": 0,
+        "completed": 0,
+        "converted": 0,
+        "requested": 0,
+        **dict.fromkeys(STATUSES, 0),
+    }
+
+
+def shown(counts: dict[str, int], per_step: bool = False) -> dict[str, Any]:
+    """Counts with their rates (a step has no runs of its own: no run counts, no
+    conversion rate)."""
+    out: dict[str, Any] = dict(counts)
+    if per_step:
+        for key in ("entered", "completed", "converted"):
+            out.pop(key)
+    out.update(rates(counts))
+    if per_step:
+        out.pop("conversion_rate")
+    return out
+
+
 def report(
     runs: list[tuple[str | None, str, int]],
     sends: list[tuple[int, str | None, int]],
@@ -84,16 +110,6 @@ def report(
 ) -> dict[str, Any]:
     """The analytics of one workflow: totals, per step, per variant, and the A/B verdict
     on conversions (a run that reached the end without converting is ``completed``)."""
-
-    def blank() -> dict[str, int]:
-        return {
-            "entered": 0,
-            "completed": 0,
-            "converted": 0,
-            "requested": 0,
-            **dict.fromkeys(STATUSES, 0),
-        }
-
     total = blank()
     steps: dict[int, dict[str, int]] = {}
     variants: dict[str, dict[str, int]] = {}
@@ -123,16 +139,6 @@ def report(
             if bucket is not None:
                 bucket[status] += count
 
-    def shown(counts: dict[str, int], per_step: bool = False) -> dict[str, Any]:
-        out: dict[str, Any] = dict(counts)
-        if per_step:  # runs are not counted per step
-            for key in ("entered", "completed", "converted"):
-                out.pop(key)
-        out.update(rates(counts))
-        if per_step:
-            out.pop("conversion_rate")
-        return out
-
     verdict = ab_winner(
         {name: (c["converted"], c["entered"]) for name, c in variants.items()}, alpha
     )
@@ -152,3 +158,27 @@ def report(
             "winner": verdict.winner,
         },
     }
+
+
+def grouped_report(
+    runs: list[tuple[K, str, int]],
+    sends: list[tuple[K, int]],
+    deliveries: list[tuple[K, str, int]],
+) -> tuple[dict[str, Any], dict[K, dict[str, Any]]]:
+    """The same counts and rates, in total and per group (e.g. the workflows a segment
+    started): runs (group, status, n), sends (group, n), deliveries (group, status, n)."""
+    total = blank()
+    groups: dict[K, dict[str, int]] = {}
+    for group, status, count in runs:
+        for bucket in (total, groups.setdefault(group, blank())):
+            bucket["entered"] += count
+            if status in FINISHED:
+                bucket[FINISHED[status]] += count
+    for group, count in sends:
+        for bucket in (total, groups.setdefault(group, blank())):
+            bucket["requested"] += count
+    for group, status, count in deliveries:
+        if status in STATUSES:
+            for bucket in (total, groups.setdefault(group, blank())):
+                bucket[status] += count
+    return shown(total), {group: shown(counts) for group, counts in groups.items()}
