@@ -397,6 +397,8 @@ async def test_the_broadcast_api_validates_pages_replays_and_cancels(
 async def test_a_broadcast_to_a_static_list_of_the_real_segmenter(
     stack: StackHandle, engine: Engine
 ) -> None:
+    """The list is made through the orchestrator's public API, which fronts the segmenter's
+    (the key's workspace in ``X-Nudge-Workspace``)."""
     segmenter = ServiceProcess(
         "segmenter", free_port(), dict(stack.env), stack.log_dir / "segmenter-broadcasts.log"
     )
@@ -404,37 +406,41 @@ async def test_a_broadcast_to_a_static_list_of_the_real_segmenter(
     try:
         await segmenter.wait_ready()
         members = [await engine.contact(f"vip-{i}") for i in range(12)]
-        async with httpx.AsyncClient(
-            base_url=segmenter.url, headers={"X-Nudge-Workspace": engine.workspace_id}
-        ) as owner:
-            created = await owner.post("/api/v1/segments", json={"name": "VIP", "kind": "static"})
+        async with serve(engine, segmenter.url, page=5) as broadcasts:
+            api = broadcasts.api
+            headers = await broadcasts.key("read", "write", "send")
+            reader = await broadcasts.key("read")
+            body = {"name": "VIP", "kind": "static"}
+            refused = await api.post("/api/v1/segments", json=body, headers=reader)
+            assert refused.status_code == 403
+            created = await api.post("/api/v1/segments", json=body, headers=headers)
             assert created.status_code == 201, created.text
             vip = created.json()["id"]
-            added = await owner.post(
+            added = await api.post(
                 f"/api/v1/segments/{vip}/members",
                 json={"contact_ids": [str(m) for m in members], "action": "add"},
+                headers=headers,
             )
             assert added.status_code == 200, added.text
-        async with serve(engine, segmenter.url, page=5) as broadcasts:
-            headers = await broadcasts.key("read", "send")
+            listed = await api.get("/api/v1/segments", headers=reader)
+            assert vip in listed.text
+
             body = {"name": "VIP preview", "channel": "email", "send_at": engine.now.isoformat()}
             body["template_id"] = str(await broadcasts.template())
-            unknown = await broadcasts.api.post(
+            unknown = await api.post(
                 "/api/v1/broadcasts",
                 json={**body, "segment_id": str(uuid.uuid4())},
                 headers=headers,
             )
             assert unknown.status_code == 422, unknown.text
             assert unknown.json()["detail"][0]["loc"] == ["body", "segment_id"]
-            created = await broadcasts.api.post(
+            created = await api.post(
                 "/api/v1/broadcasts", json={**body, "segment_id": vip}, headers=headers
             )
             assert created.status_code == 201, created.text
             assert await broadcasts.drain() == 12  # three pages of at most five
             broadcast = uuid.UUID(created.json()["id"])
-            shown = (
-                await broadcasts.api.get(f"/api/v1/broadcasts/{broadcast}", headers=headers)
-            ).json()
+            shown = (await api.get(f"/api/v1/broadcasts/{broadcast}", headers=headers)).json()
             assert (shown["status"], shown["members"]) == ("sent", 12)
         assert sorted(run.contact_id for run in await engine.runs(broadcast)) == sorted(members)
         assert len(await engine.sent(broadcast)) == 12

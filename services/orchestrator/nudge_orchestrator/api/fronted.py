@@ -9,11 +9,11 @@ field. The owners stay the only writers of their tables.
 * scoring (``NUDGE_SCORING_URL``, workspace in the ``X-Nudge-Workspace`` header):
   ``/api/v1/contacts...`` (search, 360 view, tags, import, erase) and
   ``/api/v1/models...`` (scoring models and rules);
+* segmenter (``NUDGE_SEGMENTER_URL``, workspace in the ``X-Nudge-Workspace`` header):
+  ``/api/v1/segments...`` (segments and static lists, preview, members, history);
 * notifier (``NUDGE_NOTIFIER_URL``, workspace in the path
   ``/api/v1/workspaces/{workspace}/...``): ``/api/v1/suppressions...``,
   ``/api/v1/consents...``, ``/api/v1/hygiene...``.
-
-Segments are not fronted: the segmenter has no API yet.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from nudge_common.service import RuntimeDep
 from nudge_orchestrator.api.deps import Principal, requires
 from nudge_orchestrator.settings import OrchestratorSettings
 
-router = APIRouter(prefix="/api/v1", tags=["contacts, scoring and suppression (fronted)"])
+router = APIRouter(prefix="/api/v1", tags=["contacts, scoring, segments and suppression (fronted)"])
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 FORWARDED_HEADERS = ("content-type", "accept", "idempotency-key")
 TIMEOUT_S = 30.0
@@ -80,6 +80,18 @@ async def scoring(request: Request, principal: Authenticated, runtime: RuntimeDe
         request,
         _settings(runtime).scoring_url,
         "scoring",
+        request.url.path,
+        {"X-Nudge-Workspace": principal.workspace_id},
+    )
+
+
+@router.api_route("/segments{rest:path}", methods=METHODS, include_in_schema=False)
+async def segmenter(request: Request, principal: Authenticated, runtime: RuntimeDep) -> Response:
+    _scope(request, principal)
+    return await _forward(
+        request,
+        _settings(runtime).segmenter_url,
+        "segmenter",
         request.url.path,
         {"X-Nudge-Workspace": principal.workspace_id},
     )
