@@ -30,7 +30,8 @@ class OrchestratorSettings(NudgeSettings):
     notifier_url: str | None = None
     """Base URL of the notifier's internal API, fronted under /api/v1 (suppression)."""
     segmenter_url: str | None = None
-    """Base URL of the segmenter's internal API: the members of a broadcast's segment."""
+    """Base URL of the segmenter's API: fronted under /api/v1 (segments, lists), and the
+    members of a broadcast's segment."""
     broadcast_page: int = Field(default=1000, ge=1, le=5000)
     """Members of a broadcast handed to runs per transaction (at most ``rate_per_s``)."""
     broadcast_idle_s: float = Field(default=0.5, gt=0)
