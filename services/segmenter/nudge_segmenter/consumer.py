@@ -28,24 +28,82 @@ from nudge_common.events import (
     CONTACT_MERGED,
     CONTACT_UPDATED,
     LIST_CHANGED,
-    ContactSnapshot,
+    ContactActivity,
+    ContactUpdated,
     Envelope,
     Topic,
 )
 from nudge_common.kafka import OutgoingMessage
 from nudge_common.service import Runtime, Worker
 from nudge_segmenter import metrics, store, value
-from nudge_segmenter.evaluation import Cause, reevaluate, transition
+from nudge_segmenter.evaluation import Cause, ContactBatch, reevaluate
 from nudge_segmenter.settings import SegmenterSettings
 
 
 class ContactsHandler:
+    """Scoring's updates and activities go through :class:`ContactBatch` a run at a time
+    (a few queries per run, whatever its size); merges, erasures and list changes, rarer,
+    one by one in their place."""
+
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
 
     async def __call__(
         self, session: AsyncSession, envelope: Envelope
     ) -> Sequence[OutgoingMessage]:
+        return await self.handle_batch(session, [envelope])
+
+    async def handle_batch(
+        self, session: AsyncSession, envelopes: Sequence[Envelope]
+    ) -> Sequence[OutgoingMessage]:
+        messages: list[OutgoingMessage] = []
+        run: list[Envelope] = []
+        for envelope in envelopes:
+            if envelope.type in (CONTACT_UPDATED.name, CONTACT_ACTIVITY.name):
+                run.append(envelope)
+                continue
+            messages += await self.apply_run(session, run)
+            run = []
+            messages += await self.apply_one(session, envelope)
+        messages += await self.apply_run(session, run)
+        return messages
+
+    async def apply_run(
+        self, session: AsyncSession, run: Sequence[Envelope]
+    ) -> list[OutgoingMessage]:
+        if not run:
+            return []
+        now = self.clock()
+        by_workspace: dict[str, list[tuple[Envelope, ContactUpdated | ContactActivity]]] = {}
+        for envelope in run:
+            payload = (
+                CONTACT_UPDATED.parse(envelope)
+                if envelope.type == CONTACT_UPDATED.name
+                else CONTACT_ACTIVITY.parse(envelope)
+            )
+            by_workspace.setdefault(envelope.workspace_id, []).append((envelope, payload))
+        messages: list[OutgoingMessage] = []
+        for workspace_id, items in by_workspace.items():
+            ids = {payload.contact_id for _, payload in items}
+            stale = await store.merged_among(session, contact_ids=ids)
+            batch = await ContactBatch.load(session, workspace_id, ids - stale)
+            ordered = False
+            for envelope, payload in items:
+                if payload.contact_id in stale:
+                    metrics.STALE_UPDATES.inc()
+                    continue
+                if isinstance(payload, ContactUpdated):
+                    facts = batch.apply_update(payload)
+                else:
+                    facts = batch.apply_activity(payload)
+                    ordered = ordered or (payload.revenue or -1) >= 0
+                batch.evaluate(payload.contact_id, now=now, cause=Cause(envelope), facts=facts)
+            if ordered and batch.rfm_cuts is None:
+                await value.ensure_model(session, workspace_id=workspace_id)
+            messages += await batch.save(session, now=now)
+        return messages
+
+    async def apply_one(self, session: AsyncSession, envelope: Envelope) -> list[OutgoingMessage]:
         workspace_id, now, cause = envelope.workspace_id, self.clock(), Cause(envelope)
         if envelope.type == CONTACT_MERGED.name:
             merge = CONTACT_MERGED.parse(envelope)
@@ -67,70 +125,13 @@ class ContactsHandler:
                 contact_ids=sorted({erased.contact_id, *erased.contact_ids}),
             )
             return []
-        if envelope.type == CONTACT_UPDATED.name:
-            update = CONTACT_UPDATED.parse(envelope)
-            if await self.stale(session, update.contact_id):
-                return []
-            created = await store.save_contact(
-                session,
-                workspace_id=workspace_id,
-                contact_id=update.contact_id,
-                at=now,
-                user_id=update.user_id,
-                traits=update.traits,
-                scores=update.scores,
-                tags=update.tags,
-                stages=update.stages,
-            )
-            return await reevaluate(
-                session,
-                workspace_id=workspace_id,
-                contact_id=update.contact_id,
-                now=now,
-                cause=cause,
-                facts=None if created else update.changed or None,
-            )
-        if envelope.type == CONTACT_ACTIVITY.name:
-            activity = CONTACT_ACTIVITY.parse(envelope)
-            if await self.stale(session, activity.contact_id):
-                return []
-            created = await store.record_activity(
-                session,
-                workspace_id=workspace_id,
-                contact_id=activity.contact_id,
-                event=activity.event,
-                at=activity.at,
-                properties=activity.properties,
-                revenue=activity.revenue,
-            )
-            facts = ["activity", f"event:{activity.event}"]
-            if activity.revenue is not None:
-                await value.rescore_contact(
-                    session, workspace_id=workspace_id, contact_id=activity.contact_id
-                )
-                facts.append("value")
-            return await reevaluate(
-                session,
-                workspace_id=workspace_id,
-                contact_id=activity.contact_id,
-                now=now,
-                cause=cause,
-                facts=None if created else facts,
-            )
         if envelope.type == LIST_CHANGED.name:
             return await self.list_changed(session, envelope, now)
         return []
 
-    async def stale(self, session: AsyncSession, contact_id: uuid.UUID) -> bool:
-        """A message about a contact merged away before it arrived: nothing to re-create."""
-        if await store.was_merged(session, contact_id=contact_id):
-            metrics.STALE_UPDATES.inc()
-            return True
-        return False
-
     async def list_changed(
         self, session: AsyncSession, envelope: Envelope, now: datetime
-    ) -> Sequence[OutgoingMessage]:
+    ) -> list[OutgoingMessage]:
         change = LIST_CHANGED.parse(envelope)
         workspace_id = envelope.workspace_id
         static = await store.get_segment(
@@ -159,41 +160,9 @@ async def apply_list_change(
 ) -> list[OutgoingMessage]:
     """Add a contact to a static list or remove it: a transition like a segment's (with
     its history and message), then the segments referencing the list."""
-    await store.save_contact(
-        session, workspace_id=static.workspace_id, contact_id=contact_id, at=now
-    )
-    state = await store.lock_contact(session, contact_id)
-    assert state is not None
-    member = static.id in state.profile_without_events.segments
-    if member == add:
-        return []
-    if add:
-        await store.enter(
-            session,
-            workspace_id=static.workspace_id,
-            segment_id=static.id,
-            contact_id=contact_id,
-            at=now,
-        )
-    else:
-        await store.exit_(session, segment_id=static.id, contact_id=contact_id, at=now)
-    snapshot = ContactSnapshot(
-        contact_id=contact_id, user_id=state.user_id, traits=state.traits, scores=state.scores
-    )
-    messages = [
-        transition(
-            static.workspace_id, static.id, static.name, snapshot, entered=add, at=now, cause=cause
-        )
-    ]
-    messages += await reevaluate(
-        session,
-        workspace_id=static.workspace_id,
-        contact_id=contact_id,
-        now=now,
-        cause=cause,
-        facts=[f"segment:{static.id}"],
-    )
-    return messages
+    batch = await ContactBatch.load(session, static.workspace_id, [contact_id])
+    batch.set_static(static.id, static.name, contact_id, add=add, now=now, cause=cause)
+    return await batch.save(session, now=now)
 
 
 class ConsentHandler:

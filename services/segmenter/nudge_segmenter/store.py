@@ -6,7 +6,7 @@ re-evaluations and backfills."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -18,9 +18,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from nudge_common.conditions import (
     Condition,
-    CustomerValue,
-    EventFact,
-    Profile,
     condition_adapter,
 )
 from nudge_common.db import processed_messages_table
@@ -318,88 +315,7 @@ async def history_of(
     return list(rows)
 
 
-_INSERTED: sa.ColumnElement[bool] = sa.literal_column("xmax = 0", sa.Boolean)
-"""True in ``RETURNING`` when an upsert inserted the row (PostgreSQL's row version
-marker: an updated row carries the updating transaction's id)."""
-
-
 # --- contacts ------------------------------------------------------------------------------
-
-
-async def save_contact(
-    session: AsyncSession,
-    *,
-    workspace_id: str,
-    contact_id: uuid.UUID,
-    at: datetime,
-    **values: Any,
-) -> bool:
-    """Insert the contact or update the given columns; returns whether it is new."""
-    statement = pg_insert(contacts).values(
-        contact_id=contact_id, workspace_id=workspace_id, updated_at=at, **values
-    )
-    inserted = await session.scalar(
-        statement.on_conflict_do_update(
-            index_elements=[contacts.c.contact_id],
-            set_={k: statement.excluded[k] for k in (*values, "updated_at")},
-        ).returning(_INSERTED)
-    )
-    return bool(inserted)
-
-
-async def record_activity(
-    session: AsyncSession,
-    *,
-    workspace_id: str,
-    contact_id: uuid.UUID,
-    event: str,
-    at: datetime,
-    properties: Mapping[str, Any],
-    revenue: float | None,
-) -> bool:
-    """The contact performed ``event``: kept for behavioural conditions; last seen, and
-    orders and revenue on a completed or refunded order, move with it. Returns whether
-    the contact is new."""
-    await session.execute(
-        sa.insert(contact_events).values(
-            workspace_id=workspace_id,
-            contact_id=contact_id,
-            event=event,
-            at=at,
-            properties=dict(properties),
-            revenue=revenue,
-        )
-    )
-    statement = pg_insert(contacts).values(
-        contact_id=contact_id,
-        workspace_id=workspace_id,
-        last_seen_at=at,
-        updated_at=at,
-        orders=1 if revenue is not None and revenue >= 0 else 0,
-        revenue=revenue or 0.0,
-        first_order_at=at if revenue is not None and revenue >= 0 else None,
-        last_order_at=at if revenue is not None and revenue >= 0 else None,
-    )
-    is_order = revenue is not None and revenue >= 0
-    excluded = statement.excluded
-    updates: dict[str, Any] = {
-        "last_seen_at": sa.func.greatest(contacts.c.last_seen_at, excluded.last_seen_at),
-        "updated_at": excluded.updated_at,
-    }
-    if revenue is not None:
-        updates["revenue"] = contacts.c.revenue + excluded.revenue
-    if is_order:
-        updates.update(
-            orders=contacts.c.orders + 1,
-            first_order_at=sa.func.least(contacts.c.first_order_at, excluded.first_order_at),
-            last_order_at=sa.func.greatest(contacts.c.last_order_at, excluded.last_order_at),
-        )
-    inserted = await session.scalar(
-        statement.on_conflict_do_update(
-            index_elements=[contacts.c.contact_id], set_=updates
-        ).returning(_INSERTED)
-    )
-    return bool(inserted)
 
 
 async def set_consent(
@@ -427,77 +343,6 @@ async def set_consent(
             },
         )
     )
-
-
-@dataclass
-class ContactState:
-    contact_id: uuid.UUID
-    workspace_id: str
-    user_id: str | None
-    traits: dict[str, Any]
-    scores: dict[str, int]
-    profile_without_events: Profile
-
-
-async def lock_contact(session: AsyncSession, contact_id: uuid.UUID) -> ContactState | None:
-    """The contact's state, its row locked: every writer of a contact's memberships (the
-    consumer, the recheck worker, a backfill's hand-over) holds it, so they take turns."""
-    row = (
-        await session.execute(
-            sa.select(contacts).where(contacts.c.contact_id == contact_id).with_for_update()
-        )
-    ).first()
-    if row is None:
-        return None
-    member_of = await segment_ids_of(session, contact_id=contact_id)
-    rfm = (
-        {
-            "recency": row.rfm_recency,
-            "frequency": row.rfm_frequency,
-            "monetary": row.rfm_monetary,
-        }
-        if row.rfm_recency is not None
-        else None
-    )
-    profile = Profile(
-        traits=row.traits,
-        scores=row.scores,
-        tags=row.tags,
-        stages=row.stages,
-        consents=frozenset(row.consents),
-        segments=frozenset(member_of),
-        value=CustomerValue(
-            revenue=row.revenue,
-            orders=row.orders,
-            clv=row.clv,
-            p_alive=row.p_alive,
-            expected_purchases=row.expected_purchases,
-            rfm=rfm,  # type: ignore[arg-type]
-        ),
-        last_seen_at=row.last_seen_at,
-    )
-    return ContactState(
-        contact_id=row.contact_id,
-        workspace_id=row.workspace_id,
-        user_id=row.user_id,
-        traits=row.traits,
-        scores=row.scores,
-        profile_without_events=profile,
-    )
-
-
-async def events_of(
-    session: AsyncSession, *, contact_id: uuid.UUID, names: Iterable[str]
-) -> list[EventFact]:
-    wanted = sorted(set(names))
-    if not wanted:
-        return []
-    rows = await session.execute(
-        sa.select(contact_events.c.event, contact_events.c.at, contact_events.c.properties).where(
-            contact_events.c.contact_id == contact_id, contact_events.c.event.in_(wanted)
-        )
-    )
-    return [EventFact(row.event, row.at, row.properties) for row in rows]
 
 
 async def segment_ids_of(session: AsyncSession, *, contact_id: uuid.UUID) -> set[uuid.UUID]:
@@ -542,36 +387,6 @@ async def exit_(
     )
 
 
-async def set_rechecks(
-    session: AsyncSession,
-    *,
-    workspace_id: str,
-    contact_id: uuid.UUID,
-    due: Mapping[uuid.UUID, datetime | None],
-) -> None:
-    """Each segment's next time-driven re-evaluation of the contact (None: none)."""
-    cancelled = [segment_id for segment_id, at in due.items() if at is None]
-    if cancelled:
-        await session.execute(
-            sa.delete(rechecks).where(
-                rechecks.c.contact_id == contact_id, rechecks.c.segment_id.in_(cancelled)
-            )
-        )
-    rows = [
-        {"segment_id": s, "contact_id": contact_id, "workspace_id": workspace_id, "due_at": at}
-        for s, at in due.items()
-        if at is not None
-    ]
-    if rows:
-        statement = pg_insert(rechecks).values(rows)
-        await session.execute(
-            statement.on_conflict_do_update(
-                index_elements=[rechecks.c.segment_id, rechecks.c.contact_id],
-                set_={"due_at": statement.excluded.due_at},
-            )
-        )
-
-
 @dataclass(frozen=True)
 class DueRecheck:
     segment_id: uuid.UUID
@@ -604,25 +419,6 @@ async def claim_due_rechecks(
         (DueRecheck(r.segment_id, r.contact_id, r.workspace_id, r.due_at) for r in rows),
         key=lambda r: r.due_at,
     )
-
-
-async def mark_dirty(
-    session: AsyncSession, *, segment_id: uuid.UUID, contact_id: uuid.UUID
-) -> None:
-    await session.execute(
-        pg_insert(backfill_dirty)
-        .values(segment_id=segment_id, contact_id=contact_id)
-        .on_conflict_do_nothing()
-    )
-
-
-async def take_dirty(session: AsyncSession, *, segment_id: uuid.UUID) -> list[uuid.UUID]:
-    rows = await session.scalars(
-        sa.delete(backfill_dirty)
-        .where(backfill_dirty.c.segment_id == segment_id)
-        .returning(backfill_dirty.c.contact_id)
-    )
-    return sorted(rows)
 
 
 # --- merges and erasure --------------------------------------------------------------------
@@ -683,6 +479,17 @@ def _latest(column: sa.ColumnElement[Any], value: datetime | None) -> sa.ColumnE
 
 def _earliest(column: sa.ColumnElement[Any], value: datetime | None) -> sa.ColumnElement[Any]:
     return column if value is None else sa.func.least(column, value)
+
+
+async def merged_among(
+    session: AsyncSession, *, contact_ids: Iterable[uuid.UUID]
+) -> set[uuid.UUID]:
+    rows = await session.scalars(
+        sa.select(merged_contacts.c.contact_id).where(
+            merged_contacts.c.contact_id.in_(sorted(set(contact_ids)))
+        )
+    )
+    return set(rows)
 
 
 async def was_merged(session: AsyncSession, *, contact_id: uuid.UUID) -> bool:

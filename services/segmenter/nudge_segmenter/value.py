@@ -13,15 +13,14 @@ A refresh (the value worker, per workspace, every ``value_refresh_s``):
 3. re-backfills the segments that depend on value, so memberships follow the new scores
    with one transition per real change.
 
-Between refreshes, an order re-scores its contact against the stored cut points, and the
-segments depending on value are re-evaluated for that contact in real time.
+Between refreshes, an order re-scores its contact against the stored cut points
+(``evaluation.ContactBatch``), and the segments depending on value are re-evaluated for
+that contact in real time.
 """
 
 from __future__ import annotations
 
-import bisect
 import math
-import uuid
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
@@ -32,7 +31,7 @@ from nudge_common.rfm import Axis
 from nudge_segmenter import store
 from nudge_segmenter.domain import clv
 from nudge_segmenter.domain.segments import facts_of
-from nudge_segmenter.store import contacts, value_models
+from nudge_segmenter.store import value_models
 
 ORDER_COMPLETED = "Order Completed"
 AXES: dict[Axis, str] = {
@@ -42,46 +41,11 @@ AXES: dict[Axis, str] = {
 }
 
 
-def score(cuts: list[float], value: float) -> int:
-    """The quintile score of a value given the lowest value of scores 1 to 5."""
-    return max(1, bisect.bisect_right(cuts, value)) if cuts else 1
-
-
-async def rescore_contact(
-    session: AsyncSession, *, workspace_id: str, contact_id: uuid.UUID
-) -> bool:
-    """After an order: the contact's RFM scores against the workspace's last cut points.
-    Returns whether the workspace has any (before its first refresh there are none)."""
-    cuts = await session.scalar(
-        sa.select(value_models.c.rfm_cuts).where(value_models.c.workspace_id == workspace_id)
-    )
-    if cuts is None:  # the workspace's first order: its first refresh is due now
-        await session.execute(
-            pg_insert(value_models).values(workspace_id=workspace_id).on_conflict_do_nothing()
-        )
-        return False
-    if not cuts:
-        return False
-    row = (
-        await session.execute(
-            sa.select(contacts.c.last_order_at, contacts.c.orders, contacts.c.revenue).where(
-                contacts.c.contact_id == contact_id
-            )
-        )
-    ).first()
-    if row is None or row.last_order_at is None:
-        return False
-    values = {
-        "recency": row.last_order_at.timestamp(),
-        "frequency": float(row.orders),
-        "monetary": float(row.revenue),
-    }
+async def ensure_model(session: AsyncSession, *, workspace_id: str) -> None:
+    """The workspace's first order: its first refresh is due now."""
     await session.execute(
-        sa.update(contacts)
-        .where(contacts.c.contact_id == contact_id)
-        .values({f"rfm_{axis}": score(cuts[axis], values[axis]) for axis in AXES})
+        pg_insert(value_models).values(workspace_id=workspace_id).on_conflict_do_nothing()
     )
-    return True
 
 
 async def refresh(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -19,7 +18,7 @@ from hypothesis import strategies as st
 from nudge_common.conditions import condition_adapter, evaluate
 from nudge_common.db import transaction
 from nudge_segmenter import store
-from nudge_segmenter.domain.segments import event_names
+from nudge_segmenter.evaluation import ContactBatch
 from nudge_segmenter.sql import compile_condition
 from tests.services.segmenter.conftest import T0, Segmenter
 
@@ -224,16 +223,11 @@ async def _check(
             )
             by_sql = {row[0]: (row[1], row[2] if len(row) > 2 else None) for row in rows}
             members = await segmenter.members(segment_id)
+            batch = await ContactBatch.load(session, segmenter.workspace_id, ids)
             for contact_id in ids:
-                state = await store.lock_contact(session, contact_id)
-                assert state is not None
-                events = await store.events_of(
-                    session, contact_id=contact_id, names=event_names(condition)
-                )
-                verdict = evaluate(
-                    condition, replace(state.profile_without_events, events=events), now
-                )
-                context = (definition, contact_id, state.profile_without_events, events)
+                profile = batch.contacts[contact_id].profile()
+                verdict = evaluate(condition, profile, now)
+                context = (definition, contact_id, profile)
                 assert by_sql[contact_id][0] == verdict.matches, context
                 assert by_sql[contact_id][1] == verdict.recheck_at, context
                 assert (contact_id in members) == verdict.matches, context

@@ -40,9 +40,10 @@ async def test_behavioural_segment_enters_on_the_event_and_exits_when_the_window
 
     # Time alone: alice's first order leaves the 30-day window 30 days after it.
     segmenter.advance(days=19, hours=23)
-    assert await segmenter.rechecks() == 0
+    await segmenter.rechecks()
+    assert await segmenter.members(buyers) == {alice}
     segmenter.advance(hours=1)
-    assert await segmenter.rechecks() == 1
+    assert await segmenter.rechecks() >= 1
     assert await segmenter.members(buyers) == set()
     assert await segmenter.transitions(buyers, 2) == [("entered", alice), ("exited", alice)]
 
