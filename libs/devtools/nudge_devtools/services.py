@@ -114,6 +114,13 @@ class Fleet:
             )
             for spec in SPECS
         }
+        # The orchestrator fronts the owners' APIs and reads segment members for broadcasts.
+        self.services["orchestrator"].env.update(
+            {
+                f"NUDGE_{owner.upper()}_URL": self.services[owner].url
+                for owner in ("scoring", "segmenter", "notifier")
+            }
+        )
 
     def __getitem__(self, name: str) -> ServiceProcess:
         return self.services[name]
