@@ -25,6 +25,7 @@ import uuid
 from datetime import datetime
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -56,9 +57,9 @@ async def stage(session: AsyncSession, segment: store.Segment, now: datetime) ->
     )
     in_workspace = contacts.c.workspace_id == segment.workspace_id
     changes = sa.select(
-        sa.literal(segment.id),
+        sa.literal(segment.id, UUID(as_uuid=True)),
         contacts.c.contact_id,
-        sa.literal(segment.version),
+        sa.literal(segment.version, sa.Integer),
         compiled.matches,
     ).where(in_workspace, compiled.matches != is_member)
     staged = await session.execute(
@@ -72,7 +73,12 @@ async def stage(session: AsyncSession, segment: store.Segment, now: datetime) ->
     if compiled.recheck_at is not None:
         due = compiled.recheck_at.label("due_at")
         scheduled = (
-            sa.select(sa.literal(segment.id), contacts.c.contact_id, contacts.c.workspace_id, due)
+            sa.select(
+                sa.literal(segment.id, UUID(as_uuid=True)),
+                contacts.c.contact_id,
+                contacts.c.workspace_id,
+                due,
+            )
             .where(in_workspace)
             .subquery()
         )

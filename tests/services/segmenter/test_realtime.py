@@ -171,3 +171,20 @@ async def test_static_list_changes_publish_and_feed_segments(segmenter: Segmente
     assert await segmenter.members(static) == {frank}
     assert await segmenter.members(in_list) == {frank}
     assert await segmenter.handle(change) == []  # already a member: no second transition
+
+
+async def test_backfill_schedules_the_time_driven_rechecks(segmenter: Segmenter) -> None:
+    recent, older = uuid.uuid4(), uuid.uuid4()
+    await segmenter.activity(recent, "Demo Requested", at=segmenter.now - timedelta(days=2))
+    await segmenter.activity(older, "Demo Requested", at=segmenter.now - timedelta(days=6))
+    segment = await segmenter.segment(
+        {"kind": "event", "event": "Demo Requested", "within_days": 7}, backfill=True
+    )
+    await segmenter.backfill()
+    assert await segmenter.members(segment) == {recent, older}
+    segmenter.advance(days=1, seconds=1)  # the older request leaves the 7-day window
+    await segmenter.rechecks()
+    assert await segmenter.members(segment) == {recent}
+    segmenter.advance(days=4)
+    await segmenter.rechecks()
+    assert await segmenter.members(segment) == set()
