@@ -79,3 +79,10 @@ async def test_segment_from_the_api_fills_in_real_time_from_ingested_events(
         shown = await api.get(f"/api/v1/segments/{segment_id}")
         assert shown.json()["status"] == "active"
         assert shown.json()["members"] == 1
+
+        contact_id = envelope.payload["contact"]["contact_id"]
+        view = await api.get(f"/api/v1/contacts/{contact_id}")
+        assert view.status_code == 200, view.text
+        names = {s["name"] for s in view.json()["segments"]}
+        assert names == {"Pricing twice", "Qualified leads"}  # the seeded score segment too
+        assert view.json()["value"]["orders"] == 0

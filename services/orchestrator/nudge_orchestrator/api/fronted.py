@@ -10,7 +10,9 @@ field. The owners stay the only writers of their tables.
   ``/api/v1/contacts...`` (search, 360 view, tags, import, erase) and
   ``/api/v1/models...`` (scoring models and rules);
 * segmenter (``NUDGE_SEGMENTER_URL``, workspace in the ``X-Nudge-Workspace`` header):
-  ``/api/v1/segments...`` (segments and static lists, preview, members, history);
+  ``/api/v1/segments...`` (segments and static lists, preview, members, history) and
+  ``/api/v1/contacts/{id}/segments``; the 360 view ``GET /api/v1/contacts/{id}`` is
+  scoring's with ``segments`` and ``value`` (RFM, CLV) from the segmenter added;
 * notifier (``NUDGE_NOTIFIER_URL``, workspace in the path
   ``/api/v1/workspaces/{workspace}/...``): ``/api/v1/suppressions...``,
   ``/api/v1/consents...``, ``/api/v1/hygiene...``.
@@ -18,12 +20,15 @@ field. The owners stay the only writers of their tables.
 
 from __future__ import annotations
 
+import uuid
 from typing import Annotated
 from urllib.parse import quote
 
 import httpx
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 
+from nudge_common import codec
+from nudge_common.http import JsonResponse
 from nudge_common.service import RuntimeDep
 from nudge_orchestrator.api.deps import Principal, requires
 from nudge_orchestrator.settings import OrchestratorSettings
@@ -70,6 +75,43 @@ def _settings(runtime: RuntimeDep) -> OrchestratorSettings:
     settings = runtime.settings
     assert isinstance(settings, OrchestratorSettings)
     return settings
+
+
+@router.get("/contacts/{contact_id}", include_in_schema=False)
+async def contact_360(
+    contact_id: uuid.UUID, request: Request, principal: Authenticated, runtime: RuntimeDep
+) -> Response:
+    """Scoring's 360 view, with the segments the contact is in and its customer value
+    (RFM, CLV) from the segmenter when it knows the contact."""
+    settings = _settings(runtime)
+    workspace = {"X-Nudge-Workspace": principal.workspace_id}
+    answer = await _forward(request, settings.scoring_url, "scoring", request.url.path, workspace)
+    if answer.status_code != 200 or not settings.segmenter_url:
+        return answer
+    view = codec.loads(bytes(answer.body))
+    try:
+        async with httpx.AsyncClient(base_url=settings.segmenter_url, timeout=TIMEOUT_S) as client:
+            extra = await client.get(f"/api/v1/contacts/{contact_id}/segments", headers=workspace)
+    except httpx.TransportError:
+        view["segments"] = None  # the segmenter is unreachable: the view without it
+        return JsonResponse(view)
+    known = extra.json() if extra.status_code == 200 else {}
+    view["segments"] = known.get("segments", [])
+    view["value"] = known.get("value")
+    return JsonResponse(view)
+
+
+@router.get("/contacts/{contact_id}/segments", include_in_schema=False)
+async def contact_segments(
+    request: Request, principal: Authenticated, runtime: RuntimeDep
+) -> Response:
+    return await _forward(
+        request,
+        _settings(runtime).segmenter_url,
+        "segmenter",
+        request.url.path,
+        {"X-Nudge-Workspace": principal.workspace_id},
+    )
 
 
 @router.api_route("/contacts{rest:path}", methods=METHODS, include_in_schema=False)
