@@ -23,7 +23,8 @@ here are the reference, and the property tests hold the two equal:
 
 :func:`evaluate` also says when the passing of time alone could change the answer
 (``recheck_at``), so the segmenter schedules that contact's re-evaluation instead of
-rescanning everyone on a cron.
+rescanning everyone on a cron. It is never later than the first moment the answer can
+change; it may be earlier (a recheck that finds nothing changed only schedules the next).
 """
 
 from __future__ import annotations
@@ -328,11 +329,9 @@ def matches(condition: Condition, profile: Profile, now: datetime | None = None)
 def evaluate(condition: Condition, profile: Profile, now: datetime) -> Verdict:
     match condition:
         case AllOf(conditions=children):
-            verdicts = [evaluate(child, profile, now) for child in children]
-            return Verdict(all(v.matches for v in verdicts), _earliest(verdicts))
+            return _combine(children, profile, now, decisive=False)
         case AnyOf(conditions=children):
-            verdicts = [evaluate(child, profile, now) for child in children]
-            return Verdict(any(v.matches for v in verdicts), _earliest(verdicts))
+            return _combine(children, profile, now, decisive=True)
         case Not(condition=child):
             verdict = evaluate(child, profile, now)
             return Verdict(not verdict.matches, verdict.recheck_at)
@@ -341,9 +340,22 @@ def evaluate(condition: Condition, profile: Profile, now: datetime) -> Verdict:
     return Verdict(_static(condition, profile))
 
 
-def _earliest(verdicts: Sequence[Verdict]) -> datetime | None:
-    times = [v.recheck_at for v in verdicts if v.recheck_at is not None]
-    return min(times) if times else None
+def _combine(
+    children: Sequence[Condition], profile: Profile, now: datetime, *, decisive: bool
+) -> Verdict:
+    """``all`` (a false child decides) or ``any`` (a true child decides). A child that
+    decides and that time cannot change decides for good: the rest need not be evaluated,
+    and time cannot change the whole either."""
+    result, earliest = not decisive, None
+    for child in children:
+        verdict = evaluate(child, profile, now)
+        if verdict.matches == decisive:
+            if verdict.recheck_at is None:
+                return Verdict(decisive)
+            result = decisive
+        if verdict.recheck_at is not None and (earliest is None or verdict.recheck_at < earliest):
+            earliest = verdict.recheck_at
+    return Verdict(result, earliest)
 
 
 def _static(leaf: Leaf, profile: Profile) -> bool:
@@ -383,7 +395,7 @@ def _static(leaf: Leaf, profile: Profile) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    return type(value) is int or type(value) is float  # a bool is no number here
 
 
 def _is_scalar(value: Any) -> bool:

@@ -22,6 +22,7 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY, UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -178,6 +179,8 @@ class ContactBatch:
         self.new_events: list[dict[str, Any]] = []
         self.transitions: list[_Transition] = []
         self.rechecks: dict[tuple[uuid.UUID, uuid.UUID], datetime | None] = {}
+        self.scheduled: dict[tuple[uuid.UUID, uuid.UUID], datetime] = {}
+        """The rechecks already due for these contacts."""
         self.dirty: set[tuple[uuid.UUID, uuid.UUID]] = set()
         self.messages: list[OutgoingMessage] = []
 
@@ -248,7 +251,17 @@ class ContactBatch:
                 store.value_models.c.workspace_id == workspace_id
             )
         )
-        return cls(workspace_id, workspace, loaded, cuts)
+        batch = cls(workspace_id, workspace, loaded, cuts)
+        if any(s.timed for s in workspace.index.ordered):
+            scheduled = await session.execute(
+                sa.select(
+                    store.rechecks.c.segment_id,
+                    store.rechecks.c.contact_id,
+                    store.rechecks.c.due_at,
+                ).where(store.rechecks.c.contact_id.in_(ids))
+            )
+            batch.scheduled = {(r.segment_id, r.contact_id): r.due_at for r in scheduled}
+        return batch
 
     # --- changes -----------------------------------------------------------------------
 
@@ -337,7 +350,8 @@ class ContactBatch:
                 self.dirty.add((segment.id, contact_id))
                 continue
             verdict = evaluate(segment.condition, profile, now)
-            self.rechecks[(segment.id, contact_id)] = verdict.recheck_at
+            if segment.timed:
+                self.rechecks[(segment.id, contact_id)] = verdict.recheck_at
             if verdict.matches == (segment.id in contact.segments):
                 continue
             if verdict.matches:
@@ -496,27 +510,18 @@ class ContactBatch:
             )
         if left:
             await session.execute(
-                sa.delete(memberships).where(
-                    sa.tuple_(memberships.c.segment_id, memberships.c.contact_id).in_(
-                        [(t.segment_id, t.contact_id) for t in left]
-                    )
-                )
+                _delete_pairs(memberships, [(t.segment_id, t.contact_id) for t in left])
             )
 
     async def _save_rechecks(self, session: AsyncSession) -> None:
-        cancelled = [key for key, at in self.rechecks.items() if at is None]
-        if cancelled:
-            await session.execute(
-                sa.delete(store.rechecks).where(
-                    sa.tuple_(store.rechecks.c.segment_id, store.rechecks.c.contact_id).in_(
-                        cancelled
-                    )
-                )
-            )
+        """Only earlier rechecks are written: a recheck already due sooner stays (it then
+        finds nothing changed and schedules the right one), so a contact active every
+        minute does not rewrite its rechecks every minute."""
         due = [
             {"segment_id": s, "contact_id": c, "workspace_id": self.workspace_id, "due_at": at}
             for (s, c), at in self.rechecks.items()
             if at is not None
+            and ((s, c) not in self.scheduled or at < self.scheduled[(s, c)])
         ]
         if due:
             statement = pg_insert(store.rechecks)
@@ -539,6 +544,22 @@ class ContactBatch:
                 pg_insert(store.backfill_dirty).on_conflict_do_nothing(),
                 [{"segment_id": s, "contact_id": c} for s, c in self.dirty if s == segment_id],
             )
+
+
+def _delete_pairs(table: sa.Table, pairs: list[tuple[uuid.UUID, uuid.UUID]]) -> sa.Delete:
+    """Delete the rows of these (segment, contact) pairs: two array parameters, whatever
+    their number."""
+    given = (
+        sa.func.unnest(
+            sa.cast([s for s, _ in pairs], ARRAY(UUID(as_uuid=True))),
+            sa.cast([c for _, c in pairs], ARRAY(UUID(as_uuid=True))),
+        )
+        .table_valued("segment_id", "contact_id")
+        .render_derived(with_types=False)
+    )
+    return sa.delete(table).where(
+        table.c.segment_id == given.c.segment_id, table.c.contact_id == given.c.contact_id
+    )
 
 
 async def reevaluate(

@@ -64,6 +64,14 @@ def facts_of(condition: Condition) -> frozenset[str]:
     return frozenset(facts)
 
 
+def is_timed(condition: Condition) -> bool:
+    return any(
+        isinstance(leaf, TraitDate | Age | LastSeen)
+        or (isinstance(leaf, Performed) and leaf.within_days is not None)
+        for leaf in leaves(condition)
+    )
+
+
 def event_names(condition: Condition) -> set[str]:
     return {leaf.event for leaf in leaves(condition) if isinstance(leaf, Performed)}
 
@@ -150,6 +158,9 @@ class Indexed:
     id: uuid.UUID
     condition: Condition
     facts: frozenset[str]
+    timed: bool
+    """Whether time alone can change its answer (it has date, age, window or last-seen
+    leaves): only such segments have rechecks."""
 
 
 class SegmentIndex:
@@ -157,7 +168,9 @@ class SegmentIndex:
     segment comes after the segments it references."""
 
     def __init__(self, segments: Sequence[tuple[uuid.UUID, Condition]]) -> None:
-        self.ordered = [Indexed(s, c, facts_of(c)) for s, c in _dependency_order(segments)]
+        self.ordered = [
+            Indexed(s, c, facts_of(c), is_timed(c)) for s, c in _dependency_order(segments)
+        ]
         self.by_fact: dict[str, list[Indexed]] = {}
         for segment in self.ordered:
             for fact in segment.facts:
