@@ -188,3 +188,36 @@ async def test_backfill_schedules_the_time_driven_rechecks(segmenter: Segmenter)
     segmenter.advance(days=4)
     await segmenter.rechecks()
     assert await segmenter.members(segment) == set()
+
+
+async def test_a_merge_adds_the_merged_contacts_events_and_orders_to_the_survivor(
+    segmenter: Segmenter,
+) -> None:
+    from nudge_common.events import CONTACT_MERGED, ContactMerged
+
+    twice = await segmenter.segment({"kind": "event", "event": "Viewed Pricing", "count": 2})
+    spender = await segmenter.segment(
+        {"kind": "value", "metric": "revenue", "op": "gte", "value": 100}
+    )
+    known, anonymous = uuid.uuid4(), uuid.uuid4()
+    await segmenter.activity(known, "Viewed Pricing")
+    await segmenter.activity(known, "Order Completed", revenue=60.0)
+    await segmenter.activity(anonymous, "Viewed Pricing")
+    await segmenter.activity(anonymous, "Order Completed", revenue=50.0)
+    assert await segmenter.members(twice) == set()
+    merge = CONTACT_MERGED.envelope(
+        workspace_id=segmenter.workspace_id,
+        payload=ContactMerged(
+            survivor_id=known,
+            merged_id=anonymous,
+            reason="identify",
+            identity="anonymous_id:a",
+            at=segmenter.now,
+        ),
+        occurred_at=segmenter.now,
+    )
+    await segmenter.handle(merge)
+    assert await segmenter.members(twice) == {known}
+    assert await segmenter.members(spender) == {known}
+    # a late activity of the merged id is stale: it re-creates nothing
+    assert await segmenter.activity(anonymous, "Viewed Pricing") == []
