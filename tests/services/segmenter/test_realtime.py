@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
+from typing import Literal
 
 import sqlalchemy as sa
 
@@ -221,3 +222,33 @@ async def test_a_merge_adds_the_merged_contacts_events_and_orders_to_the_survivo
     assert await segmenter.members(spender) == {known}
     # a late activity of the merged id is stale: it re-creates nothing
     assert await segmenter.activity(anonymous, "Viewed Pricing") == []
+
+
+async def test_consent_from_the_notifier_moves_consent_segments(segmenter: Segmenter) -> None:
+    from nudge_common.events import CONSENT_CHANGED, ConsentChanged
+    from nudge_segmenter.consumer import ConsentHandler
+
+    emailable = await segmenter.segment({"kind": "consent", "channel": "email"})
+    ivy = uuid.uuid4()
+    await segmenter.update(ivy, traits={"email": "ivy@example.com"})
+
+    async def consent(status: Literal["subscribed", "unsubscribed"]) -> None:
+        envelope = CONSENT_CHANGED.envelope(
+            workspace_id=segmenter.workspace_id,
+            payload=ConsentChanged(
+                channel="email",
+                address="ivy@example.com",
+                status=status,
+                reason="test",
+                contact_id=ivy,
+                at=segmenter.now,
+            ),
+            occurred_at=segmenter.now,
+        )
+        async with transaction(segmenter.sessionmaker) as session:
+            await ConsentHandler(segmenter.clock)(session, envelope)
+
+    await consent("subscribed")
+    assert await segmenter.members(emailable) == {ivy}
+    await consent("unsubscribed")
+    assert await segmenter.members(emailable) == set()
