@@ -59,3 +59,9 @@ BROADCAST_MEMBERS = Counter(
     "Members of a broadcast's segment or list handed to its workflow (a message each, unless"
     " capped, deferred by quiet hours, or the member was handed over before).",
 )
+BROADCAST_WINNERS = Counter(
+    "nudge_orchestrator_broadcast_winners_total",
+    "A/B broadcasts whose winner was chosen, by reason: significant (the z-test), deadline"
+    " (decide_after_s passed: the best so far).",
+    ["reason"],
+)

@@ -36,6 +36,8 @@ class OrchestratorSettings(NudgeSettings):
     """Members of a broadcast handed to runs per transaction (at most ``rate_per_s``)."""
     broadcast_idle_s: float = Field(default=0.5, gt=0)
     """How long the broadcast worker sleeps when no broadcast is due."""
+    broadcast_ab_check_s: float = Field(default=60.0, gt=0)
+    """How often an A/B broadcast whose test went out looks at its results for a winner."""
 
     @model_validator(mode="after")
     def no_test_clock_in_production(self) -> Self:

@@ -25,6 +25,13 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from nudge_common.db import processed_messages_table
+from nudge_orchestrator.domain.broadcasts import (
+    ABTest,
+    BroadcastGoal,
+    BroadcastVariant,
+    send_definition,
+    split_definition,
+)
 from nudge_orchestrator.domain.workflows import (
     DateTrait,
     WorkflowDefinition,
@@ -253,15 +260,27 @@ broadcasts = sa.Table(
     sa.Column("workspace_id", sa.Text, nullable=False),
     sa.Column("name", sa.Text, nullable=False),
     sa.Column("channel", sa.Text, nullable=False),
-    sa.Column("template_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("template_id", UUID(as_uuid=True)),
+    # An A/B broadcast's: None until its winner is chosen.
     sa.Column("segment_id", UUID(as_uuid=True), nullable=False),
     sa.Column("send_at", TIMESTAMP, nullable=False),
     sa.Column("rate_per_s", sa.Float),
+    sa.Column("goal", JSONB),
+    # {"event", "window_s"}: the runs stay open window_s after the message for the goal.
+    sa.Column("ab_test", JSONB),
+    # domain.broadcasts.ABTest: variants, test_fraction, metric, decide_after_s, alpha.
     sa.Column("status", sa.Text, nullable=False),
-    # scheduled | sending | sent | cancelled | failed
+    # scheduled | testing (A/B: the test group) | deciding (A/B: waiting for the winner)
+    # | sending | sent | cancelled | failed
     sa.Column("after", UUID(as_uuid=True)),
-    # The last member handed to a run: the next page starts after it.
+    # The last member of the current pass handed to a run: the next page starts after it.
     sa.Column("members", sa.Integer, nullable=False, server_default="0"),
+    # Runs started (test group and the rest).
+    sa.Column("test_members", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("tested_at", TIMESTAMP),
+    # When the test group's last run started: decide_after_s counts from it.
+    sa.Column("decision", JSONB),
+    # The winner, why (significant | deadline), when, and the counts it was chosen on.
     sa.Column("next_at", TIMESTAMP),
     # When the worker takes it (again): send_at, then paced by rate_per_s; None once over.
     sa.Column("last_error", sa.Text),
@@ -1257,18 +1276,29 @@ class Broadcast:
     workspace_id: str
     name: str
     channel: str
-    template_id: uuid.UUID
+    template_id: uuid.UUID | None
     segment_id: uuid.UUID
     send_at: datetime
     rate_per_s: float | None
+    goal: dict[str, Any] | None
+    ab_test: dict[str, Any] | None
     status: str
     after: uuid.UUID | None
     members: int
+    test_members: int
+    tested_at: datetime | None
+    decision: dict[str, Any] | None
     next_at: datetime | None
     last_error: str | None
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+
+    def ab(self) -> ABTest | None:
+        return ABTest.model_validate(self.ab_test) if self.ab_test is not None else None
+
+    def goal_of(self) -> BroadcastGoal | None:
+        return BroadcastGoal.model_validate(self.goal) if self.goal is not None else None
 
 
 def _broadcast(row: Any) -> Broadcast:
@@ -1282,19 +1312,21 @@ async def create_broadcast(
     workspace_id: str,
     name: str,
     channel: str,
-    template_id: uuid.UUID,
+    template_id: uuid.UUID | None,
     segment_id: uuid.UUID,
     send_at: datetime,
     rate_per_s: float | None,
+    goal: BroadcastGoal | None = None,
+    ab_test: ABTest | None = None,
 ) -> Broadcast:
-    """The broadcast and its one-step workflow (same id), published: each member's message
-    is a run of it, so caps, quiet hours, sends, deliveries and analytics are a workflow's."""
-    definition = WorkflowDefinition.model_validate(
-        {
-            "trigger": {"kind": "broadcast"},
-            "steps": [{"kind": "send", "channel": channel, "template_id": str(template_id)}],
-        }
-    )
+    """The broadcast and its workflow (same id), published: each member's message is a run
+    of it, so caps, quiet hours, sends, deliveries and analytics are a workflow's. Give
+    ``template_id`` (one message) or ``ab_test`` (the test group's split, version 1)."""
+    if ab_test is not None:
+        definition = split_definition(channel, ab_test, goal)
+    else:
+        assert template_id is not None
+        definition = send_definition(channel, template_id, goal)
     await create_workflow(
         session,
         workspace_id=workspace_id,
@@ -1314,6 +1346,8 @@ async def create_broadcast(
                 segment_id=segment_id,
                 send_at=send_at,
                 rate_per_s=rate_per_s,
+                goal=goal.model_dump(mode="json") if goal else None,
+                ab_test=ab_test.model_dump(mode="json") if ab_test else None,
                 status="scheduled",
                 next_at=send_at,
             )
@@ -1377,8 +1411,11 @@ async def broadcast_progressed(
     next_at: datetime | None,
     last_error: str | None,
     at: datetime,
+    test_members: int = 0,
+    tested: bool = False,
 ) -> None:
-    """A page went out (or failed): where the next starts, and when."""
+    """A page went out (or failed, or an A/B test is not decided yet): where the next
+    starts, and when; ``tested``: the test group's last page went out."""
     finished = next_at is None
     await session.execute(
         sa.update(broadcasts)
@@ -1387,10 +1424,50 @@ async def broadcast_progressed(
             status=status,
             after=after,
             members=broadcasts.c.members + members,
+            test_members=broadcasts.c.test_members + test_members,
+            tested_at=at if tested else broadcasts.c.tested_at,
             next_at=next_at,
             last_error=last_error,
             started_at=sa.func.coalesce(broadcasts.c.started_at, at),
             finished_at=at if finished else None,
+        )
+    )
+
+
+async def broadcast_decided(
+    session: AsyncSession,
+    *,
+    broadcast_id: uuid.UUID,
+    winner: BroadcastVariant,
+    decision: dict[str, Any],
+    at: datetime,
+) -> None:
+    """The winner of an A/B broadcast: its workflow's version 2 is the winner's send, and
+    the rest of the members go from the first page (those with a test run are refused
+    by the entry rule ``once``)."""
+    broadcast = (
+        await session.execute(sa.select(broadcasts).where(broadcasts.c.id == broadcast_id))
+    ).one()
+    await update_workflow(
+        session,
+        workflow_id=broadcast_id,
+        definition=send_definition(
+            broadcast.channel,
+            winner.template_id,
+            BroadcastGoal.model_validate(broadcast.goal) if broadcast.goal else None,
+        ),
+    )
+    await publish_workflow(session, workflow_id=broadcast_id, now=at)
+    await session.execute(
+        sa.update(broadcasts)
+        .where(broadcasts.c.id == broadcast_id)
+        .values(
+            status="sending",
+            template_id=winner.template_id,
+            decision=decision,
+            after=None,
+            next_at=at,
+            last_error=None,
         )
     )
 

@@ -28,6 +28,8 @@ from nudge_common.db import SessionMaker, transaction
 from nudge_common.kafka import publish
 from nudge_common.settings import NudgeSettings
 from nudge_orchestrator import execution, metrics, segmenter, store
+from nudge_orchestrator.domain import broadcasts
+from nudge_orchestrator.domain.broadcasts import ABTest, in_test
 from nudge_orchestrator.domain.workflows import DateTrait, next_date_occurrence
 from nudge_orchestrator.settings import OrchestratorSettings
 
@@ -274,17 +276,27 @@ async def send_due_broadcasts(
 ) -> int:
     """Send the next page of the broadcast most overdue (locked with SKIP LOCKED, so
     replicas share broadcasts): its members after the last one done, each entering the
-    broadcast's one-step workflow (caps, quiet hours and the send as any run; the run id
-    derives from the broadcast and the contact, so no member is sent twice), then the
-    cursor moves, in the same transaction, after the outputs are acknowledged: a crash
-    before the commit replays the page with the same ids. ``rate_per_s`` paces the pages
-    (at most that many members a second). Returns how many members went (0: none due, or
-    an empty last page)."""
+    broadcast's workflow (caps, quiet hours and the send as any run; the run id derives
+    from the broadcast and the contact, and the entry rule is ``once``, so no member runs
+    it twice), then the cursor moves, in the same transaction, after the outputs are
+    acknowledged: a crash before the commit replays the page with the same ids.
+    ``rate_per_s`` paces the pages (at most that many messages a second).
+
+    An A/B broadcast first pages through the members for its test group only (``testing``),
+    then (``deciding``) looks at the variants' results every ``broadcast_ab_check_s``
+    until a winner is chosen, then pages through the members again (``sending``) with the
+    winner's send. Returns how many members a page looked at (0: none due, an empty last
+    page, or a decision round)."""
     now = clock()
     async with transaction(sessionmaker) as session:
         broadcast = await store.claim_due_broadcast(session, now=now)
         if broadcast is None:
             return 0
+        ab = broadcast.ab()
+        if ab is not None and broadcast.status == "deciding":
+            await _decide(session, broadcast, ab, settings, now)
+            return 0
+        testing = ab is not None and broadcast.status in ("scheduled", "testing")
         rate = broadcast.rate_per_s
         limit = (
             settings.broadcast_page
@@ -315,13 +327,25 @@ async def send_due_broadcasts(
             )
             return 0
         members = list(dict.fromkeys(page.members))
-        known = await store.get_contacts(session, contact_ids=members) if members else {}
-        definition = await store.version_definition(session, workflow_id=broadcast.id, version=1)
+        if ab is not None and testing:
+            members_in = [m for m in members if in_test(broadcast.id, m, ab.test_fraction)]
+        else:
+            members_in = members
+        known = await store.get_contacts(session, contact_ids=members_in) if members_in else {}
+        workflow = await store.get_workflow(
+            session, workspace_id=broadcast.workspace_id, workflow_id=broadcast.id
+        )
+        assert workflow is not None
+        definition = await store.version_definition(
+            session, workflow_id=broadcast.id, version=workflow.version
+        )
         out = execution.Outputs()
-        await execution.enter_many(
+        started = await execution.enter_many(
             session,
             out,
-            workflow=store.Published(broadcast.id, broadcast.workspace_id, 1, definition),
+            workflow=store.Published(
+                broadcast.id, broadcast.workspace_id, workflow.version, definition
+            ),
             entrants=[
                 execution.Entrant(
                     contact_id,
@@ -329,24 +353,86 @@ async def send_due_broadcasts(
                     f"broadcast:{broadcast.id}",
                     segment_id=broadcast.segment_id,
                 )
-                for contact_id in members
+                for contact_id in members_in
             ],
             now=now,
         )
         over = page.next_after is None or not members
+        paced = now + timedelta(seconds=len(started) / rate if rate else 0)
+        if ab is not None and testing:
+            status = "deciding" if over else "testing"
+            next_at: datetime | None = (
+                min(
+                    now + timedelta(seconds=settings.broadcast_ab_check_s),
+                    now + timedelta(seconds=ab.decide_after_s),
+                )
+                if over
+                else paced
+            )
+        else:
+            status = "sent" if over else "sending"
+            next_at = None if over else paced
         await store.broadcast_progressed(
             session,
             broadcast_id=broadcast.id,
-            status="sent" if over else "sending",
-            after=page.next_after or (members[-1] if members else broadcast.after),
-            members=len(members),
-            next_at=None if over else now + timedelta(seconds=len(members) / rate if rate else 0),
+            status=status,
+            # the rest of an A/B broadcast's members start again from the first
+            after=None
+            if testing and over
+            else page.next_after or (members[-1] if members else broadcast.after),
+            members=len(started),
+            test_members=len(started) if testing else 0,
+            tested=testing and over,
+            next_at=next_at,
             last_error=None,
             at=now,
         )
         await publish(producer, settings, out.messages)
-    metrics.BROADCAST_MEMBERS.inc(len(members))
+    metrics.BROADCAST_MEMBERS.inc(len(members_in))
     return len(members)
+
+
+async def _decide(
+    session: AsyncSession,
+    broadcast: store.Broadcast,
+    ab: ABTest,
+    settings: OrchestratorSettings,
+    now: datetime,
+) -> None:
+    """Choose an A/B broadcast's winner when its test is significant or its time is up
+    (the best so far); otherwise look again ``broadcast_ab_check_s`` later."""
+    assert broadcast.tested_at is not None
+    deadline = broadcast.tested_at + timedelta(seconds=ab.decide_after_s)
+    counts = await store.workflow_counts(session, workflow_id=broadcast.id)
+    _, per_variant = broadcasts.results(counts.runs, counts.sends, counts.deliveries)
+    counted = broadcasts.groups(ab, per_variant)
+    decision = broadcasts.choose(counted, ab.alpha, deadline_passed=now >= deadline)
+    if decision is None:
+        await store.broadcast_progressed(
+            session,
+            broadcast_id=broadcast.id,
+            status="deciding",
+            after=None,
+            members=0,
+            next_at=min(now + timedelta(seconds=settings.broadcast_ab_check_s), deadline),
+            last_error=None,
+            at=now,
+        )
+        return
+    await store.broadcast_decided(
+        session,
+        broadcast_id=broadcast.id,
+        winner=ab.variant(decision.winner),
+        decision=broadcasts.decision_record(decision, counted, now.isoformat()),
+        at=now,
+    )
+    metrics.BROADCAST_WINNERS.labels(decision.reason).inc()
+    log.info(
+        "broadcast winner chosen",
+        broadcast=str(broadcast.id),
+        winner=decision.winner,
+        reason=decision.reason,
+    )
 
 
 class BroadcastWorker:

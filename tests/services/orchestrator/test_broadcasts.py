@@ -5,170 +5,26 @@ contract (served here by a local HTTP server)."""
 from __future__ import annotations
 
 import asyncio
-import json
-import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlparse
 
-import httpx
 import pytest
 import sqlalchemy as sa
 
 from nudge_common.db import transaction
-from nudge_common.events import NOTIFICATION_REQUESTED, Envelope, Topic
+from nudge_common.events import NOTIFICATION_REQUESTED
 from nudge_common.kafka import publish as real_publish
-from nudge_common.service import create_service_app
-from nudge_devtools.pipeline import read_topic
 from nudge_devtools.services import ServiceProcess, free_port
 from nudge_orchestrator import store, worker
-from nudge_orchestrator.app import ROUTERS, TITLE
-from nudge_orchestrator.settings import OrchestratorSettings
-from nudge_orchestrator.worker import send_due_broadcasts
 from tests.conftest import StackHandle
-from tests.services.orchestrator.conftest import Engine
-
-
-class FakeSegmenter:
-    """``GET /internal/v1/segments/{id}/members?workspace_id=&after=&limit=`` served from
-    ``segments[(workspace, segment id)]`` (members sorted by contact id), as the segmenter
-    does; 404 for a segment the workspace does not have."""
-
-    def __init__(self) -> None:
-        self.segments: dict[tuple[str, uuid.UUID], list[uuid.UUID]] = {}
-        self.pages = 0
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                url = urlparse(self.path)
-                parts = url.path.strip("/").split("/")
-                query = {k: v[0] for k, v in parse_qs(url.query).items()}
-                key = (query.get("workspace_id", ""), uuid.UUID(parts[3]))
-                if parts[:3] != ["internal", "v1", "segments"] or key not in fake.segments:
-                    self.answer(404, {"detail": "segment not found"})
-                    return
-                fake.pages += 1
-                members = sorted(fake.segments[key], key=str)
-                after = query.get("after")
-                if after:
-                    members = [m for m in members if str(m) > after]
-                limit = int(query["limit"])
-                page = members[:limit]
-                more = len(members) > limit
-                self.answer(
-                    200,
-                    {
-                        "members": [str(m) for m in page],
-                        "next_after": str(page[-1]) if more else None,
-                    },
-                )
-
-            def answer(self, status: int, body: dict[str, Any]) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *_: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
-@pytest.fixture
-def segments() -> Iterator[FakeSegmenter]:
-    fake = FakeSegmenter()
-    yield fake
-    fake.server.shutdown()
-
-
-class Broadcasts:
-    """The API as a client with a key of the engine's workspace, and the worker's rounds."""
-
-    def __init__(self, engine: Engine, settings: OrchestratorSettings, api: httpx.AsyncClient):
-        self.engine = engine
-        self.settings = settings
-        self.api = api
-
-    async def key(self, *scopes: str, workspace_id: str | None = None) -> dict[str, str]:
-        async with transaction(self.engine.sessionmaker) as session:
-            _, secret = await store.create_api_key(
-                session,
-                workspace_id=workspace_id or self.engine.workspace_id,
-                name="test",
-                scopes=list(scopes),
-            )
-        return {"Authorization": f"Bearer {secret}"}
-
-    async def template(self, channel: str = "email") -> uuid.UUID:
-        template_id = uuid.uuid4()
-        async with transaction(self.engine.sessionmaker) as session:
-            await store.put_template(
-                session,
-                workspace_id=self.engine.workspace_id,
-                template_id=template_id,
-                name="news",
-                channel=channel,
-                definition={"subject": "News", "text": "Hi"},
-            )
-        return template_id
-
-    async def round(self) -> int:
-        async with httpx.AsyncClient() as client:
-            return await send_due_broadcasts(
-                self.engine.sessionmaker,
-                self.engine.producer,
-                self.settings,
-                client,
-                clock=self.engine.clock,
-            )
-
-    async def drain(self) -> int:
-        """Rounds until nothing is due now; members handed over."""
-        total = 0
-        while sent := await self.round():
-            total += sent
-        return total
-
-
-@asynccontextmanager
-async def serve(engine: Engine, segmenter_url: str, page: int = 1000) -> AsyncIterator[Broadcasts]:
-    """The orchestrator's API in this process (no consumers: the test drives the worker)."""
-    settings = OrchestratorSettings(
-        **engine.settings.model_dump(exclude={"service_name", "http_port"}),
-        segmenter_url=segmenter_url,
-        broadcast_page=page,
-    )
-    app = create_service_app(settings=settings, routers=ROUTERS, title=TITLE)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://api.test") as api:
-            yield Broadcasts(engine, settings, api)
-
-
-@pytest.fixture
-async def broadcasts(engine: Engine, segments: FakeSegmenter) -> AsyncIterator[Broadcasts]:
-    async with serve(engine, segments.url) as served:
-        yield served
-
-
-async def notifications(engine: Engine, workflow_id: uuid.UUID) -> list[Envelope]:
-    records = await read_topic(
-        engine.settings,
-        Topic.NOTIFICATIONS,
-        where=lambda r: str(workflow_id).encode() in (r.value or b""),
-        deadline_s=10,
-    )
-    return [Envelope.decode(r.value) for r in records if r.value]
+from tests.services.orchestrator.conftest import (
+    Broadcasts,
+    Engine,
+    FakeSegmenter,
+    notifications,
+    serve,
+)
 
 
 async def test_a_broadcast_reaches_every_member_once_paced_capped_and_after_quiet_hours(

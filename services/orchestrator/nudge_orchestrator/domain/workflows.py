@@ -700,7 +700,7 @@ def next_local_time(step: WaitUntil, now: datetime, timezone: str | None) -> dat
     raise AssertionError("a weekday window always matches within a week")
 
 
-def _unit(*parts: str) -> float:
+def unit(*parts: str) -> float:
     """A uniform number in [0, 1) derived from ``parts``: the same contact always lands in
     the same bucket."""
     digest = hashlib.sha256("\x1f".join(parts).encode()).digest()
@@ -710,10 +710,10 @@ def _unit(*parts: str) -> float:
 def assign_variant(step: Split, workflow_id: uuid.UUID, contact_id: uuid.UUID, index: int) -> str:
     if (
         step.holdout
-        and _unit(str(workflow_id), str(contact_id), str(index), "holdout") < step.holdout
+        and unit(str(workflow_id), str(contact_id), str(index), "holdout") < step.holdout
     ):
         return "holdout"
-    point = _unit(str(workflow_id), str(contact_id), str(index), "variant") * sum(
+    point = unit(str(workflow_id), str(contact_id), str(index), "variant") * sum(
         v.weight for v in step.variants
     )
     for variant in step.variants:
