@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -145,6 +146,13 @@ class Segmenter:
 
 @pytest.fixture
 async def segmenter(stack: StackHandle) -> AsyncIterator[Segmenter]:
+    async with running_segmenter(stack) as running:
+        yield running
+
+
+@asynccontextmanager
+async def running_segmenter(stack: StackHandle) -> AsyncIterator[Segmenter]:
+    """A segmenter harness on its own engine and producer, in a fresh workspace."""
     settings = SegmenterSettings(**stack.settings.model_dump())
     engine = create_engine(settings)
     producer = create_producer(settings)

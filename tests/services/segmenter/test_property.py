@@ -20,7 +20,8 @@ from nudge_common.db import transaction
 from nudge_segmenter import store
 from nudge_segmenter.evaluation import ContactBatch
 from nudge_segmenter.sql import compile_condition
-from tests.services.segmenter.conftest import T0, Segmenter
+from tests.conftest import StackHandle
+from tests.services.segmenter.conftest import Segmenter, running_segmenter
 
 ZONES = ["Europe/Rome", "America/New_York", "Asia/Tokyo", "Not/AZone", ""]
 DATES = [
@@ -160,26 +161,27 @@ step = st.one_of(
 )
 
 
-@settings(
-    max_examples=200,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     definitions=st.lists(conditions, min_size=1, max_size=3),
     contacts=st.lists(st.lists(step, min_size=1, max_size=6), min_size=1, max_size=4),
 )
 def test_real_time_membership_equals_from_scratch_evaluation(
-    segmenter: Segmenter, definitions: list[dict[str, Any]], contacts: list[list[Any]]
+    stack: StackHandle, definitions: list[dict[str, Any]], contacts: list[list[Any]]
 ) -> None:
-    asyncio.get_event_loop().run_until_complete(_check(segmenter, definitions, contacts))
+    asyncio.run(_check(stack, definitions, contacts))
 
 
 async def _check(
+    stack: StackHandle, definitions: list[dict[str, Any]], contacts: list[list[Any]]
+) -> None:
+    async with running_segmenter(stack) as segmenter:
+        await _compare(segmenter, definitions, contacts)
+
+
+async def _compare(
     segmenter: Segmenter, definitions: list[dict[str, Any]], contacts: list[list[Any]]
 ) -> None:
-    segmenter.workspace_id = f"ws-{uuid.uuid4().hex[:12]}"
-    segmenter.now = T0
     segment_ids = [await segmenter.segment(d) for d in definitions]
     ids = [uuid.uuid4() for _ in contacts]
     for contact_id, steps in zip(ids, contacts, strict=True):
