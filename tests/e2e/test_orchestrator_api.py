@@ -231,6 +231,86 @@ async def test_workflow_crud_validation_idempotency_and_simulation(
     assert announced.subject == "Your cart"
 
 
+async def test_templates_crud_pagination_filter_and_messaging_settings(
+    stack: StackHandle, orchestrator: ServiceProcess, sessionmaker: SessionMaker
+) -> None:
+    workspace = f"ws-{uuid.uuid4().hex[:10]}"
+    secret = await key(sessionmaker, workspace, "read", "write")
+    stranger = await key(sessionmaker, f"ws-{uuid.uuid4().hex[:10]}", "read", "write")
+    async with client(orchestrator, secret) as api:
+        email = {"name": "news", "channel": "email", "subject": "News", "html": "<p>Hi</p>"}
+        headers = {"Idempotency-Key": f"t-{uuid.uuid4()}"}
+        first = await api.post("/api/v1/templates", json=email, headers=headers)
+        again = await api.post("/api/v1/templates", json=email, headers=headers)
+        assert first.status_code == again.status_code == 201, first.text
+        assert again.json()["id"] == first.json()["id"]
+        assert again.headers["Idempotent-Replayed"] == "true"
+        template_id = first.json()["id"]
+        for channel in ("sms", "push", "push"):
+            made = await api.post(
+                "/api/v1/templates", json={"name": channel, "channel": channel, "text": "Hi"}
+            )
+            assert made.status_code == 201, made.text
+        empty = await api.post(
+            "/api/v1/templates", json={"name": "x", "channel": "push", "text": ""}
+        )
+        assert empty.status_code == 422
+        fax = await api.post("/api/v1/templates", json={"name": "x", "channel": "fax", "text": "x"})
+        assert fax.status_code == 422
+        assert fax.json()["detail"][0]["loc"] == ["body", "channel"]
+
+        pushes = (await api.get("/api/v1/templates", params={"channel": "push"})).json()
+        assert (pushes["total"], {t["channel"] for t in pushes["items"]}) == (2, {"push"})
+        page = (await api.get("/api/v1/templates", params={"limit": 3, "offset": 3})).json()
+        assert (page["total"], len(page["items"])) == (4, 1)
+
+        changed = await api.put(
+            f"/api/v1/templates/{template_id}", json={**email, "subject": "Spring news"}
+        )
+        assert changed.status_code == 200, changed.text
+        assert changed.json()["subject"] == "Spring news"
+        moved = await api.put(
+            f"/api/v1/templates/{template_id}", json={**email, "channel": "sms", "text": "x"}
+        )
+        assert moved.status_code == 422
+        assert moved.json()["detail"][0]["loc"] == ["body", "channel"]
+        async with client(orchestrator, stranger) as other:
+            theirs = await other.put(f"/api/v1/templates/{template_id}", json=email)
+            assert theirs.status_code == 404
+        assert (await api.delete(f"/api/v1/templates/{template_id}")).status_code == 204
+        assert (await api.get(f"/api/v1/templates/{template_id}")).status_code == 404
+
+        for bad, loc in (
+            ({"caps": {"email": {"per_day": -1}}}, ["body", "caps", "email", "per_day"]),
+            (
+                {"caps": {"email": {"per_month": 3}}},
+                ["body", "caps", "email", "per_month", "[key]"],
+            ),
+            ({"quiet_hours": {"start": "25:00", "end": "08:00"}}, ["body", "quiet_hours", "start"]),
+        ):
+            refused = await api.put("/api/v1/messaging-settings", json=bad)
+            assert refused.status_code == 422, refused.text
+            assert refused.json()["detail"][0]["loc"] == loc
+        good = {"caps": {"sms": {"per_week": 2}}, "quiet_hours": {"start": "21:00", "end": "08:00"}}
+        assert (await api.put("/api/v1/messaging-settings", json=good)).status_code == 200
+        assert (await api.get("/api/v1/messaging-settings")).json() == good
+
+    # the notifier learns each version: created, changed, deleted (the compacted topic's
+    # latest is the deletion)
+    found = await read_topic(
+        stack.settings,
+        Topic.CONFIG,
+        where=lambda r: r.key == template_id.encode(),
+        expected=3,
+    )
+    versions = [TEMPLATE_DEFINED.parse(Envelope.decode(r.value or b"")) for r in found]
+    assert [(v.subject, v.deleted) for v in versions] == [
+        ("News", False),
+        ("Spring news", False),
+        ("", True),
+    ]
+
+
 async def test_one_openapi_document(orchestrator: ServiceProcess) -> None:
     async with httpx.AsyncClient(base_url=orchestrator.url) as api:
         document = (await api.get("/openapi.json")).json()

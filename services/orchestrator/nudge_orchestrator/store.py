@@ -1267,6 +1267,20 @@ async def workflow_counts(session: AsyncSession, *, workflow_id: uuid.UUID) -> W
     )
 
 
+async def step_counts(
+    session: AsyncSession, *, workflow_id: uuid.UUID
+) -> list[tuple[int, str, int]]:
+    """(step, run status, runs that executed the step) of a workflow: its runs by the index
+    leading with the workflow id, their step executions by primary key."""
+    rows = await session.execute(
+        sa.select(step_executions.c.step, runs.c.status, sa.func.count())
+        .join(runs, runs.c.id == step_executions.c.run_id)
+        .where(runs.c.workflow_id == workflow_id)
+        .group_by(step_executions.c.step, runs.c.status)
+    )
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
 # --- broadcasts ---------------------------------------------------------------------------
 
 

@@ -55,6 +55,19 @@ def test_rates_per_step_and_variant() -> None:
     [step] = out["steps"]
     assert step["open_rate"] == 0.5
     assert step["click_rate"] == 0.25
+    assert step["entered"] == 0, "no step_runs given"
+    path = report(
+        runs=[("a", "converted", 2)],
+        sends=[],
+        deliveries=[],
+        step_runs=[(0, "converted", 2), (0, "exited", 3), (1, "converted", 2), (2, "exited", 3)],
+    )["steps"]
+    assert [(s["step"], s["entered"], s["completed"], s["converted"]) for s in path] == [
+        (0, 5, 3, 2),
+        (1, 2, 0, 2),
+        (2, 3, 3, 0),
+    ]
+    assert [s["conversion_rate"] for s in path] == [0.4, 1.0, 0.0]
     a, b = out["variants"]
     assert (a["variant"], a["conversion_rate"], b["conversion_rate"]) == ("a", 0.5, 0.0)
 
@@ -114,9 +127,26 @@ async def test_analytics_of_a_split_workflow_from_runs_and_deliveries(engine: En
             upgraded += 1
     async with transaction(engine.sessionmaker) as session:
         counts = await store.workflow_counts(session, workflow_id=workflow)
-    out = report(counts.runs, counts.sends, counts.deliveries)
+        step_runs = await store.step_counts(session, workflow_id=workflow)
+    out = report(counts.runs, counts.sends, counts.deliveries, step_runs=step_runs)
     assert out["entered"] == 40
     assert out["converted"] == upgraded
+    # per step, the runs that executed it: a's conversions count for a's path only
+    steps = {s["step"]: s for s in out["steps"]}
+    in_b = 40 - upgraded
+    assert (steps[0]["entered"], steps[0]["converted"]) == (40, upgraded)
+    assert (steps[1]["entered"], steps[1]["converted"], steps[1]["conversion_rate"]) == (
+        upgraded,
+        upgraded,
+        1.0,
+    )
+    assert (steps[2]["entered"], steps[2]["converted"]) == (upgraded, upgraded)
+    assert (steps[3]["entered"], steps[3]["converted"], steps[3]["conversion_rate"]) == (
+        in_b,
+        0,
+        0.0,
+    )
+    assert (steps[4]["entered"], steps[4]["completed"]) == (in_b, 0), "still waiting"
     assert out["requested"] == out["delivered"] == 40  # a "delivered" reported twice counts once
     variants = {v["variant"]: v for v in out["variants"]}
     assert variants["a"]["open_rate"] == 1.0

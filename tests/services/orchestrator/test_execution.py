@@ -7,7 +7,9 @@ import asyncio
 import uuid
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
+from prometheus_client import REGISTRY
 
 from nudge_common.db import transaction
 from nudge_common.events import NOTIFICATION_REQUESTED, Envelope, Topic
@@ -15,7 +17,7 @@ from nudge_devtools.pipeline import read_topic
 from nudge_orchestrator import store
 from nudge_orchestrator.domain.workflows import WorkflowDefinition
 from nudge_orchestrator.worker import fire_due_timers
-from tests.services.orchestrator.conftest import Engine
+from tests.services.orchestrator.conftest import Engine, notifications
 
 EMAIL = uuid.uuid4()
 SMS = uuid.uuid4()
@@ -195,6 +197,64 @@ async def test_frequency_cap_across_workflows(engine: Engine) -> None:
     assert await engine.sent(third) == [("email", 0)]
 
 
+async def test_a_weekly_cap_on_push(engine: Engine) -> None:
+    async with transaction(engine.sessionmaker) as session:
+        await store.put_messaging_settings(
+            session,
+            workspace_id=engine.workspace_id,
+            caps={"push": {"per_week": 2}},
+            quiet_hours=None,
+        )
+    workflow = await engine.workflow(
+        {
+            "trigger": {"kind": "event", "event": "Ping"},
+            "entry": {"rule": "every_time"},
+            "steps": [{"kind": "send", "channel": "push", "template_id": str(SMS)}],
+        }
+    )
+    await engine.contact("push-1")
+    for _ in range(3):
+        await engine.track("push-1", "Ping")
+        engine.advance(days=2)
+    assert await engine.sent(workflow) == [("push", 0), ("push", 0)], "the third is capped"
+    engine.advance(days=1, seconds=1)  # a week after the first
+    await engine.track("push-1", "Ping")
+    assert len(await engine.sent(workflow)) == 3
+    requests = await notifications(engine, workflow)
+    assert {NOTIFICATION_REQUESTED.parse(r).channel for r in requests} == {"push"}
+
+
+async def test_a_paused_workflow_takes_no_one_but_finishes_its_runs_until_resumed(
+    engine: Engine,
+) -> None:
+    workflow = await engine.workflow(
+        {
+            "trigger": {"kind": "event", "event": "Browsed"},
+            "steps": [
+                {"kind": "wait", "seconds": 3600},
+                {"kind": "send", "channel": "email", "template_id": str(EMAIL)},
+            ],
+        }
+    )
+    for user in ("pause-1", "pause-2", "pause-3"):
+        await engine.contact(user)
+    await engine.track("pause-1", "Browsed")
+    async with transaction(engine.sessionmaker) as session:
+        await store.update_workflow(session, workflow_id=workflow, status="paused")
+    await engine.track("pause-2", "Browsed")
+    assert len(await engine.runs(workflow)) == 1, "paused: no new run"
+    engine.advance(hours=1)
+    await engine.fire()
+    assert await engine.sent(workflow) == [("email", 1)], "the run in flight goes on"
+    async with transaction(engine.sessionmaker) as session:
+        await store.update_workflow(session, workflow_id=workflow, status="active")
+    await engine.track("pause-3", "Browsed")
+    assert len(await engine.runs(workflow)) == 2
+    engine.advance(hours=1)
+    await engine.fire()
+    assert len(await engine.sent(workflow)) == 2
+
+
 async def test_quiet_hours_make_messages_wait(engine: Engine) -> None:
     async with transaction(engine.sessionmaker) as session:
         await store.put_messaging_settings(
@@ -311,8 +371,16 @@ async def test_two_timer_workers_share_due_timers_and_never_double_a_step(engine
             fired += batch
         return fired
 
+    lag = ("nudge_orchestrator_timer_lag_seconds_count", "nudge_orchestrator_timer_lag_seconds_sum")
+    before = [REGISTRY.get_sample_value(name) or 0.0 for name in lag]
     counts = await asyncio.gather(worker(), worker())
     assert sum(counts) == 300
+    observed, lagged = (
+        (REGISTRY.get_sample_value(name) or 0.0) - was
+        for name, was in zip(lag, before, strict=True)
+    )
+    assert observed == 300
+    assert lagged == pytest.approx(300 * 60), "each fired a minute after its due time"
     sent = await engine.sent(workflow)
     assert len(sent) == 300
     async with transaction(engine.sessionmaker) as session:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
@@ -21,8 +21,12 @@ class QuietHoursIn(BaseModel):
     end: str = Field(pattern=HHMM)
 
 
+Cap = Annotated[int, Field(ge=0, le=10_000)]
+"""Messages per contact and window (0: none on that channel)."""
+
+
 class MessagingSettings(BaseModel):
-    caps: dict[Channel, dict[Literal["per_day", "per_week"], int]] = Field(default_factory=dict)
+    caps: dict[Channel, dict[Literal["per_day", "per_week"], Cap]] = Field(default_factory=dict)
     quiet_hours: QuietHoursIn | None = None
 
 

@@ -1,6 +1,7 @@
-"""Message templates. The notifier owns them (it renders and sends): the API validates a
-template, keeps what it announced (so workflows can refer to it) and announces it on the
-compacted config topic as ``template.defined``, which the notifier applies."""
+"""Message templates (create, list by channel, read, replace, delete). The notifier owns
+them (it renders and sends): the API validates a template, keeps what it announced (so
+workflows can refer to it) and announces each change on the compacted config topic as
+``template.defined``, which the notifier applies."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, model_validator
 
 from nudge_common.events import TEMPLATE_DEFINED, Channel, TemplateDefined, Topic
@@ -120,6 +122,47 @@ async def get_template(template_id: uuid.UUID, db: SessionDep, principal: Reader
     if row is None:
         raise HTTPException(404, f"template {template_id} not found")
     return public(row)
+
+
+@router.put("/{template_id}")
+async def replace_template(
+    template_id: uuid.UUID,
+    body: TemplateCreate,
+    db: SessionDep,
+    principal: Writer,
+    runtime: RuntimeDep,
+) -> dict[str, Any]:
+    """Change a template (the whole of it): messages rendered from now on use the new
+    definition. Its channel stays (workflows and broadcasts send it on that channel)."""
+    row = await store.get_template(db, workspace_id=principal.workspace_id, template_id=template_id)
+    if row is None:
+        raise HTTPException(404, f"template {template_id} not found")
+    if body.channel != row.channel:
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ("body", "channel"),
+                    "msg": f"a template keeps its channel ({row.channel})",
+                    "type": "value_error",
+                }
+            ]
+        )
+    await store.put_template(
+        db,
+        workspace_id=principal.workspace_id,
+        template_id=template_id,
+        name=body.name,
+        channel=body.channel,
+        definition=body.model_dump(exclude={"name", "channel"}),
+    )
+    await announce(
+        runtime,
+        principal.workspace_id,
+        TemplateDefined(template_id=template_id, **body.model_dump()),
+    )
+    return public(
+        await store.get_template(db, workspace_id=principal.workspace_id, template_id=template_id)
+    )
 
 
 @router.delete("/{template_id}", status_code=204)

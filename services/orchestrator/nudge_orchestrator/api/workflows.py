@@ -169,13 +169,15 @@ async def workflow_analytics(
     alpha: Annotated[float, Query(gt=0, lt=0.5)] = 0.05,
 ) -> dict[str, Any]:
     """Entered, completed, converted; messages requested, sent, delivered, opened, clicked,
-    unsubscribed, bounced; open rate, CTR, conversion rate: in total, per step and per
-    split variant, with the A/B verdict (two-proportion z-test on conversions)."""
+    unsubscribed, bounced; open rate, CTR, conversion rate: in total, per step (the runs
+    that executed it) and per split variant, with the A/B verdict (two-proportion z-test
+    on conversions)."""
     await get_or_404(db, principal.workspace_id, workflow_id)
     counts = await store.workflow_counts(db, workflow_id=workflow_id)
+    step_runs = await store.step_counts(db, workflow_id=workflow_id)
     return {
         "workflow_id": str(workflow_id),
-        **analytics.report(counts.runs, counts.sends, counts.deliveries, alpha),
+        **analytics.report(counts.runs, counts.sends, counts.deliveries, alpha, step_runs),
     }
 
 

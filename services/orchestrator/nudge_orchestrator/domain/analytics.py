@@ -8,7 +8,7 @@ with a two-proportion z-test on conversions (pooled, two-sided).
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -89,17 +89,9 @@ def blank() -> dict[str, int]:
     }
 
 
-def shown(counts: dict[str, int], per_step: bool = False) -> dict[str, Any]:
-    """Counts with their rates (a step has no runs of its own: no run counts, no
-    conversion rate)."""
-    out: dict[str, Any] = dict(counts)
-    if per_step:
-        for key in ("entered", "completed", "converted"):
-            out.pop(key)
-    out.update(rates(counts))
-    if per_step:
-        out.pop("conversion_rate")
-    return out
+def shown(counts: dict[str, int]) -> dict[str, Any]:
+    """Counts with their rates."""
+    return {**counts, **rates(counts)}
 
 
 def report(
@@ -107,9 +99,13 @@ def report(
     sends: list[tuple[int, str | None, int]],
     deliveries: list[tuple[int, str | None, str, int]],
     alpha: float = 0.05,
+    step_runs: Sequence[tuple[int, str, int]] = (),
 ) -> dict[str, Any]:
     """The analytics of one workflow: totals, per step, per variant, and the A/B verdict
-    on conversions (a run that reached the end without converting is ``completed``)."""
+    on conversions (a run that reached the end without converting is ``completed``). A
+    step's ``entered``, ``completed`` and ``converted`` count the runs that executed it
+    (``step_runs``: (step, run status, runs)), so a conversion counts for every step of the
+    path the run took."""
     total = blank()
     steps: dict[int, dict[str, int]] = {}
     variants: dict[str, dict[str, int]] = {}
@@ -120,6 +116,11 @@ def report(
             bucket["entered"] += count
             if status in FINISHED:
                 bucket[FINISHED[status]] += count
+    for step, status, count in step_runs:
+        bucket = steps.setdefault(step, blank())
+        bucket["entered"] += count
+        if status in FINISHED:
+            bucket[FINISHED[status]] += count
     for step, variant, count in sends:
         for bucket in (
             total,
@@ -144,7 +145,7 @@ def report(
     )
     return {
         **shown(total),
-        "steps": [{"step": step, **shown(steps[step], True)} for step in sorted(steps)],
+        "steps": [{"step": step, **shown(steps[step])} for step in sorted(steps)],
         "variants": [{"variant": name, **shown(variants[name])} for name in sorted(variants)],
         "ab_test": None
         if not variants
