@@ -1,6 +1,7 @@
 """The orchestrator fronts scoring's and the notifier's internal APIs under its public
 /api/v1: real scoring, notifier and orchestrator processes; the workspace comes from the
-API key only, scopes are enforced, and the owners' answers (422s included) pass unchanged."""
+API key only, scopes are enforced, the owners' answers (422s included) pass unchanged, and
+a POST with an Idempotency-Key reaches its owner once."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import httpx
 import pytest
 
 from nudge_common.db import SessionMaker, transaction
+from nudge_devtools.pipeline import eventually
 from nudge_devtools.services import ServiceProcess, free_port
 from nudge_orchestrator import store
 from tests.conftest import StackHandle
@@ -108,3 +110,58 @@ async def test_suppressions_through_the_front(
         assert "someone@example.com" not in str((await c.get("/api/v1/suppressions")).json())
         refused = await c.delete("/api/v1/suppressions/email/someone@example.com")
         assert refused.status_code == 403
+
+
+async def test_contacts_through_the_front_and_a_post_once_per_idempotency_key(
+    front: ServiceProcess, sessionmaker: SessionMaker
+) -> None:
+    """Import, search, the 360 view, tags and erase are scoring's; the front adds nothing
+    but the key's workspace, and keeps the first answer to a POST for its retries."""
+    writer = await key(sessionmaker, f"ws-{uuid.uuid4().hex[:10]}", "read", "write")
+    csv_headers = {"Content-Type": "text/csv"}
+    async with client(front, writer) as c:
+        started = await c.post(
+            "/api/v1/contacts/import",
+            content="user_id,email,name\nfront-1,fay@example.com,Fay Front\n",
+            headers=csv_headers,
+        )
+        assert started.status_code == 202, started.text
+        job = started.json()["id"]
+
+        async def imported() -> bool:
+            progress = await c.get(f"/api/v1/contacts/imports/{job}")
+            return bool(progress.json()["status"] == "done")
+
+        await eventually(imported, deadline_s=60, what="the import")
+        [found] = (await c.get("/api/v1/contacts", params={"q": "Fay"})).json()
+        contact = found["id"]
+        view = await c.get(f"/api/v1/contacts/{contact}")
+        assert view.status_code == 200, view.text
+        assert view.json()["profile"]["email"] == "fay@example.com"
+        tagged = await c.post(f"/api/v1/contacts/{contact}/tags", json={"add": ["vip:gold"]})
+        assert tagged.status_code == 200, tagged.text
+        assert "vip:gold" in tagged.json()
+
+        assert (await c.put("/api/v1/models/fit", json={})).status_code == 200
+        rule = {"points": 5, "spec": {"kind": "profile", "trait": "title", "op": "exists"}}
+        once = {"Idempotency-Key": f"rule-{uuid.uuid4()}"}
+        first = await c.post("/api/v1/models/fit/rules", json=rule, headers=once)
+        again = await c.post("/api/v1/models/fit/rules", json=rule, headers=once)
+        assert first.status_code == again.status_code == 201, first.text
+        assert again.headers["Idempotent-Replayed"] == "true"
+        assert again.json() == first.json()
+        assert len((await c.get("/api/v1/models/fit/rules")).json()) == 1, "created once"
+        elsewhere = await c.post(
+            "/api/v1/contacts/import", content="user_id\nx\n", headers={**csv_headers, **once}
+        )
+        assert elsewhere.status_code == 409
+        assert "already used" in elsewhere.json()["detail"]
+        # a refusal is not kept: the same key may go again once the request is right
+        fixed = {"Idempotency-Key": f"rule-{uuid.uuid4()}"}
+        bad = await c.post("/api/v1/models/fit/rules", json={"points": 5}, headers=fixed)
+        assert bad.status_code == 422
+        good = await c.post("/api/v1/models/fit/rules", json=rule, headers=fixed)
+        assert good.status_code == 201, good.text
+
+        assert (await c.delete(f"/api/v1/contacts/{contact}")).status_code == 202
+        assert (await c.get(f"/api/v1/contacts/{contact}")).status_code == 404

@@ -16,7 +16,7 @@ import hashlib
 import secrets
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -1148,6 +1148,73 @@ async def remember_response(
         .returning(idempotency_keys.c.key)
     )
     return done.first() is not None
+
+
+IN_PROGRESS = 0
+"""The status code of a key reserved for a request that is still being forwarded."""
+
+
+async def reserve_idempotency_key(
+    session: AsyncSession,
+    *,
+    workspace_id: str,
+    key: str,
+    request: str,
+    now: datetime,
+    stale_s: float,
+) -> tuple[str, int, Any] | None:
+    """Reserve a key before a request whose effect is elsewhere (a fronted owner's), so a
+    retry or a concurrent twin does not repeat it. None: reserved, go ahead (also when a
+    reservation of the same request is older than ``stale_s``: its holder died). Else what
+    the key holds: (request, status code, body), status ``IN_PROGRESS`` while forwarded."""
+    reserved = await session.execute(
+        pg_insert(idempotency_keys)
+        .values(
+            workspace_id=workspace_id,
+            key=key,
+            request=request,
+            status_code=IN_PROGRESS,
+            body={},
+            created_at=now,
+        )
+        .on_conflict_do_nothing()
+        .returning(idempotency_keys.c.key)
+    )
+    if reserved.first() is not None:
+        return None
+    taken_over = await session.execute(
+        sa.update(idempotency_keys)
+        .where(
+            idempotency_keys.c.workspace_id == workspace_id,
+            idempotency_keys.c.key == key,
+            idempotency_keys.c.request == request,
+            idempotency_keys.c.status_code == IN_PROGRESS,
+            idempotency_keys.c.created_at < now - timedelta(seconds=stale_s),
+        )
+        .values(created_at=now)
+        .returning(idempotency_keys.c.key)
+    )
+    if taken_over.first() is not None:
+        return None
+    return await idempotent_response(session, workspace_id=workspace_id, key=key)
+
+
+async def settle_idempotency_key(
+    session: AsyncSession, *, workspace_id: str, key: str, status_code: int | None, body: Any
+) -> None:
+    """The reserved request's answer, replayed to retries; None: it had no effect worth
+    keeping (the owner failed or did not answer), so the key is free again."""
+    mine = sa.and_(
+        idempotency_keys.c.workspace_id == workspace_id,
+        idempotency_keys.c.key == key,
+        idempotency_keys.c.status_code == IN_PROGRESS,
+    )
+    if status_code is None:
+        await session.execute(sa.delete(idempotency_keys).where(mine))
+    else:
+        await session.execute(
+            sa.update(idempotency_keys).where(mine).values(status_code=status_code, body=body)
+        )
 
 
 # --- templates announced through the API --------------------------------------------------

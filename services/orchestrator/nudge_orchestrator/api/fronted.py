@@ -4,7 +4,10 @@ The orchestrator checks the key and its scope (``read`` for GET, ``write`` other
 then forwards the request to the owner's internal ``/api/v1`` with the key's workspace (a
 client's own ``X-Nudge-Workspace`` header is dropped: the workspace comes from the key
 only), and answers with the owner's status and body unchanged, so a 422 still names the
-field. The owners stay the only writers of their tables.
+field. The owners stay the only writers of their tables. A POST with an ``Idempotency-Key``
+is forwarded once per (workspace, key): the key is reserved first, and the owner's 2xx
+answer is kept and replayed to a retry (``Idempotent-Replayed: true``), as for the
+orchestrator's own POSTs.
 
 * scoring (``NUDGE_SCORING_URL``, workspace in the ``X-Nudge-Workspace`` header):
   ``/api/v1/contacts...`` (search, 360 view, tags, import, erase) and
@@ -21,15 +24,20 @@ field. The owners stay the only writers of their tables.
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Annotated, Any
 from urllib.parse import quote
 
 import httpx
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
 
 from nudge_common import codec
+from nudge_common.db import transaction
 from nudge_common.http import JsonResponse
 from nudge_common.service import RuntimeDep
+from nudge_orchestrator import store
 from nudge_orchestrator.api.deps import Principal, requires
 from nudge_orchestrator.settings import OrchestratorSettings
 
@@ -37,6 +45,8 @@ router = APIRouter(prefix="/api/v1", tags=["contacts, scoring, segments and supp
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 FORWARDED_HEADERS = ("content-type", "accept", "idempotency-key")
 TIMEOUT_S = 30.0
+STALE_S = 2 * TIMEOUT_S
+"""A key reserved longer ago than this belongs to a request that died: a retry takes it."""
 
 Authenticated = Annotated[Principal, Depends(requires("read"))]
 
@@ -69,6 +79,66 @@ async def _forward(
         raise HTTPException(502, f"{owner}: unreachable ({type(error).__name__})") from error
     kept = {k: v for k, v in answer.headers.items() if k.lower() in ("content-type", "location")}
     return Response(answer.content, status_code=answer.status_code, headers=kept)
+
+
+async def _once(
+    request: Request,
+    principal: Principal,
+    runtime: RuntimeDep,
+    forward: Callable[[], Awaitable[Response]],
+) -> Response:
+    """``forward``, at most once per Idempotency-Key of a POST: a retry gets the first 2xx
+    answer again; the same key on another route, or while the first is in flight, is a
+    409; an answer other than 2xx frees the key (nothing to replay)."""
+    key = request.headers.get("idempotency-key")
+    if request.method != "POST" or key is None:
+        return await forward()
+    if not 0 < len(key) <= 200:
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ("header", "Idempotency-Key"),
+                    "msg": "1 to 200 characters",
+                    "type": "value_error",
+                }
+            ]
+        )
+    name = f"POST {request.url.path}"
+    workspace_id = principal.workspace_id
+    async with transaction(runtime.sessionmaker) as db:
+        found = await store.reserve_idempotency_key(
+            db,
+            workspace_id=workspace_id,
+            key=key,
+            request=name,
+            now=datetime.now(UTC),
+            stale_s=STALE_S,
+        )
+    if found is not None:
+        used_for, status_code, body = found
+        if used_for != name:
+            raise HTTPException(409, f"Idempotency-Key: already used for {used_for}")
+        if status_code == store.IN_PROGRESS:
+            raise HTTPException(409, "Idempotency-Key: a request with this key is in progress")
+        return JsonResponse(body, status_code=status_code, headers={"Idempotent-Replayed": "true"})
+    kept: tuple[int, Any] | None = None
+    try:
+        answer = await forward()
+        if 200 <= answer.status_code < 300:
+            try:
+                kept = (answer.status_code, codec.loads(bytes(answer.body)))
+            except ValueError:
+                kept = None  # not JSON: nothing to replay
+        return answer
+    finally:
+        async with transaction(runtime.sessionmaker) as db:
+            await store.settle_idempotency_key(
+                db,
+                workspace_id=workspace_id,
+                key=key,
+                status_code=kept[0] if kept else None,
+                body=kept[1] if kept else None,
+            )
 
 
 def _settings(runtime: RuntimeDep) -> OrchestratorSettings:
@@ -118,24 +188,34 @@ async def contact_segments(
 @router.api_route("/models{rest:path}", methods=METHODS, include_in_schema=False)
 async def scoring(request: Request, principal: Authenticated, runtime: RuntimeDep) -> Response:
     _scope(request, principal)
-    return await _forward(
+    return await _once(
         request,
-        _settings(runtime).scoring_url,
-        "scoring",
-        request.url.path,
-        {"X-Nudge-Workspace": principal.workspace_id},
+        principal,
+        runtime,
+        lambda: _forward(
+            request,
+            _settings(runtime).scoring_url,
+            "scoring",
+            request.url.path,
+            {"X-Nudge-Workspace": principal.workspace_id},
+        ),
     )
 
 
 @router.api_route("/segments{rest:path}", methods=METHODS, include_in_schema=False)
 async def segmenter(request: Request, principal: Authenticated, runtime: RuntimeDep) -> Response:
     _scope(request, principal)
-    return await _forward(
+    return await _once(
         request,
-        _settings(runtime).segmenter_url,
-        "segmenter",
-        request.url.path,
-        {"X-Nudge-Workspace": principal.workspace_id},
+        principal,
+        runtime,
+        lambda: _forward(
+            request,
+            _settings(runtime).segmenter_url,
+            "segmenter",
+            request.url.path,
+            {"X-Nudge-Workspace": principal.workspace_id},
+        ),
     )
 
 
@@ -146,10 +226,15 @@ async def notifier(request: Request, principal: Authenticated, runtime: RuntimeD
     _scope(request, principal)
     rest = request.url.path.removeprefix("/api/v1")
     workspace = quote(principal.workspace_id, safe="")
-    return await _forward(
+    return await _once(
         request,
-        _settings(runtime).notifier_url,
-        "notifier",
-        f"/api/v1/workspaces/{workspace}{rest}",
-        {},
+        principal,
+        runtime,
+        lambda: _forward(
+            request,
+            _settings(runtime).notifier_url,
+            "notifier",
+            f"/api/v1/workspaces/{workspace}{rest}",
+            {},
+        ),
     )
