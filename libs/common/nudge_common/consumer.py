@@ -39,6 +39,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaConnectionError, KafkaError
 from pydantic import ValidationError
+from sqlalchemy.dialects.postgresql import ARRAY, UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -312,9 +313,14 @@ class ConsumerRunner:
         if not ids:
             return set()
         table = self.processed_messages
+        # One array parameter, whatever the batch size: the statement compiles once.
+        given = sa.select(
+            sa.literal(self.name, sa.Text),
+            sa.func.unnest(sa.cast(ids, ARRAY(UUID(as_uuid=True)))),
+        )
         statement = (
             pg_insert(table)
-            .values([{"consumer": self.name, "message_id": message_id} for message_id in ids])
+            .from_select(["consumer", "message_id"], given)
             .on_conflict_do_nothing()
             .returning(table.c.message_id)
         )

@@ -143,17 +143,30 @@ class NotificationHandler:
     ) -> Sequence[OutgoingMessage]:
         if envelope.type != NOTIFICATION_REQUESTED.name:
             return []
-        item = self._prepared.pop(envelope.id, None)
+        item = self._prepared.get(envelope.id)
         if item is None:
             (item,) = await self._process([envelope])
         if item.error is not None:
             raise item.error
         return item.outputs
 
+    async def handle_batch(
+        self, session: AsyncSession, envelopes: Sequence[Envelope]
+    ) -> Sequence[OutgoingMessage]:
+        """What :meth:`prepare` found for the whole batch, without a savepoint per
+        message. A message that failed raises here, and the runner then goes one by one
+        (the prepared items stay until the next batch, so nothing is done twice)."""
+        outputs: list[OutgoingMessage] = []
+        for envelope in envelopes:
+            outputs += await self(session, envelope)
+        return outputs
+
     # --- the batch -----------------------------------------------------------------------
 
     async def _process(self, envelopes: Sequence[Envelope]) -> list[Item]:
         items = [Item(envelope) for envelope in envelopes]
+        rounds: list[list[Item]] = [[]]
+        occurrences: dict[str, int] = {}
         for item in items:
             try:
                 item.request = NOTIFICATION_REQUESTED.parse(item.envelope)
@@ -162,110 +175,129 @@ class NotificationHandler:
                 continue
             if item.request.recipient is not None and item.request.channel != "email":
                 item.error = InvalidMessage("recipient: internal messages are email only")
-        await self._plan(items)
-        await self._claim(items)
+                continue
+            # A key requested twice in one batch: the second request waits for the first
+            # to settle, then finds it in the ledger and reports its outcome again.
+            index = occurrences.get(item.request.idempotency_key, 0)
+            occurrences[item.request.idempotency_key] = index + 1
+            if index == len(rounds):
+                rounds.append([])
+            rounds[index].append(item)
+        for round_items in rounds:
+            await self._round(round_items)
+        return items
+
+    async def _round(self, items: list[Item]) -> None:
+        """Plan and claim in one commit, before any provider is called; then send, and
+        commit every outcome."""
+        if not items:
+            return
+        async with transaction(self.sessionmaker) as session:
+            await self._plan(session, items)
+            await self._claim(session, items)
         sendable = [item for item in items if not item.done and item.outbound is not None]
         if sendable:
             await asyncio.gather(*(self._send(item) for item in sendable))
             await self._record(sendable)
-        return items
 
-    async def _plan(self, items: list[Item]) -> None:
-        """Address, hygiene, suppression and consent, template: in one read transaction.
-        Requests that must not be sent are recorded as skipped, with the reason."""
+    async def _plan(self, session: AsyncSession, items: list[Item]) -> None:
+        """Address, hygiene, suppression and consent, template. Requests that must not be
+        sent are recorded as skipped, with the reason."""
         pending = [item for item in items if item.request is not None and item.error is None]
         if not pending:
             return
         skipped: list[tuple[Item, str]] = []
-        async with transaction(self.sessionmaker) as session:
-            templates: dict[tuple[str, uuid.UUID], Template | None] = {}
-            by_workspace: dict[str, list[Item]] = {}
-            for item in pending:
-                request = item.request
-                assert request is not None
-                workspace = item.envelope.workspace_id
-                key = (workspace, request.template_id)
-                if key not in templates:
-                    templates[key] = (
-                        CONTACT_SUMMARY
-                        if request.template_id == CONTACT_SUMMARY.id
-                        else await store.get_template(
-                            session, workspace_id=workspace, template_id=request.template_id
-                        )
+        templates: dict[tuple[str, uuid.UUID], Template | None] = {}
+        by_workspace: dict[str, list[Item]] = {}
+        for item in pending:
+            request = item.request
+            assert request is not None
+            workspace = item.envelope.workspace_id
+            key = (workspace, request.template_id)
+            if key not in templates:
+                templates[key] = (
+                    CONTACT_SUMMARY
+                    if request.template_id == CONTACT_SUMMARY.id
+                    else await store.get_template(
+                        session, workspace_id=workspace, template_id=request.template_id
                     )
-                template = templates[key]
-                if template is None:
-                    item.error = InvalidMessage(f"template {request.template_id} does not exist")
-                    continue
-                if template.channel != request.channel:
-                    item.error = InvalidMessage(
-                        f"template {template.name!r} is for {template.channel}, "
-                        f"not {request.channel}"
-                    )
-                    continue
-                address, provider, data, problem = await self._address(session, item)
-                if problem is not None:
-                    skipped.append((item, problem))
-                    continue
-                assert address is not None
-                assert provider is not None
-                item.address, item.provider = address, provider
-                try:
-                    rendered = render(template, self._variables(item, template, address))
-                except TemplateRenderError as error:
-                    item.error = InvalidMessage(str(error))
-                    continue
-                headers: dict[str, str] = {}
-                if request.channel == "email" and not item.internal:
-                    ctx = self._links(item, template, address)
-                    headers = links.unsubscribe_headers(ctx)
-                    rendered = type(rendered)(
-                        rendered.subject,
-                        links.track_html(
-                            rendered.html,
-                            ctx,
-                            opens=self.settings.track_opens,
-                            clicks=self.settings.track_clicks,
-                        ),
-                        rendered.text,
-                    )
-                item.outbound = Outbound(
-                    request.channel, address, rendered, request.idempotency_key, headers, data
                 )
-                if not item.internal:
-                    by_workspace.setdefault(workspace, []).append(item)
-            for workspace, group in by_workspace.items():
-                pairs = {(i.request.channel, i.address) for i in group if i.request and i.address}
-                suppressed, consents = await store.sending_policy(
-                    session, workspace_id=workspace, pairs=pairs
+            template = templates[key]
+            if template is None:
+                item.error = InvalidMessage(f"template {request.template_id} does not exist")
+                continue
+            if template.channel != request.channel:
+                item.error = InvalidMessage(
+                    f"template {template.name!r} is for {template.channel}, not {request.channel}"
                 )
-                for item in group:
-                    assert item.request is not None
-                    assert item.address is not None
-                    pair = (item.request.channel, item.address)
-                    template = templates[(workspace, item.request.template_id)]
-                    assert template is not None
-                    decision = decide(
-                        channel=item.request.channel,
-                        topic=template.topic,
-                        suppression_reason=suppressed.get(pair),
-                        consents=consents.get(pair, {}),
-                        opt_in_channels=self._opt_in_channels(),
-                    )
-                    if not decision.allowed:
-                        item.outbound = None
-                        skipped.append((item, decision.reason or "not allowed"))
-            for item, reason in skipped:
+                continue
+            address, provider, data, problem = await self._address(session, item)
+            if problem is not None:
+                skipped.append((item, problem))
+                continue
+            assert address is not None
+            assert provider is not None
+            item.address, item.provider = address, provider
+            ctx = None if item.internal else self._links(item, template, address)
+            token = None if ctx is None else links.unsubscribe_token(ctx)
+            try:
+                rendered = render(template, self._variables(item, ctx, token))
+            except TemplateRenderError as error:
+                item.error = InvalidMessage(str(error))
+                continue
+            headers: dict[str, str] = {}
+            if request.channel == "email" and ctx is not None and token is not None:
+                headers = links.unsubscribe_headers(ctx, token)
+                rendered = type(rendered)(
+                    rendered.subject,
+                    links.track_html(
+                        rendered.html,
+                        ctx,
+                        opens=self.settings.track_opens,
+                        clicks=self.settings.track_clicks,
+                    ),
+                    rendered.text,
+                )
+            item.outbound = Outbound(
+                request.channel, address, rendered, request.idempotency_key, headers, data
+            )
+            if not item.internal:
+                by_workspace.setdefault(workspace, []).append(item)
+        for workspace, group in by_workspace.items():
+            pairs = {(i.request.channel, i.address) for i in group if i.request and i.address}
+            suppressed, consents = await store.sending_policy(
+                session, workspace_id=workspace, pairs=pairs
+            )
+            for item in group:
                 assert item.request is not None
-                await store.record_skipped(
-                    session,
-                    idempotency_key=item.request.idempotency_key,
-                    workspace_id=item.envelope.workspace_id,
+                assert item.address is not None
+                pair = (item.request.channel, item.address)
+                template = templates[(workspace, item.request.template_id)]
+                assert template is not None
+                decision = decide(
                     channel=item.request.channel,
-                    contact_id=item.request.contact.contact_id,
-                    reason=reason,
+                    topic=template.topic,
+                    suppression_reason=suppressed.get(pair),
+                    consents=consents.get(pair, {}),
+                    opt_in_channels=self._opt_in_channels(),
                 )
-                item.outputs.append(self._report(item, "skipped", reason=reason))
+                if not decision.allowed:
+                    item.outbound = None
+                    skipped.append((item, decision.reason or "not allowed"))
+        records = []
+        for item, reason in skipped:
+            assert item.request is not None
+            records.append(
+                store.Skipped(
+                    item.request.idempotency_key,
+                    item.envelope.workspace_id,
+                    item.request.channel,
+                    item.request.contact.contact_id,
+                    reason,
+                )
+            )
+            item.outputs.append(self._report(item, "skipped", reason=reason))
+        await store.record_skipped_many(session, records)
 
     def _opt_in_channels(self) -> list[Channel]:
         channels = list(self.settings.opt_in_channels)
@@ -347,18 +379,22 @@ class NotificationHandler:
             topic=template.topic,
         )
 
-    def _variables(self, item: Item, template: Template, address: str) -> dict[str, Any]:
+    def _variables(
+        self, item: Item, ctx: links.LinkContext | None, token: str | None
+    ) -> dict[str, Any]:
         request = item.request
         assert request is not None
         return {
             "contact": request.contact.model_dump(mode="json"),
             "unsubscribe_url": ""
-            if item.internal
-            else links.unsubscribe_url(self._links(item, template, address)),
+            if ctx is None or token is None
+            else links.unsubscribe_url(ctx, token),
             "data": request.data,
         }
 
-    async def _claim(self, items: list[Item]) -> None:
+    async def _claim(self, session: AsyncSession, items: list[Item]) -> None:
+        """Claim every sendable key (the caller commits before sending). A key claimed
+        before is not sent: its recorded outcome is reported again."""
         candidates = [i for i in items if not i.done and i.outbound is not None]
         if not candidates:
             return
@@ -375,15 +411,14 @@ class NotificationHandler:
                     item.address,
                 )
             )
-        async with transaction(self.sessionmaker) as session:
-            claimed = await store.claim_many(session, claims)
+        claimed = await store.claim_many(session, claims)
         for item in candidates:
             assert item.request is not None
             if item.request.idempotency_key in claimed:
                 item.attempts = claimed[item.request.idempotency_key]
             else:
                 item.outbound = None
-                item.outputs.append(await self._settle_earlier_claim(item))
+                item.outputs.append(await self._settle_earlier_claim(session, item))
 
     async def _send(self, item: Item) -> None:
         assert item.outbound is not None
@@ -439,7 +474,7 @@ class NotificationHandler:
         outcomes = [item.outcome for item in items if item.outcome is not None]
         async with transaction(self.sessionmaker) as session:
             await store.record_outcomes(session, outcomes)
-            by_workspace: dict[str, list[tuple[str, str]]] = {}
+            sent: list[tuple[str, str, str]] = []
             for item in items:
                 if (
                     item.outcome is None
@@ -449,9 +484,8 @@ class NotificationHandler:
                 ):
                     continue
                 workspace = item.envelope.workspace_id
-                pair = (item.request.channel, item.address)
                 if item.outcome.status == "sent":
-                    by_workspace.setdefault(workspace, []).append(pair)
+                    sent.append((workspace, item.request.channel, item.address))
                 elif item.hard_bounce:
                     reason = item.outcome.reason or "hard bounce"
                     if await store.suppress(
@@ -472,26 +506,24 @@ class NotificationHandler:
                         channel=item.request.channel,
                         address=item.address,
                     )
-            for workspace, pairs in by_workspace.items():
-                await store.note_sends(session, workspace_id=workspace, sent=pairs)
+            await store.note_sends(session, sent)
 
-    async def _settle_earlier_claim(self, item: Item) -> OutgoingMessage:
+    async def _settle_earlier_claim(self, session: AsyncSession, item: Item) -> OutgoingMessage:
         """The key was claimed before. Report its recorded outcome again (the report of
         the first attempt may not have been published); a claim still ``sending`` is a
         send interrupted by a crash and becomes ``unknown``."""
         request = item.request
         assert request is not None
-        async with transaction(self.sessionmaker) as session:
-            delivery = await store.get_delivery(session, idempotency_key=request.idempotency_key)
-            status: DeliveryStatus
-            reason: str | None
-            if delivery.status == store.SENDING:
-                status, reason = "unknown", INTERRUPTED
-                await store.record_outcome(
-                    session, idempotency_key=request.idempotency_key, status=status, reason=reason
-                )
-            else:
-                status, reason = DELIVERY_STATUS.validate_python(delivery.status), delivery.reason
+        delivery = await store.get_delivery(session, idempotency_key=request.idempotency_key)
+        status: DeliveryStatus
+        reason: str | None
+        if delivery.status == store.SENDING:
+            status, reason = "unknown", INTERRUPTED
+            await store.record_outcome(
+                session, idempotency_key=request.idempotency_key, status=status, reason=reason
+            )
+        else:
+            status, reason = DELIVERY_STATUS.validate_python(delivery.status), delivery.reason
         metrics.MESSAGES.labels(request.channel, "duplicate").inc()
         return self._report(
             item,

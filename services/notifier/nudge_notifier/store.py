@@ -4,11 +4,12 @@ every idempotency key send at most once."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import UUID
+from sqlalchemy.dialects.postgresql import ARRAY, UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -134,37 +135,6 @@ async def create_template(session: AsyncSession, *, workspace_id: str, template:
     )
 
 
-async def claim(
-    session: AsyncSession,
-    *,
-    idempotency_key: str,
-    workspace_id: str,
-    channel: Channel,
-    contact_id: uuid.UUID,
-    recipient: str,
-) -> bool:
-    """Take the key for sending: True for a new key, or one whose last attempt failed in a
-    way that is safe to retry. Commit before sending."""
-    statement = pg_insert(deliveries).values(
-        idempotency_key=idempotency_key,
-        workspace_id=workspace_id,
-        channel=channel,
-        contact_id=contact_id,
-        recipient=recipient,
-        status=SENDING,
-    )
-    returning = statement.on_conflict_do_update(
-        index_elements=[deliveries.c.idempotency_key],
-        set_={
-            "status": SENDING,
-            "attempts": deliveries.c.attempts + 1,
-            "updated_at": sa.func.now(),
-        },
-        where=deliveries.c.status == RETRY,
-    ).returning(deliveries.c.idempotency_key)
-    return (await session.execute(returning)).first() is not None
-
-
 async def get_delivery(session: AsyncSession, *, idempotency_key: str) -> Delivery:
     row = (
         await session.execute(
@@ -196,29 +166,6 @@ async def record_outcome(
     )
 
 
-async def record_skipped(
-    session: AsyncSession,
-    *,
-    idempotency_key: str,
-    workspace_id: str,
-    channel: Channel,
-    contact_id: uuid.UUID,
-    reason: str,
-) -> None:
-    await session.execute(
-        pg_insert(deliveries)
-        .values(
-            idempotency_key=idempotency_key,
-            workspace_id=workspace_id,
-            channel=channel,
-            contact_id=contact_id,
-            status="skipped",
-            reason=reason,
-        )
-        .on_conflict_do_nothing()
-    )
-
-
 # --- the ledger, batch-wise ----------------------------------------------------------------
 
 
@@ -231,23 +178,35 @@ class Claim:
     recipient: str
 
 
+def _rows(*columns: tuple[str, sa.types.TypeEngine[Any], Sequence[Any]]) -> sa.TableValuedAlias:
+    """Rows given as one array per column (``unnest``): a statement's SQL is the same
+    whatever the number of rows, so SQLAlchemy compiles it once, and PostgreSQL gets one
+    parameter per column instead of one per value."""
+    return (
+        sa.func.unnest(*(sa.cast(list(values), ARRAY(type_)) for _, type_, values in columns))
+        .table_valued(*(sa.column(name, type_) for name, type_, _ in columns))
+        .render_derived(with_types=False)
+    )
+
+
 async def claim_many(session: AsyncSession, claims: list[Claim]) -> dict[str, int]:
-    """Take many keys at once (see :func:`claim`); returns the keys taken with their
-    attempt count. Commit before sending."""
+    """Take the keys for sending: a new key, or one whose last attempt failed in a way
+    that is safe to retry (status ``retry``). Returns the keys taken with their attempt
+    count. The keys must be distinct. Commit before sending."""
     if not claims:
         return {}
-    statement = pg_insert(deliveries).values(
-        [
-            {
-                "idempotency_key": c.idempotency_key,
-                "workspace_id": c.workspace_id,
-                "channel": c.channel,
-                "contact_id": c.contact_id,
-                "recipient": c.recipient,
-                "status": SENDING,
-            }
-            for c in claims
-        ]
+    given = _rows(
+        ("k", sa.Text(), [c.idempotency_key for c in claims]),
+        ("w", sa.Text(), [c.workspace_id for c in claims]),
+        ("ch", sa.Text(), [c.channel for c in claims]),
+        ("c", UUID(as_uuid=True), [c.contact_id for c in claims]),
+        ("r", sa.Text(), [c.recipient for c in claims]),
+    )
+    statement = pg_insert(deliveries).from_select(
+        ["idempotency_key", "workspace_id", "channel", "contact_id", "recipient", "status"],
+        sa.select(
+            given.c.k, given.c.w, given.c.ch, given.c.c, given.c.r, sa.literal(SENDING, sa.Text)
+        ),
     )
     returning = statement.on_conflict_do_update(
         index_elements=[deliveries.c.idempotency_key],
@@ -262,6 +221,44 @@ async def claim_many(session: AsyncSession, claims: list[Claim]) -> dict[str, in
 
 
 @dataclass(frozen=True)
+class Skipped:
+    idempotency_key: str
+    workspace_id: str
+    channel: Channel
+    contact_id: uuid.UUID
+    reason: str
+
+
+async def record_skipped_many(session: AsyncSession, skipped: list[Skipped]) -> None:
+    """Record requests that must not be sent, with the reason (a key recorded before
+    keeps its first record)."""
+    if not skipped:
+        return
+    given = _rows(
+        ("k", sa.Text(), [s.idempotency_key for s in skipped]),
+        ("w", sa.Text(), [s.workspace_id for s in skipped]),
+        ("ch", sa.Text(), [s.channel for s in skipped]),
+        ("c", UUID(as_uuid=True), [s.contact_id for s in skipped]),
+        ("r", sa.Text(), [s.reason for s in skipped]),
+    )
+    await session.execute(
+        pg_insert(deliveries)
+        .from_select(
+            ["idempotency_key", "workspace_id", "channel", "contact_id", "reason", "status"],
+            sa.select(
+                given.c.k,
+                given.c.w,
+                given.c.ch,
+                given.c.c,
+                given.c.r,
+                sa.literal("skipped", sa.Text),
+            ),
+        )
+        .on_conflict_do_nothing()
+    )
+
+
+@dataclass(frozen=True)
 class Outcome:
     idempotency_key: str
     status: str
@@ -272,20 +269,19 @@ class Outcome:
 async def record_outcomes(session: AsyncSession, outcomes: list[Outcome]) -> None:
     if not outcomes:
         return
-    values = sa.values(
-        sa.column("k", sa.Text),
-        sa.column("s", sa.Text),
-        sa.column("m", sa.Text),
-        sa.column("r", sa.Text),
-        name="outcome",
-    ).data([(o.idempotency_key, o.status, o.provider_message_id, o.reason) for o in outcomes])
+    given = _rows(
+        ("k", sa.Text(), [o.idempotency_key for o in outcomes]),
+        ("s", sa.Text(), [o.status for o in outcomes]),
+        ("m", sa.Text(), [o.provider_message_id for o in outcomes]),
+        ("r", sa.Text(), [o.reason for o in outcomes]),
+    )
     await session.execute(
         sa.update(deliveries)
-        .where(deliveries.c.idempotency_key == values.c.k)
+        .where(deliveries.c.idempotency_key == given.c.k)
         .values(
-            status=values.c.s,
-            provider_message_id=values.c.m,
-            reason=values.c.r,
+            status=given.c.s,
+            provider_message_id=given.c.m,
+            reason=given.c.r,
             updated_at=sa.func.now(),
         )
     )
@@ -437,23 +433,20 @@ async def list_suppressions(
 # --- address health and hygiene ------------------------------------------------------------
 
 
-async def note_sends(
-    session: AsyncSession, *, workspace_id: str, sent: list[tuple[str, str]]
-) -> None:
-    """Count a successful send for each (channel, address): resets the soft-bounce run."""
+async def note_sends(session: AsyncSession, sent: Sequence[tuple[str, str, str]]) -> None:
+    """Count a successful send for each (workspace, channel, address): resets the
+    soft-bounce run."""
     if not sent:
         return
-    statement = pg_insert(address_health).values(
-        [
-            {
-                "workspace_id": workspace_id,
-                "channel": ch,
-                "address": a,
-                "sends_since_engaged": 1,
-                "first_sent_at": sa.func.now(),
-            }
-            for ch, a in sorted(set(sent))
-        ]
+    unique = sorted(set(sent))
+    given = _rows(
+        ("w", sa.Text(), [w for w, _, _ in unique]),
+        ("ch", sa.Text(), [ch for _, ch, _ in unique]),
+        ("a", sa.Text(), [a for _, _, a in unique]),
+    )
+    statement = pg_insert(address_health).from_select(
+        ["workspace_id", "channel", "address", "sends_since_engaged", "first_sent_at"],
+        sa.select(given.c.w, given.c.ch, given.c.a, sa.literal(1), sa.func.now()),
     )
     await session.execute(
         statement.on_conflict_do_update(

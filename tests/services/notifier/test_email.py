@@ -9,7 +9,13 @@ import uuid
 import sqlalchemy as sa
 
 from nudge_common.db import transaction
-from nudge_common.events import CONSENT_CHANGED, DELIVERY_REPORTED, Topic
+from nudge_common.events import (
+    CONSENT_CHANGED,
+    DELIVERY_REPORTED,
+    ContactSnapshot,
+    NotificationRequested,
+    Topic,
+)
 from nudge_common.tracking import verify
 from nudge_devtools.pipeline import read_topic
 from nudge_notifier import store
@@ -152,3 +158,51 @@ async def test_invalid_and_missing_addresses_are_skipped_with_the_reason(
     assert (rows[no_email].status, rows[no_email].reason) == ("skipped", "no email address")
     assert rows[bad].status == "skipped"
     assert (rows[bad].reason or "").startswith("invalid email address")
+
+
+async def test_a_key_requested_twice_in_one_batch_is_sent_once_and_reported_twice(
+    notifier: Notifier, smtp: ScriptedSmtp
+) -> None:
+    ws, to = workspace(), address("twice")
+    template = await notifier.template(ws)
+    contact = ContactSnapshot(contact_id=uuid.uuid4(), traits={"email": to})
+    key = f"k-{uuid.uuid4().hex}"
+    request = NotificationRequested(
+        idempotency_key=key, channel="email", template_id=template, contact=contact
+    )
+    await notifier.publish_requests(ws, [request, request])
+    reports = await topic_envelopes(notifier.settings, Topic.DELIVERIES, ws, expected=2)
+    assert [DELIVERY_REPORTED.parse(r).status for r in reports] == ["sent", "sent"]
+    assert (await notifier.ledger([key]))[key].status == "sent"
+    assert len(smtp.received(to)) == 1
+
+
+async def test_a_bad_request_in_a_large_batch_is_dead_lettered_alone_and_nothing_is_resent(
+    notifier: Notifier, smtp: ScriptedSmtp
+) -> None:
+    ws = workspace()
+    template = await notifier.template(ws)
+    requests = [
+        NotificationRequested(
+            idempotency_key=f"k-{uuid.uuid4().hex}",
+            channel="email",
+            template_id=template if i != 7 else uuid.uuid4(),
+            contact=ContactSnapshot(contact_id=uuid.uuid4(), traits={"email": address(f"b{i}")}),
+        )
+        for i in range(40)
+    ]
+    await notifier.publish_requests(ws, requests)
+    good = [r.idempotency_key for i, r in enumerate(requests) if i != 7]
+    rows = await notifier.settled(good)
+    assert {row.status for row in rows.values()} == {"sent"}
+    dead = await read_topic(
+        notifier.settings,
+        Topic.DEAD_LETTER,
+        where=lambda r: r.value is not None and requests[7].idempotency_key.encode() in r.value,
+        expected=1,
+    )
+    assert b"does not exist" in dict(dead[0].headers)["nudge.reason"]
+    reports = await topic_envelopes(notifier.settings, Topic.DELIVERIES, ws, expected=39)
+    assert sorted(DELIVERY_REPORTED.parse(r).idempotency_key for r in reports) == sorted(good)
+    for r in requests:
+        assert len(smtp.received(str(r.contact.traits["email"]))) == (0 if r is requests[7] else 1)

@@ -122,3 +122,37 @@ async def test_emails_are_dkim_signed_when_a_key_is_configured() -> None:
         assert not dkim.verify(raw.replace(b"To: dkim@", b"To: evil@", 1), dnsfunc=dns)
     finally:
         server.stop()
+
+
+async def test_headers_are_encoded_folded_and_cannot_be_injected() -> None:
+    server = ScriptedSmtp()
+    server.start()
+    try:
+        settings = NotifierSettings(
+            smtp_port=server.port, email_from="Nüdge Team <news@nudge.localhost>"
+        )
+        provider = SmtpEmailProvider(settings)
+        token = "t" * 700
+        headers = {
+            "List-Unsubscribe": f"<http://n/u/{token}>, <mailto:u@n?subject={token}>",
+            "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+        }
+        rendered = Rendered("Hi Ada\r\nBcc: victim@example.com", "<p>Grüße ✓</p>", "Grüße ✓")
+        message_id = await provider.send(
+            Outbound("email", "inject@example.com", rendered, "k\nX-Evil: 1", headers)
+        )
+        await provider.close()
+        (message,) = server.received("inject@example.com")
+        assert message["Subject"] == "Hi Ada Bcc: victim@example.com"
+        assert message["Bcc"] is None
+        assert message["X-Evil"] is None
+        assert message["X-Nudge-Idempotency-Key"] == "k X-Evil: 1"
+        assert message["From"] == "Nüdge Team <news@nudge.localhost>"
+        assert message["Message-ID"] == message_id
+        assert str(message["List-Unsubscribe"]).replace(" ", "") == (
+            headers["List-Unsubscribe"].replace(" ", "")
+        )
+        assert message.get_body(("plain",)).get_content() == "Grüße ✓"  # type: ignore[union-attr]
+        assert message.get_body(("html",)).get_content() == "<p>Grüße ✓</p>"  # type: ignore[union-attr]
+    finally:
+        server.stop()

@@ -5,6 +5,7 @@ rule. Pure: no DNS lookups (deliverability is the bounces' job)."""
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -107,11 +108,19 @@ def _suggest(address: str) -> str | None:
     """``ada@gmial.com`` -> ``ada@gmail.com``: a domain one or two keystrokes from a
     common one (and not itself common)."""
     local, _, domain = address.rpartition("@")
-    domain = domain.lower()
-    if not local or not domain or domain in COMMON_DOMAINS:
+    if not local or not domain:
+        return None
+    match = _closest_common_domain(domain.lower())
+    return f"{local}@{match}" if match else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _closest_common_domain(domain: str) -> str | None:
+    """Cached: a list's addresses share few domains, and the fuzzy match is slow."""
+    if domain in COMMON_DOMAINS:
         return None
     match = difflib.get_close_matches(domain, COMMON_DOMAINS, n=1, cutoff=0.8)
-    return f"{local}@{match[0]}" if match else None
+    return match[0] if match else None
 
 
 class InvalidPhone(ValueError):

@@ -51,18 +51,16 @@ def unsubscribe_token(ctx: LinkContext) -> str:
     )
 
 
-def unsubscribe_headers(ctx: LinkContext) -> dict[str, str]:
-    token = unsubscribe_token(ctx)
-    url = f"{ctx.public_url.rstrip('/')}/u/{token}"
+def unsubscribe_url(ctx: LinkContext, token: str) -> str:
+    return f"{ctx.public_url.rstrip('/')}/u/{token}"
+
+
+def unsubscribe_headers(ctx: LinkContext, token: str) -> dict[str, str]:
     mailto = f"mailto:unsubscribe@{ctx.email_domain}?subject={quote(token)}"
     return {
-        "List-Unsubscribe": f"<{url}>, <{mailto}>",
+        "List-Unsubscribe": f"<{unsubscribe_url(ctx, token)}>, <{mailto}>",
         "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
     }
-
-
-def unsubscribe_url(ctx: LinkContext) -> str:
-    return f"{ctx.public_url.rstrip('/')}/u/{unsubscribe_token(ctx)}"
 
 
 def track_html(html: str, ctx: LinkContext, *, opens: bool, clicks: bool) -> str:
