@@ -1467,6 +1467,31 @@ async def list_broadcasts(
     return [_broadcast(row) for row in rows], total or 0
 
 
+async def update_broadcast(
+    session: AsyncSession,
+    *,
+    broadcast_id: uuid.UUID,
+    name: str | None,
+    send_at: datetime | None,
+    rate_per_s: float | None,
+    pace: bool,
+) -> None:
+    """A new name (its workflow's too), start (a scheduled broadcast's), or pace
+    (``pace``: set ``rate_per_s``, None for no limit); what is None is kept."""
+    values: dict[str, Any] = {}
+    if name is not None:
+        values["name"] = name
+        await update_workflow(session, workflow_id=broadcast_id, name=f"broadcast: {name}")
+    if send_at is not None:
+        values |= {"send_at": send_at, "next_at": send_at}
+    if pace:
+        values["rate_per_s"] = rate_per_s
+    if values:
+        await session.execute(
+            sa.update(broadcasts).where(broadcasts.c.id == broadcast_id).values(values)
+        )
+
+
 async def claim_due_broadcast(session: AsyncSession, *, now: datetime) -> Broadcast | None:
     """The broadcast most overdue for its next page, locked (SKIP LOCKED: replicas take
     different ones) until this transaction ends."""

@@ -335,8 +335,9 @@ async def test_replicas_and_crashes_never_give_a_member_two_variants_or_two_mess
     async def publish_and_sometimes_crash(*args: Any, **kwargs: Any) -> None:
         nonlocal calls
         calls += 1
+        number = calls  # (the other replica's call may count on while this one awaits)
         await real_publish(*args, **kwargs)
-        if calls % 4 == 1:
+        if number % 4 == 1:
             outgoing = args[2]
             crashed_steps.update(NOTIFICATION_REQUESTED.parse(m.envelope).step for m in outgoing)
             raise ConnectionResetError("the replica died before its commit")
@@ -444,6 +445,11 @@ async def test_the_ab_api_names_the_bad_field_and_a_cancelled_test_sends_no_rest
     assert (await _shown(broadcasts, headers, broadcast))["status"] == "deciding"
     listed = (await api.get("/api/v1/broadcasts?status=deciding", headers=headers)).json()
     assert [item["id"] for item in listed["items"]] == [broadcast]
+    started = await api.patch(
+        f"/api/v1/broadcasts/{broadcast}", json={"send_at": engine.now.isoformat()}, headers=headers
+    )
+    assert started.status_code == 409
+    assert "send_at" in started.json()["detail"]
     cancelled = await api.post(f"/api/v1/broadcasts/{broadcast}/cancel", headers=headers)
     assert cancelled.json()["status"] == "cancelled"
     engine.advance(seconds=600)

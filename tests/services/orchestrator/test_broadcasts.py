@@ -224,6 +224,28 @@ async def test_the_broadcast_api_validates_pages_replays_and_cancels(
     other = await api.post("/api/v1/broadcasts", json={**body, "name": "Other"}, headers=headers)
     broadcast, second = first.json()["id"], other.json()["id"]
 
+    sooner = engine.now + timedelta(hours=2)
+    patched = await api.patch(
+        f"/api/v1/broadcasts/{second}",
+        json={"name": "Other II", "send_at": sooner.isoformat(), "rate_per_s": 50},
+        headers=headers,
+    )
+    assert patched.status_code == 200, patched.text
+    assert (patched.json()["name"], patched.json()["send_at"], patched.json()["rate_per_s"]) == (
+        "Other II",
+        sooner.isoformat(),
+        50,
+    )
+    unpaced = await api.patch(
+        f"/api/v1/broadcasts/{second}", json={"rate_per_s": None}, headers=headers
+    )
+    assert (unpaced.json()["rate_per_s"], unpaced.json()["name"]) == (None, "Other II")
+    naive = await api.patch(
+        f"/api/v1/broadcasts/{second}", json={"send_at": "2030-03-05T09:00:00"}, headers=headers
+    )
+    assert naive.status_code == 422
+    assert naive.json()["detail"][0]["loc"] == ["body", "send_at"]
+
     page = (await api.get("/api/v1/broadcasts?limit=1&offset=1", headers=headers)).json()
     assert (page["total"], [b["id"] for b in page["items"]]) == (2, [second])
     # a broadcast's own workflow is not one of the workspace's workflows
@@ -231,12 +253,22 @@ async def test_the_broadcast_api_validates_pages_replays_and_cancels(
     assert (await api.get(f"/api/v1/workflows/{broadcast}", headers=headers)).status_code == 404
     stranger = await broadcasts.key("read", "send", workspace_id=f"ws-{uuid.uuid4().hex[:8]}")
     assert (await api.get(f"/api/v1/broadcasts/{broadcast}", headers=stranger)).status_code == 404
+    renamed = await api.patch(
+        f"/api/v1/broadcasts/{broadcast}", json={"name": "x"}, headers=stranger
+    )
+    assert renamed.status_code == 404
+    forbidden = await api.patch(
+        f"/api/v1/broadcasts/{broadcast}", json={"name": "x"}, headers=reader
+    )
+    assert forbidden.status_code == 403
 
     cancelled = await api.post(f"/api/v1/broadcasts/{broadcast}/cancel", headers=headers)
     assert cancelled.json()["status"] == "cancelled"
     again = await api.post(f"/api/v1/broadcasts/{broadcast}/cancel", headers=headers)
     assert again.status_code == 409
     assert "cancelled" in again.json()["detail"]
+    late = await api.patch(f"/api/v1/broadcasts/{broadcast}", json={"name": "x"}, headers=headers)
+    assert late.status_code == 409
     filtered = (await api.get("/api/v1/broadcasts?status=cancelled", headers=headers)).json()
     assert [b["id"] for b in filtered["items"]] == [broadcast]
 

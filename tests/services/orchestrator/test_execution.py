@@ -255,6 +255,28 @@ async def test_a_paused_workflow_takes_no_one_but_finishes_its_runs_until_resume
     assert len(await engine.sent(workflow)) == 2
 
 
+async def test_wait_until_a_weekday_morning_in_the_contacts_timezone(engine: Engine) -> None:
+    workflow = await engine.workflow(
+        {
+            "trigger": {"kind": "event", "event": "Downloaded"},
+            "steps": [
+                {"kind": "wait_until", "hour": 9, "minute": 30, "weekdays": [5]},
+                {"kind": "send", "channel": "email", "template_id": str(EMAIL)},
+            ],
+        }
+    )
+    await engine.contact("weekday-1", timezone="America/New_York")
+    await engine.track("weekday-1", "Downloaded")  # Monday 07:00 in New York
+    [timer] = await engine.timers(workflow)
+    assert timer.due_at.isoformat() == "2030-03-09T14:30:00+00:00"  # Saturday 09:30 EST
+    engine.advance(days=5, hours=2, minutes=29)
+    await engine.fire()  # (other tests' waits may be due by now)
+    assert await engine.sent(workflow) == []
+    engine.advance(minutes=1)
+    await engine.fire()
+    assert await engine.sent(workflow) == [("email", 1)]
+
+
 async def test_quiet_hours_make_messages_wait(engine: Engine) -> None:
     async with transaction(engine.sessionmaker) as session:
         await store.put_messaging_settings(

@@ -61,6 +61,16 @@ class BroadcastCreate(BaseModel):
     """At most this many members a second (none: as fast as it goes)."""
 
 
+class BroadcastUpdate(BaseModel):
+    """What may change before a broadcast is over: its name; ``send_at`` while it is
+    scheduled; ``rate_per_s`` (null: as fast as it goes). The audience, the message and
+    the A/B test stay what they were."""
+
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    send_at: AwareDatetime | None = None
+    rate_per_s: float | None = Field(default=None, gt=0, le=100_000)
+
+
 def public(broadcast: store.Broadcast) -> dict[str, Any]:
     def at(value: Any) -> str | None:
         return value.isoformat() if value is not None else None
@@ -200,6 +210,33 @@ async def create_broadcast(
 async def get_broadcast(
     broadcast_id: uuid.UUID, db: SessionDep, principal: Reader
 ) -> dict[str, Any]:
+    return public(await get_or_404(db, principal.workspace_id, broadcast_id))
+
+
+@router.patch("/{broadcast_id}")
+async def update_broadcast(
+    broadcast_id: uuid.UUID,
+    body: BroadcastUpdate,
+    db: SessionDep,
+    principal: Sender,
+    runtime: RuntimeDep,
+) -> dict[str, Any]:
+    """Rename, reschedule (while ``scheduled``) or re-pace a broadcast that is not over
+    (409 otherwise)."""
+    broadcast = await get_or_404(db, principal.workspace_id, broadcast_id, lock=True)
+    if broadcast.status not in RUNNING:
+        raise HTTPException(409, f"status: a {broadcast.status} broadcast cannot change")
+    if body.send_at is not None and broadcast.status != "scheduled":
+        raise HTTPException(409, f"send_at: a {broadcast.status} broadcast has started")
+    now = clock_from(_settings(runtime).clock_file)()
+    await store.update_broadcast(
+        db,
+        broadcast_id=broadcast_id,
+        name=body.name,
+        send_at=max(body.send_at, now) if body.send_at is not None else None,
+        rate_per_s=body.rate_per_s,
+        pace="rate_per_s" in body.model_fields_set,
+    )
     return public(await get_or_404(db, principal.workspace_id, broadcast_id))
 
 
