@@ -8,10 +8,11 @@ provider is called, and its outcome is committed right after. A key found still
 cannot be known, so it is recorded as ``unknown`` and never sent again.
 
 A batch is sent concurrently: :meth:`NotificationHandler.prepare` gets the whole batch
-from the consumer runner before its transaction opens, claims every sendable key in one
-commit, sends them all at once (each provider bounded by its own rate limit and
-concurrency), and records every outcome in one commit. The runner then calls the handler
-per message, which hands back what ``prepare`` found.
+from the consumer runner before its transaction opens, plans every request (address,
+consent, render) and claims every sendable key in one commit, sends them all at once
+(each provider bounded by its own rate limit and concurrency), and records every outcome
+in one commit. The runner then takes what ``prepare`` found for the whole batch
+(``handle_batch``) in its own transaction, which publishes the reports.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import structlog
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from nudge_common.consumer import ConsumerRunner
+from nudge_common.consumer import ConsumerRunner, MessageHandler
 from nudge_common.db import SessionMaker, transaction
 from nudge_common.errors import InvalidMessage, RetryLater
 from nudge_common.events import (
@@ -44,9 +45,9 @@ from nudge_common.events import (
     Topic,
 )
 from nudge_common.kafka import OutgoingMessage
-from nudge_common.service import Runtime
+from nudge_common.service import Runtime, Worker
 from nudge_common.tracking import engagement_event
-from nudge_notifier import feedback, metrics, store
+from nudge_notifier import feedback, listeners, metrics, store, worker
 from nudge_notifier.domain import links
 from nudge_notifier.domain.consent import decide
 from nudge_notifier.domain.hygiene import InvalidPhone, check_email, to_e164
@@ -474,7 +475,7 @@ class NotificationHandler:
         outcomes = [item.outcome for item in items if item.outcome is not None]
         async with transaction(self.sessionmaker) as session:
             await store.record_outcomes(session, outcomes)
-            sent: list[tuple[str, str, str]] = []
+            sent: list[store.SentTo] = []
             for item in items:
                 if (
                     item.outcome is None
@@ -485,7 +486,16 @@ class NotificationHandler:
                     continue
                 workspace = item.envelope.workspace_id
                 if item.outcome.status == "sent":
-                    sent.append((workspace, item.request.channel, item.address))
+                    contact = item.request.contact
+                    sent.append(
+                        store.SentTo(
+                            workspace,
+                            item.request.channel,
+                            item.address,
+                            contact.contact_id,
+                            contact.user_id,
+                        )
+                    )
                 elif item.hard_bounce:
                     reason = item.outcome.reason or "hard bounce"
                     if await store.suppress(
@@ -506,7 +516,12 @@ class NotificationHandler:
                         channel=item.request.channel,
                         address=item.address,
                     )
-            await store.note_sends(session, sent)
+            await store.note_sends(
+                session,
+                sent,
+                unengaged_days=self.settings.unengaged_sunset_days,
+                min_sends=self.settings.unengaged_sunset_min_sends,
+            )
 
     async def _settle_earlier_claim(self, session: AsyncSession, item: Item) -> OutgoingMessage:
         """The key was claimed before. Report its recorded outcome again (the report of
@@ -605,22 +620,34 @@ def bounce_event(item: Item) -> OutgoingMessage:
     )
 
 
-def consumers(providers: Providers) -> Callable[[Runtime], list[ConsumerRunner]]:
-    """The notifier's one consumer, sending through ``providers`` (shared with the API)."""
+def consumers(providers: Providers) -> Callable[[Runtime], list[Worker]]:
+    """The notifier's workers: the requests' consumer, sending through ``providers``
+    (shared with the API), the engagement and template listeners, and the sunset job."""
 
-    def build(runtime: Runtime) -> list[ConsumerRunner]:
+    def build(runtime: Runtime) -> list[Worker]:
         settings = runtime.settings
         assert isinstance(settings, NotifierSettings)
-        return [
-            ConsumerRunner(
-                name="notifier",
-                topics=[Topic.NOTIFICATIONS],
-                handler=NotificationHandler(settings, runtime.sessionmaker, providers),
+
+        def runner(name: str, topic: Topic, handler: MessageHandler) -> ConsumerRunner:
+            return ConsumerRunner(
+                name=name,
+                topics=[topic],
+                handler=handler,
                 settings=settings,
                 sessionmaker=runtime.sessionmaker,
                 producer=runtime.producer,
                 processed_messages=store.processed_messages,
             )
+
+        return [
+            runner(
+                "notifier",
+                Topic.NOTIFICATIONS,
+                NotificationHandler(settings, runtime.sessionmaker, providers),
+            ),
+            runner("notifier-engagement", Topic.DELIVERIES, listeners.EngagementHandler()),
+            runner("notifier-templates", Topic.CONFIG, listeners.TemplateHandler()),
+            worker.sunset_worker(runtime, settings),
         ]
 
     return build

@@ -1,8 +1,9 @@
 """What comes back after sending: unsubscribes, opt-in confirmations, SMS keywords,
-bounces, complaints, provider status callbacks, and the sunset of unengaged addresses.
-Each updates consent or the suppression list and becomes events: ``consent.changed`` and
-``delivery.reported`` on the deliveries topic, and a Segment ``track`` event on the
-events topic so scoring and segments see it. Used by the routes; never commits."""
+bounces, complaints, provider status callbacks, engagement, and the sunset of addresses
+that soft-bounce or stay silent. Each updates consent, the suppression list or the
+address's health and becomes events: ``consent.changed`` and ``delivery.reported`` on the
+deliveries topic, and Segment calls on the events topic so scoring and segments see it.
+Used by the routes, the consumers and the sunset job; never commits."""
 
 from __future__ import annotations
 
@@ -15,17 +16,21 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from nudge_common.events import (
     CONSENT_CHANGED,
     DELIVERY_REPORTED,
+    EVENT_RECEIVED,
     Channel,
     ConsentChanged,
     ConsentStatus,
     DeliveryReported,
     DeliveryStatus,
+    SegmentEvent,
+    SegmentType,
     Topic,
+    segment_event_id,
 )
 from nudge_common.kafka import OutgoingMessage
 from nudge_common.tracking import engagement_event
 from nudge_notifier import metrics, store
-from nudge_notifier.domain.hygiene import Health, sunset_reason
+from nudge_notifier.domain.hygiene import silence_due, sunset_reason
 from nudge_notifier.settings import NotifierSettings
 
 SEGMENT_NAMES: dict[str, str] = {
@@ -241,58 +246,167 @@ async def soft_bounce(
     channel: Channel,
     address: str,
 ) -> list[OutgoingMessage]:
-    health = await store.note_soft_bounce(
+    row = await store.note_soft_bounce(
         session, workspace_id=workspace_id, channel=channel, address=address
     )
-    return await _maybe_sunset(session, settings, workspace_id, channel, address, health)
+    return (await _apply_sunset_rule(session, settings, row, datetime.now(UTC)))[1]
 
 
-async def _maybe_sunset(
-    session: AsyncSession,
-    settings: NotifierSettings,
+# --- sunset ------------------------------------------------------------------------------
+
+
+def sunset_tag(channel: str) -> str:
+    """The contact's tag while its address on ``channel`` is sunset: the sunset segment is
+    ``{"kind": "tag", "tag": "sunset:email"}``."""
+    return f"sunset:{channel}"
+
+
+def tag_event(
     workspace_id: str,
-    channel: str,
-    address: str,
-    health: Health,
-) -> list[OutgoingMessage]:
+    *,
+    contact_id: uuid.UUID,
+    user_id: str | None,
+    add: list[str] | None = None,
+    remove: list[str] | None = None,
+    message_id: str,
+    at: datetime,
+) -> OutgoingMessage:
+    """An ``identify`` call that adds (``traits.tags``) or removes (``traits.untags``)
+    tags of the contact, which scoring applies; the contact as in :func:`engagement_event`."""
+    traits: dict[str, Any] = {"tags": add} if add else {"untags": remove or []}
+    segment = SegmentEvent.model_validate(
+        {
+            "type": SegmentType.IDENTIFY,
+            "messageId": message_id,
+            "userId": user_id,
+            "anonymousId": None if user_id else f"nudge-contact:{contact_id}",
+            "traits": traits,
+            "context": {"library": {"name": "nudge-notifier"}},
+            "timestamp": at,
+            "receivedAt": at,
+        }
+    )
+    return OutgoingMessage(
+        Topic.EVENTS,
+        key=segment.identity,
+        envelope=EVENT_RECEIVED.envelope(
+            workspace_id=workspace_id,
+            payload=segment,
+            occurred_at=at,
+            id=segment_event_id(workspace_id, message_id),
+        ),
+    )
+
+
+def _sunset_events(row: Any, reason: str, now: datetime) -> list[OutgoingMessage]:
+    """``Contact Sunset`` and the contact's sunset tag, for the contact of the address's
+    last send (none when no send was recorded: nobody to tell). Their ids derive from the
+    engagement (or first send) the silence is counted from, so a replay publishes the
+    same messages, and a sunset after a later engagement new ones."""
+    if row.contact_id is None:
+        return []
+    since = row.last_engaged_at or row.first_sent_at
+    dedupe = f"{row.channel}:{row.address}:{since.isoformat() if since else '-'}"
+    return [
+        segment_event(
+            row.workspace_id,
+            "sunset",
+            channel=row.channel,
+            contact_id=str(row.contact_id),
+            user_id=row.user_id,
+            properties={"address": row.address, "reason": reason},
+            dedupe=dedupe,
+        ),
+        tag_event(
+            row.workspace_id,
+            contact_id=row.contact_id,
+            user_id=row.user_id,
+            add=[sunset_tag(row.channel)],
+            message_id=f"nudge:sunset-tag:{dedupe}",
+            at=now,
+        ),
+    ]
+
+
+async def _apply_sunset_rule(
+    session: AsyncSession, settings: NotifierSettings, row: Any, now: datetime
+) -> tuple[bool, list[OutgoingMessage]]:
+    """Sunset the address if the rule selects it now (True, and the events); otherwise
+    move its silence due time to what the current settings say (a changed period applies
+    from here)."""
     reason = sunset_reason(
-        health,
-        now=datetime.now(UTC),
+        store.health_of(row),
+        now=now,
         soft_bounces=settings.soft_bounce_sunset_threshold,
         unengaged_days=settings.unengaged_sunset_days,
         min_sends=settings.unengaged_sunset_min_sends,
     )
-    if reason is None or not await store.mark_sunset(
-        session, workspace_id=workspace_id, channel=channel, address=address, reason=reason
-    ):
-        return []
-    metrics.ENGAGEMENT.labels(channel, "sunset").inc()
-    return [
-        segment_event(
-            workspace_id,
-            "sunset",
-            channel=channel,
-            contact_id=None,
-            user_id=None,
-            properties={"address": address, "reason": reason},
-            dedupe=f"{channel}:{address}",
-        )
-    ]
+    if reason is not None:
+        if not await store.mark_sunset(
+            session,
+            workspace_id=row.workspace_id,
+            channel=row.channel,
+            address=row.address,
+            reason=reason,
+        ):
+            return False, []
+        metrics.ENGAGEMENT.labels(row.channel, "sunset").inc()
+        return True, _sunset_events(row, reason, now)
+    due = silence_due(
+        store.health_of(row),
+        unengaged_days=settings.unengaged_sunset_days,
+        min_sends=settings.unengaged_sunset_min_sends,
+    )
+    due = due if due is not None and due > now else None
+    if due != row.silence_due_at:
+        await store.reschedule_silence(session, row=row, due_at=due)
+    return False, []
+
+
+async def sunset_due(
+    session: AsyncSession, settings: NotifierSettings, now: datetime, limit: int
+) -> tuple[int, list[OutgoingMessage]]:
+    """The sunset job's round: the addresses whose silence rule is due (by index, oldest
+    first, skipping those another replica holds). Returns how many were looked at."""
+    rows = await store.due_silences(session, now=now, limit=limit)
+    out: list[OutgoingMessage] = []
+    for row in rows:
+        out += (await _apply_sunset_rule(session, settings, row, now))[1]
+    return len(rows), out
 
 
 async def run_sunset(
     session: AsyncSession, settings: NotifierSettings, workspace_id: str
-) -> list[OutgoingMessage]:
-    """Sunset every address of the workspace that the rule now selects."""
-    out: list[OutgoingMessage] = []
+) -> tuple[int, list[OutgoingMessage]]:
+    """On demand: apply the rule to every address of the workspace now, and reschedule
+    the others with the current settings. Returns how many were sunset."""
+    now = datetime.now(UTC)
+    sunset, out = 0, []
     for row in await store.health_rows(session, workspace_id=workspace_id):
-        health = Health(
-            row.soft_bounces_in_a_row,
-            row.sends_since_engaged,
-            row.last_engaged_at,
-            row.first_sent_at,
-        )
-        out += await _maybe_sunset(
-            session, settings, workspace_id, row.channel, row.address, health
+        done, messages = await _apply_sunset_rule(session, settings, row, now)
+        sunset += done
+        out += messages
+    return sunset, out
+
+
+async def engaged(session: AsyncSession, engagements: list[store.Engaged]) -> list[OutgoingMessage]:
+    """Opens and clicks: the addresses' silence restarts, and a sunset address comes back
+    (its contact loses the sunset tag)."""
+    out: list[OutgoingMessage] = []
+    at = {(e.workspace_id, e.channel, e.address): e.at for e in engagements}
+    for row in await store.note_engagements(session, engagements):
+        metrics.ENGAGEMENT.labels(row.channel, "sunset_lifted").inc()
+        if row.contact_id is None:
+            continue
+        when = at[(row.workspace_id, row.channel, row.address)]
+        out.append(
+            tag_event(
+                row.workspace_id,
+                contact_id=row.contact_id,
+                user_id=row.user_id,
+                remove=[sunset_tag(row.channel)],
+                message_id=f"nudge:unsunset-tag:{row.channel}:{row.address}:{when.isoformat()}",
+                at=when,
+            )
         )
     return out

@@ -74,6 +74,10 @@ class NotifierSettings(NudgeSettings):
     """Soft bounces in a row after which an address is sunset."""
     unengaged_sunset_days: int = Field(default=180, ge=1)
     unengaged_sunset_min_sends: int = Field(default=5, ge=1)
+    sunset_interval_s: float = Field(default=60.0, gt=0)
+    """How often the sunset job looks for addresses whose silence rule is due."""
+    sunset_batch: int = Field(default=500, ge=1)
+    """Addresses the sunset job takes per transaction."""
 
     # --- public links --------------------------------------------------------------------------
     public_url: str = "http://127.0.0.1:8005"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -87,6 +88,19 @@ address_health = sa.Table(
     sa.Column("suggestion", sa.Text),
     sa.Column("sunset_at", TIMESTAMP),
     sa.Column("sunset_reason", sa.Text),
+    sa.Column("silence_due_at", TIMESTAMP),
+    sa.Column("contact_id", UUID(as_uuid=True)),
+    sa.Column("user_id", sa.Text),
+)
+"""``silence_due_at``: when the silence rule (no open or click for the configured days
+over the configured sends) selects the address if nothing changes; set once it has
+those sends, cleared by an engagement and by the sunset. The sunset job reads it by index
+instead of scanning. ``contact_id``/``user_id``: the contact of the last send, whom the
+sunset's events are about."""
+sa.Index(
+    "address_health_silence_due",
+    address_health.c.silence_due_at,
+    postgresql_where=address_health.c.silence_due_at.is_not(None),
 )
 processed_messages = processed_messages_table(metadata)
 
@@ -132,6 +146,41 @@ async def create_template(session: AsyncSession, *, workspace_id: str, template:
             topic=template.topic,
         )
         .on_conflict_do_nothing()
+    )
+
+
+async def put_template(session: AsyncSession, *, workspace_id: str, template: Template) -> None:
+    """Create or replace (a template announced again); a template id of another workspace
+    is left alone."""
+    statement = pg_insert(templates).values(
+        id=template.id,
+        workspace_id=workspace_id,
+        name=template.name,
+        channel=template.channel,
+        subject=template.subject,
+        html=template.html,
+        text=template.text,
+        topic=template.topic,
+    )
+    await session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[templates.c.id],
+            set_={
+                name: statement.excluded[name]
+                for name in ("name", "channel", "subject", "html", "text", "topic")
+            },
+            where=templates.c.workspace_id == workspace_id,
+        )
+    )
+
+
+async def delete_template(
+    session: AsyncSession, *, workspace_id: str, template_id: uuid.UUID
+) -> None:
+    await session.execute(
+        sa.delete(templates).where(
+            templates.c.id == template_id, templates.c.workspace_id == workspace_id
+        )
     )
 
 
@@ -306,6 +355,27 @@ async def find_delivery(
     ).first()
 
 
+async def recipients(
+    session: AsyncSession, keys: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], tuple[str, str]]:
+    """(workspace, idempotency key) -> (channel, recipient) of the deliveries that have
+    a recipient."""
+    if not keys:
+        return {}
+    given = _rows(("w", sa.Text(), [w for w, _ in keys]), ("k", sa.Text(), [k for _, k in keys]))
+    d = deliveries.c
+    rows = await session.execute(
+        sa.select(d.workspace_id, d.idempotency_key, d.channel, d.recipient).join(
+            given, sa.and_(d.idempotency_key == given.c.k, d.workspace_id == given.c.w)
+        )
+    )
+    return {
+        (row.workspace_id, row.idempotency_key): (row.channel, row.recipient)
+        for row in rows
+        if row.recipient
+    }
+
+
 # --- consent and suppression ---------------------------------------------------------------
 
 
@@ -433,31 +503,87 @@ async def list_suppressions(
 # --- address health and hygiene ------------------------------------------------------------
 
 
-async def note_sends(session: AsyncSession, sent: Sequence[tuple[str, str, str]]) -> None:
-    """Count a successful send for each (workspace, channel, address): resets the
-    soft-bounce run."""
+@dataclass(frozen=True)
+class SentTo:
+    workspace_id: str
+    channel: str
+    address: str
+    contact_id: uuid.UUID
+    user_id: str | None
+
+
+def _days(days: int) -> Any:
+    return sa.func.make_interval(0, 0, 0, sa.cast(days, sa.Integer))
+
+
+async def note_sends(
+    session: AsyncSession, sent: Sequence[SentTo], *, unengaged_days: int, min_sends: int
+) -> None:
+    """Count a successful send for each address: resets the soft-bounce run, remembers
+    the contact, and once the address has ``min_sends`` sends since its last engagement,
+    schedules the silence rule (``silence_due_at``) ``unengaged_days`` after that
+    engagement, or after the first send."""
     if not sent:
         return
-    unique = sorted(set(sent))
+    counts: dict[tuple[str, str, str], int] = {}
+    last: dict[tuple[str, str, str], SentTo] = {}
+    for s in sent:
+        key = (s.workspace_id, s.channel, s.address)
+        counts[key] = counts.get(key, 0) + 1
+        last[key] = s
+    keys = sorted(counts)
     given = _rows(
-        ("w", sa.Text(), [w for w, _, _ in unique]),
-        ("ch", sa.Text(), [ch for _, ch, _ in unique]),
-        ("a", sa.Text(), [a for _, _, a in unique]),
+        ("w", sa.Text(), [w for w, _, _ in keys]),
+        ("ch", sa.Text(), [ch for _, ch, _ in keys]),
+        ("a", sa.Text(), [a for _, _, a in keys]),
+        ("c", UUID(as_uuid=True), [last[k].contact_id for k in keys]),
+        ("u", sa.Text(), [last[k].user_id for k in keys]),
+        ("n", sa.Integer(), [counts[k] for k in keys]),
     )
+    h = address_health.c
+    minimum = sa.cast(min_sends, sa.Integer)
     statement = pg_insert(address_health).from_select(
-        ["workspace_id", "channel", "address", "sends_since_engaged", "first_sent_at"],
-        sa.select(given.c.w, given.c.ch, given.c.a, sa.literal(1), sa.func.now()),
+        [
+            "workspace_id",
+            "channel",
+            "address",
+            "contact_id",
+            "user_id",
+            "sends_since_engaged",
+            "first_sent_at",
+            "silence_due_at",
+        ],
+        sa.select(
+            given.c.w,
+            given.c.ch,
+            given.c.a,
+            given.c.c,
+            given.c.u,
+            given.c.n,
+            sa.func.now(),
+            sa.case((given.c.n >= minimum, sa.func.now() + _days(unengaged_days))),
+        ),
     )
+    sends = h.sends_since_engaged + statement.excluded.sends_since_engaged
+    since = sa.func.coalesce(h.last_engaged_at, h.first_sent_at, sa.func.now())
     await session.execute(
         statement.on_conflict_do_update(
-            index_elements=[
-                address_health.c.workspace_id,
-                address_health.c.channel,
-                address_health.c.address,
-            ],
+            index_elements=[h.workspace_id, h.channel, h.address],
             set_={
-                "sends_since_engaged": address_health.c.sends_since_engaged + 1,
+                "sends_since_engaged": sends,
                 "soft_bounces_in_a_row": 0,
+                "first_sent_at": sa.func.coalesce(h.first_sent_at, sa.func.now()),
+                "contact_id": statement.excluded.contact_id,
+                "user_id": sa.func.coalesce(statement.excluded.user_id, h.user_id),
+                "silence_due_at": sa.case(
+                    (
+                        sa.and_(
+                            h.sunset_at.is_(None), h.silence_due_at.is_(None), sends >= minimum
+                        ),
+                        since + _days(unengaged_days),
+                    ),
+                    else_=h.silence_due_at,
+                ),
             },
         )
     )
@@ -489,32 +615,60 @@ async def note_hygiene(
     )
 
 
-async def note_engagement(
-    session: AsyncSession, *, workspace_id: str, channel: str, address: str
-) -> None:
-    await session.execute(
-        pg_insert(address_health)
-        .values(
-            workspace_id=workspace_id,
-            channel=channel,
-            address=address,
-            last_engaged_at=sa.func.now(),
-        )
-        .on_conflict_do_update(
-            index_elements=[
-                address_health.c.workspace_id,
-                address_health.c.channel,
-                address_health.c.address,
-            ],
-            set_={"last_engaged_at": sa.func.now(), "sends_since_engaged": 0},
+@dataclass(frozen=True)
+class Engaged:
+    workspace_id: str
+    channel: str
+    address: str
+    at: datetime
+
+
+async def note_engagements(session: AsyncSession, engaged: Sequence[Engaged]) -> list[sa.Row[Any]]:
+    """An open or a click: the address is engaged again. Its silence and soft-bounce
+    counts restart and a sunset is lifted. Returns the rows that were sunset (before)."""
+    if not engaged:
+        return []
+    latest: dict[tuple[str, str, str], datetime] = {}
+    for e in engaged:
+        key = (e.workspace_id, e.channel, e.address)
+        latest[key] = max(e.at, latest.get(key, e.at))
+    keys = sorted(latest)
+    given = _rows(
+        ("w", sa.Text(), [w for w, _, _ in keys]),
+        ("ch", sa.Text(), [ch for _, ch, _ in keys]),
+        ("a", sa.Text(), [a for _, _, a in keys]),
+        ("at", TIMESTAMP, [latest[k] for k in keys]),
+    )
+    h = address_health.c
+    match = sa.and_(h.workspace_id == given.c.w, h.channel == given.c.ch, h.address == given.c.a)
+    was_sunset = list(
+        await session.execute(
+            sa.select(address_health)
+            .join(given, match)
+            .where(h.sunset_at.is_not(None))
+            .order_by(h.workspace_id, h.channel, h.address)
+            .with_for_update(of=address_health)
         )
     )
+    await session.execute(
+        sa.update(address_health)
+        .where(match)
+        .values(
+            last_engaged_at=sa.func.greatest(h.last_engaged_at, given.c.at),
+            sends_since_engaged=0,
+            soft_bounces_in_a_row=0,
+            silence_due_at=None,
+            sunset_at=None,
+            sunset_reason=None,
+        )
+    )
+    return was_sunset
 
 
 async def note_soft_bounce(
     session: AsyncSession, *, workspace_id: str, channel: str, address: str
-) -> Health:
-    row = (
+) -> sa.Row[Any]:
+    row: sa.Row[Any] = (
         await session.execute(
             pg_insert(address_health)
             .values(
@@ -531,18 +685,52 @@ async def note_soft_bounce(
             .returning(address_health)
         )
     ).one()
+    return row
+
+
+def health_of(row: sa.Row[Any]) -> Health:
     return Health(
         row.soft_bounces_in_a_row, row.sends_since_engaged, row.last_engaged_at, row.first_sent_at
     )
 
 
-async def health_rows(
-    session: AsyncSession, *, workspace_id: str, unsunset_only: bool = True
-) -> list[sa.Row[Any]]:
-    query = sa.select(address_health).where(address_health.c.workspace_id == workspace_id)
-    if unsunset_only:
-        query = query.where(address_health.c.sunset_at.is_(None))
+async def health_rows(session: AsyncSession, *, workspace_id: str) -> list[sa.Row[Any]]:
+    """The workspace's addresses not sunset, locked (the on-demand sunset)."""
+    h = address_health.c
+    query = (
+        sa.select(address_health)
+        .where(h.workspace_id == workspace_id, h.sunset_at.is_(None))
+        .order_by(h.channel, h.address)
+        .with_for_update()
+    )
     return list(await session.execute(query))
+
+
+async def due_silences(session: AsyncSession, *, now: datetime, limit: int) -> list[sa.Row[Any]]:
+    """Addresses whose silence rule is due, oldest first, locked; rows another replica
+    holds are skipped."""
+    h = address_health.c
+    query = (
+        sa.select(address_health)
+        .where(h.silence_due_at <= now)
+        .order_by(h.silence_due_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return list(await session.execute(query))
+
+
+async def reschedule_silence(
+    session: AsyncSession, *, row: sa.Row[Any], due_at: datetime | None
+) -> None:
+    h = address_health.c
+    await session.execute(
+        sa.update(address_health)
+        .where(
+            h.workspace_id == row.workspace_id, h.channel == row.channel, h.address == row.address
+        )
+        .values(silence_due_at=due_at)
+    )
 
 
 async def mark_sunset(
@@ -556,7 +744,7 @@ async def mark_sunset(
             address_health.c.address == address,
             address_health.c.sunset_at.is_(None),
         )
-        .values(sunset_at=sa.func.now(), sunset_reason=reason)
+        .values(sunset_at=sa.func.now(), sunset_reason=reason, silence_due_at=None)
         .returning(address_health.c.address)
     )
     return result.first() is not None

@@ -188,6 +188,8 @@ async def notifier(
         "NUDGE_RETRY_BASE_DELAY_S": "0.01",
         "NUDGE_RETRY_MAX_DELAY_S": "0.05",
         "NUDGE_MAX_BATCH_ATTEMPTS": "2",
+        "NUDGE_UNENGAGED_SUNSET_MIN_SENDS": "2",
+        "NUDGE_SUNSET_INTERVAL_S": "0.2",
         "NUDGE_PUBLIC_URL": "http://notifier.test",
         "NUDGE_TRACKING_URL": "http://ingest.test",
     }

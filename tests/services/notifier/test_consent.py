@@ -9,7 +9,7 @@ import uuid
 from email.message import EmailMessage
 from urllib.parse import urlsplit
 
-from nudge_common.events import CONSENT_CHANGED, EVENT_RECEIVED, Topic
+from nudge_common.events import CONSENT_CHANGED, DELIVERY_REPORTED, EVENT_RECEIVED, Topic
 from tests.services.notifier.conftest import Notifier, topic_envelopes
 from tests.services.notifier.fakes import ScriptedSmtp
 
@@ -220,3 +220,70 @@ async def test_the_hygiene_report_counts_flagged_addresses(notifier: Notifier) -
     )
     assert check.json()["emails"][0]["suggestion"] == "bob@hotmail.com"
     assert [p["valid"] for p in check.json()["phones"]] == [False, False]
+
+
+def arf(feedback_type: str, original: str, *, rcpt_to: str | None = None) -> bytes:
+    """An abuse report as a mailbox provider's feedback loop sends it (RFC 5965)."""
+    rcpt = f"Original-Rcpt-To: {rcpt_to}\r\n" if rcpt_to else ""
+    return (
+        "From: fbl@mailbox.example\r\nTo: fbl@nudge.localhost\r\nSubject: FW: report\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=feedback-report; "
+        'boundary="A"\r\n\r\n'
+        "--A\r\nContent-Type: text/plain\r\n\r\nThis is an email abuse report.\r\n"
+        "--A\r\nContent-Type: message/feedback-report\r\n\r\n"
+        f"Feedback-Type: {feedback_type}\r\nUser-Agent: ExampleFBL/1.0\r\nVersion: 1\r\n"
+        f"{rcpt}\r\n"
+        f"--A\r\nContent-Type: message/rfc822\r\n\r\n{original}\r\n--A--\r\n"
+    ).encode()
+
+
+async def test_arf_abuse_reports_suppress_the_recipient_even_when_redacted(
+    notifier: Notifier, smtp: ScriptedSmtp
+) -> None:
+    ws, reader, named = workspace(), address("arf"), address("named")
+    template = await notifier.template(ws)
+    key = await notifier.request(ws, template, {"email": reader})
+    await notifier.settled([key])
+    original = smtp.received(reader)[0]
+    redacted = (
+        f"From: {original['From']}\r\nTo: redacted@example.com\r\n"
+        f"Message-ID: {original['Message-ID']}\r\nX-Nudge-Idempotency-Key: {key}\r\n"
+        "Subject: Hello\r\n\r\nbody\r\n"
+    )
+    answer = await notifier.client.post(
+        f"/webhooks/{ws}/email/arf",
+        content=arf("abuse", redacted, rcpt_to="redacted@example.com"),
+        headers={"Content-Type": "message/rfc822"},
+    )
+    assert answer.json() == {"feedback_type": "abuse", "suppressed": [reader]}
+
+    headers_only = f"To: {named}\r\nSubject: Hello\r\n"
+    answer = await notifier.client.post(
+        f"/webhooks/{ws}/email/arf", content=arf("fraud", headers_only, rcpt_to=named.upper())
+    )
+    assert answer.json()["suppressed"] == [named]
+    not_spam = await notifier.client.post(
+        f"/webhooks/{ws}/email/arf", content=arf("not-spam", headers_only)
+    )
+    assert not_spam.json() == {"feedback_type": "not-spam", "suppressed": []}
+    nobody = await notifier.client.post(
+        f"/webhooks/{ws}/email/arf", content=arf("abuse", "Subject: x\r\n")
+    )
+    assert (nobody.status_code, nobody.json()["field"]) == (400, "body")
+    bad = await notifier.client.post(f"/webhooks/{ws}/email/arf", content=b"Subject: hi\r\n\r\nx")
+    assert (bad.status_code, bad.json()["field"]) == (400, "body")
+
+    listed = await notifier.client.get(f"/api/v1/workspaces/{ws}/suppressions?channel=email")
+    assert {i["address"]: i["detail"] for i in listed.json()["items"]} == {
+        reader: "abuse",
+        named: "fraud",
+    }
+    reports = await topic_envelopes(notifier.settings, Topic.DELIVERIES, ws, expected=4)
+    complained = [DELIVERY_REPORTED.parse(e) for e in reports if e.type == DELIVERY_REPORTED.name][
+        -1
+    ]
+    assert (complained.status, complained.idempotency_key) == ("complained", key)
+    (event,) = await topic_envelopes(notifier.settings, Topic.EVENTS, ws, expected=1)
+    assert EVENT_RECEIVED.parse(event).event == "Email Marked as Spam"
+    again = await notifier.request(ws, template, {"email": reader})
+    assert (await notifier.settled([again]))[again].reason == "suppressed: complaint"

@@ -9,8 +9,16 @@ import pytest
 
 from nudge_common.tracking import InvalidToken, sign, verify
 from nudge_notifier.domain.bounces import NotADsn, parse_dsn
+from nudge_notifier.domain.complaints import NotAnArf, parse_arf
 from nudge_notifier.domain.consent import decide, sms_keyword
-from nudge_notifier.domain.hygiene import Health, InvalidPhone, check_email, sunset_reason, to_e164
+from nudge_notifier.domain.hygiene import (
+    Health,
+    InvalidPhone,
+    check_email,
+    silence_due,
+    sunset_reason,
+    to_e164,
+)
 from nudge_notifier.domain.templates import Template, render
 from nudge_notifier.providers.base import backoff_delays
 
@@ -141,3 +149,41 @@ def test_backoff_is_exponential_with_full_jitter_and_capped() -> None:
         delays = backoff_delays(5, base_s=0.1, max_s=0.5)
         assert len(delays) == 4
         assert all(0 <= d <= cap for d, cap in zip(delays, [0.1, 0.2, 0.4, 0.5], strict=True))
+
+
+def test_an_arf_report_names_its_feedback_type_recipients_and_original_message() -> None:
+    raw = (
+        b'Content-Type: multipart/report; report-type=feedback-report; boundary="A"\r\n\r\n'
+        b"--A\r\nContent-Type: text/plain\r\n\r\nabuse report\r\n"
+        b"--A\r\nContent-Type: message/feedback-report\r\n\r\n"
+        b"Feedback-Type: Abuse\r\nUser-Agent: FBL/2\r\nVersion: 1\r\n"
+        b"Original-Rcpt-To: <One@Example.com>\r\nOriginal-Rcpt-To: rfc822; two@example.com\r\n"
+        b"\r\n--A\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+        b"To: three@example.com\r\nMessage-ID: <m1@nudge.localhost>\r\n"
+        b"X-Nudge-Idempotency-Key: key-1\r\n\r\n--A--\r\n"
+    )
+    complaint = parse_arf(raw)
+    assert complaint.is_complaint
+    assert (complaint.feedback_type, complaint.user_agent) == ("abuse", "FBL/2")
+    assert complaint.recipients == ["one@example.com", "two@example.com"]
+    assert (complaint.idempotency_key, complaint.message_id) == ("key-1", "<m1@nudge.localhost>")
+    without_rcpt = raw.replace(b"Original-Rcpt-To", b"X-Other")
+    assert parse_arf(without_rcpt).recipients == ["three@example.com"]
+    assert not parse_arf(raw.replace(b"Abuse", b"not-spam")).is_complaint
+    with pytest.raises(NotAnArf):
+        parse_arf(b"Content-Type: text/plain\r\n\r\nhello")
+    with pytest.raises(NotAnArf):
+        parse_arf(raw.replace(b"message/feedback-report", b"text/plain"))
+
+
+def test_the_silence_rule_falls_due_after_the_sends_and_the_days() -> None:
+    sent = datetime(2026, 1, 1, tzinfo=UTC)
+    engaged = datetime(2026, 3, 1, tzinfo=UTC)
+
+    def due(health: Health) -> datetime | None:
+        return silence_due(health, unengaged_days=180, min_sends=5)
+
+    assert due(Health(0, 4, None, sent)) is None
+    assert due(Health(0, 5, None, sent)) == sent + timedelta(days=180)
+    assert due(Health(0, 5, engaged, sent)) == engaged + timedelta(days=180)
+    assert due(Health(2, 9, None, None)) is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
@@ -12,12 +13,15 @@ from nudge_common.db import transaction
 from nudge_common.events import (
     CONSENT_CHANGED,
     DELIVERY_REPORTED,
+    TEMPLATE_DEFINED,
     ContactSnapshot,
     NotificationRequested,
+    TemplateDefined,
     Topic,
 )
+from nudge_common.kafka import OutgoingMessage, publish
 from nudge_common.tracking import verify
-from nudge_devtools.pipeline import read_topic
+from nudge_devtools.pipeline import eventually, read_topic
 from nudge_notifier import store
 from tests.services.notifier.conftest import Notifier, topic_envelopes
 from tests.services.notifier.fakes import ScriptedSmtp
@@ -206,3 +210,62 @@ async def test_a_bad_request_in_a_large_batch_is_dead_lettered_alone_and_nothing
     assert sorted(DELIVERY_REPORTED.parse(r).idempotency_key for r in reports) == sorted(good)
     for r in requests:
         assert len(smtp.received(str(r.contact.traits["email"]))) == (0 if r is requests[7] else 1)
+
+
+async def test_templates_announced_on_the_config_topic_are_created_replaced_and_deleted(
+    notifier: Notifier, smtp: ScriptedSmtp
+) -> None:
+    ws, to = workspace(), address("announced")
+    template_id = uuid.uuid4()
+
+    async def announce(subject: str, *, deleted: bool = False) -> None:
+        defined = TemplateDefined(
+            template_id=template_id,
+            name="welcome",
+            channel="email",
+            subject=subject,
+            html="<p>Hi</p>",
+            text="Hi",
+            topic="onboarding",
+            deleted=deleted,
+        )
+        envelope = TEMPLATE_DEFINED.envelope(
+            workspace_id=ws, payload=defined, occurred_at=datetime.now(UTC)
+        )
+        await publish(
+            notifier.producer,
+            notifier.stack.settings,
+            [OutgoingMessage(Topic.CONFIG, key=str(template_id), envelope=envelope)],
+        )
+
+    async def stored_subject() -> str | None:
+        async with transaction(notifier.sessionmaker) as session:
+            found = await store.get_template(session, workspace_id=ws, template_id=template_id)
+        return None if found is None else found.subject
+
+    async def subject_is(expected: str | None) -> None:
+        async def probe() -> bool:
+            return await stored_subject() == expected
+
+        await eventually(probe, what=f"template subject {expected!r}")
+
+    await announce("Welcome {{ contact.traits.name | default('friend') }}")
+    await subject_is("Welcome {{ contact.traits.name | default('friend') }}")
+    first = await notifier.request(ws, template_id, {"email": to, "name": "Ada"})
+    await notifier.settled([first])
+    await announce("Welcome back")
+    await subject_is("Welcome back")
+    second = await notifier.request(ws, template_id, {"email": to})
+    await notifier.settled([second])
+    assert [m["Subject"] for m in smtp.received(to)] == ["Welcome Ada", "Welcome back"]
+
+    await announce("", deleted=True)
+    await subject_is(None)
+    third = await notifier.request(ws, template_id, {"email": to})
+    dead = await read_topic(
+        notifier.settings,
+        Topic.DEAD_LETTER,
+        where=lambda r: r.value is not None and third.encode() in r.value,
+        expected=1,
+    )
+    assert b"does not exist" in dict(dead[0].headers)["nudge.reason"]

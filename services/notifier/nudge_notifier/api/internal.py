@@ -247,6 +247,6 @@ async def run_sunset(
     """Apply the sunset rule now (repeated soft bounces, no engagement): each newly
     sunset address is recorded and published as a ``Contact Sunset`` event."""
     async with effects(runtime) as (session, outgoing):
-        outgoing += await feedback.run_sunset(session, settings, workspace_id)
-        count = len(outgoing)
+        count, messages = await feedback.run_sunset(session, settings, workspace_id)
+        outgoing += messages
     return {"sunset": count}

@@ -1,5 +1,6 @@
 """Providers' webhooks, per workspace: inbound SMS (STOP/START keywords), SMS status
-callbacks, delivery status notifications (bounces), and complaints.
+callbacks, delivery status notifications (bounces), and complaints (an ESP's JSON, or a
+mailbox provider's abuse report in ARF).
 
 Inbound Twilio requests are checked against ``X-Twilio-Signature`` (HMAC-SHA1 of the URL
 and the sorted form fields with the auth token) when the header is present... and required
@@ -21,6 +22,7 @@ from nudge_common.service import RuntimeDep
 from nudge_notifier import feedback, store
 from nudge_notifier.api.deps import ApiError, SettingsDep, effects
 from nudge_notifier.domain.bounces import NotADsn, parse_dsn
+from nudge_notifier.domain.complaints import NotAnArf, parse_arf
 from nudge_notifier.domain.consent import ALL_TOPICS, sms_keyword
 from nudge_notifier.domain.hygiene import InvalidPhone, to_e164
 
@@ -165,3 +167,47 @@ async def email_complaint(
             idempotency_key=complaint.idempotency_key,
         )
     return {"suppressed": True}
+
+
+@router.post("/email/arf")
+async def email_arf(workspace_id: str, request: Request, runtime: RuntimeDep) -> dict[str, Any]:
+    """An abuse feedback report (ARF, RFC 5965), as the raw message a feedback loop
+    sends: the recipient is suppressed and the complaint reported on the delivery. The
+    delivery is found by the original's ``X-Nudge-Idempotency-Key`` or ``Message-ID``
+    (its recipient is then the one suppressed, as providers often redact the address in
+    the report), else the report's ``Original-Rcpt-To`` or the original's ``To`` is used.
+    ``not-spam`` feedback changes nothing."""
+    try:
+        complaint = parse_arf(await request.body())
+    except NotAnArf as error:
+        raise ApiError(400, "body", str(error)) from error
+    if not complaint.is_complaint:
+        return {"feedback_type": complaint.feedback_type, "suppressed": []}
+    async with effects(runtime) as (session, outgoing):
+        delivery = None
+        if complaint.idempotency_key or complaint.message_id:
+            delivery = await store.find_delivery(
+                session,
+                workspace_id=workspace_id,
+                idempotency_key=complaint.idempotency_key,
+                provider_message_id=complaint.message_id,
+            )
+        if delivery is not None and delivery.channel == "email" and delivery.recipient:
+            targets = [(delivery.recipient, delivery.idempotency_key)]
+        else:
+            targets = [(address, None) for address in complaint.recipients]
+        if not targets:
+            raise ApiError(
+                400, "body", "the report names neither a message of ours nor a recipient"
+            )
+        for address, key in targets:
+            outgoing += await feedback.suppress(
+                session,
+                workspace_id,
+                channel="email",
+                address=address,
+                reason="complaint",
+                detail=complaint.feedback_type,
+                idempotency_key=key,
+            )
+    return {"feedback_type": complaint.feedback_type, "suppressed": [a for a, _ in targets]}

@@ -37,9 +37,10 @@ def parse_dsn(raw: bytes) -> list[Bounce]:
             original = part
     if status_part is None:
         raise NotADsn("no message/delivery-status part")
-    key, message_id = _original_ids(original)
+    key, message_id, _ = original_ids(original)
     bounces = []
-    for fields in _status_groups(status_part):
+    for group in field_groups(status_part):
+        fields = {name: values[0] for name, values in group.items()}
         action = fields.get("action", "").lower()
         status = fields.get("status", "")
         recipient = fields.get("final-recipient") or fields.get("original-recipient") or ""
@@ -60,39 +61,45 @@ def parse_dsn(raw: bytes) -> list[Bounce]:
     return bounces
 
 
-def _status_groups(part: Message) -> list[dict[str, str]]:
-    """The per-recipient field groups of a delivery-status part (the first group is the
-    per-message one; groups are separated by blank lines)."""
+def field_groups(part: Message) -> list[dict[str, list[str]]]:
+    """The field groups of a report part (``message/delivery-status``: the per-message
+    group, then one per recipient; ``message/feedback-report``: one), by lower-case
+    name; a field may repeat."""
     payload = part.get_payload()
     if isinstance(payload, list):  # parsed by the email package into header blocks
-        return [
-            {k.lower(): str(v) for k, v in sub.items()}
-            for sub in payload
-            if isinstance(sub, Message)
-        ]
+        groups = []
+        for sub in payload:
+            if isinstance(sub, Message):
+                fields: dict[str, list[str]] = {}
+                for name, value in sub.items():
+                    fields.setdefault(name.lower(), []).append(str(value))
+                groups.append(fields)
+        return groups
     text = part.get_payload(decode=True)
     body = text.decode(errors="replace") if isinstance(text, bytes) else str(payload)
-    groups: list[dict[str, str]] = []
+    groups = []
     for block in body.replace("\r\n", "\n").split("\n\n"):
-        fields: dict[str, str] = {}
+        fields = {}
         for line in block.splitlines():
             if ":" in line and not line.startswith((" ", "\t")):
                 name, _, value = line.partition(":")
-                fields[name.strip().lower()] = value.strip()
+                fields.setdefault(name.strip().lower(), []).append(value.strip())
         if fields:
             groups.append(fields)
     return groups
 
 
-def _original_ids(original: Message | None) -> tuple[str | None, str | None]:
+def original_ids(original: Message | None) -> tuple[str | None, str | None, str | None]:
+    """The idempotency key, Message-ID and To of the original message (or its headers)
+    that a report carries."""
     if original is None:
-        return None, None
+        return None, None, None
     payload = original.get_payload()
     headers: Message = original
     if isinstance(payload, list) and payload and isinstance(payload[0], Message):
         headers = payload[0]
     elif isinstance(payload, str):
         headers = message_from_bytes(payload.encode(), policy=policy.default)
-    key = headers.get("X-Nudge-Idempotency-Key")
-    message_id = headers.get("Message-ID")
-    return (str(key) if key else None, str(message_id) if message_id else None)
+    found = [headers.get(name) for name in ("X-Nudge-Idempotency-Key", "Message-ID", "To")]
+    key, message_id, to = (str(value) if value else None for value in found)
+    return key, message_id, to

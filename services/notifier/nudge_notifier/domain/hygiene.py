@@ -147,6 +147,16 @@ class Health:
     first_sent_at: datetime | None
 
 
+def silence_due(health: Health, *, unengaged_days: int, min_sends: int) -> datetime | None:
+    """When the silence rule selects the address if nothing changes: ``unengaged_days``
+    after its last open or click (or its first send), once it has had ``min_sends``
+    messages since; None while it has had fewer."""
+    since = health.last_engaged_at or health.first_sent_at
+    if since is None or health.sends_since_engaged < min_sends:
+        return None
+    return since + timedelta(days=unengaged_days)
+
+
 def sunset_reason(
     health: Health, *, now: datetime, soft_bounces: int, unengaged_days: int, min_sends: int
 ) -> str | None:
@@ -154,11 +164,7 @@ def sunset_reason(
     click for ``unengaged_days`` despite at least ``min_sends`` messages."""
     if health.soft_bounces_in_a_row >= soft_bounces:
         return f"{health.soft_bounces_in_a_row} soft bounces in a row"
-    since = health.last_engaged_at or health.first_sent_at
-    if (
-        since is not None
-        and health.sends_since_engaged >= min_sends
-        and now - since >= timedelta(days=unengaged_days)
-    ):
+    due = silence_due(health, unengaged_days=unengaged_days, min_sends=min_sends)
+    if due is not None and due <= now:
         return f"no engagement for {unengaged_days} days over {health.sends_since_engaged} sends"
     return None
