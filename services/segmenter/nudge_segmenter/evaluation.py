@@ -520,8 +520,7 @@ class ContactBatch:
         due = [
             {"segment_id": s, "contact_id": c, "workspace_id": self.workspace_id, "due_at": at}
             for (s, c), at in self.rechecks.items()
-            if at is not None
-            and ((s, c) not in self.scheduled or at < self.scheduled[(s, c)])
+            if at is not None and ((s, c) not in self.scheduled or at < self.scheduled[(s, c)])
         ]
         if due:
             statement = pg_insert(store.rechecks)
