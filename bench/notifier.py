@@ -56,7 +56,9 @@ KEY_HEADER = b"X-Nudge-Idempotency-Key: "
 
 class Sink:
     """Accepts everything and records (monotonic time, idempotency key): no parsing
-    beyond finding the one header, so the sink is not the bottleneck."""
+    beyond finding the one header. aiosmtpd itself still costs: a bare aiosmtplib client
+    gets about 1,500 emails/s through it on one connection, 2,200 on four, on the 2-core
+    development machine (docs/benchmarks.md)."""
 
     def __init__(self) -> None:
         self.port = free_port()
