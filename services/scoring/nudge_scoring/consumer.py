@@ -136,11 +136,42 @@ class Outputs:
 # --- identity resolution -----------------------------------------------------------------
 
 
+CONTACT_REFERENCE = "nudge-contact:"
+"""How the notifier and ingest name a contact that has no userId in the engagement they
+report (``nudge_common.tracking.engagement_event``): ``nudge-contact:<contact id>``."""
+
+
+def contact_reference(event: SegmentEvent) -> uuid.UUID | None:
+    """The contact the event names directly: its userId, else its anonymousId, when that is
+    ``nudge-contact:<contact id>``."""
+    primary = event.user_id or event.anonymous_id or ""
+    if not primary.startswith(CONTACT_REFERENCE):
+        return None
+    name = "userId" if event.user_id else "anonymousId"
+    try:
+        return uuid.UUID(primary.removeprefix(CONTACT_REFERENCE))
+    except ValueError:
+        raise InvalidMessage(
+            f"{name}: {primary!r} is not {CONTACT_REFERENCE}<contact id> (a UUID)"
+        ) from None
+
+
+def known_user_id(event: SegmentEvent) -> str | None:
+    """The event's userId, unless it is a contact reference (which names no user)."""
+    user_id = event.user_id
+    return None if user_id and user_id.startswith(CONTACT_REFERENCE) else user_id
+
+
 def identity_keys(event: SegmentEvent, email: str | None) -> list[tuple[str, str]]:
+    """The keys an event is resolved by, primary first. A contact reference is the one key
+    ``(CONTACT_KEY, id)``: it names the contact (or its survivor) and is never claimed."""
+    reference = contact_reference(event)
+    if reference is not None:
+        return [(store.CONTACT_KEY, str(reference))]
     keys: list[tuple[str, str]] = []
     if event.user_id:
         keys.append(("user_id", event.user_id))
-    if event.anonymous_id:
+    if event.anonymous_id and not event.anonymous_id.startswith(CONTACT_REFERENCE):
         keys.append(("anonymous_id", event.anonymous_id))
     if email:
         keys.append(("email", email))
@@ -153,6 +184,8 @@ def validate(event: SegmentEvent) -> None:
         raise InvalidMessage("the event has neither userId nor anonymousId")
     if event.type is SegmentType.ALIAS and not event.previous_id:
         raise InvalidMessage("an alias call needs previousId")
+    if contact_reference(event) is not None and event.type is SegmentType.ALIAS:
+        raise InvalidMessage(f"userId: an alias call names a user, not {CONTACT_REFERENCE}<id>")
     if event.type is SegmentType.IDENTIFY:
         bad = profile.invalid_tags(event.traits)
         if bad:
@@ -171,7 +204,9 @@ async def resolve_contact(
     out: Outputs,
 ) -> uuid.UUID:
     """The contact an event belongs to, created on first sight (its id derives from the
-    identity it was first seen with), merging the contacts the event shows to be one."""
+    identity it was first seen with), merging the contacts the event shows to be one.
+    Events naming a contact by reference never come here: their one key never merges and
+    they are no alias, so the batch lookup resolves them."""
     keys = identity_keys(event, email)
     primary = keys[0]
     for _ in range(5):
@@ -431,6 +466,9 @@ class WorkspaceBatch:
             slow: int | None = None
             for index, (envelope, event) in enumerate(rest):
                 keys_here = self.keys_of(event)
+                if keys_here[0][0] == store.CONTACT_KEY and keys_here[0] not in known:
+                    metrics.EVENTS_DROPPED.labels("unknown_contact").inc()
+                    continue  # the contact it names was erased (or is not this workspace's)
                 owners = {known[key] for key in keys_here if key in known}
                 if event.type is SegmentType.ALIAS or len(owners) > 1:
                     slow = index
@@ -573,8 +611,9 @@ class WorkspaceBatch:
         at = event.timestamp
         metrics.EVENTS_STORED.labels(event.type.value).inc()
         writes.events.append(store.event_row(workspace_id, contact.id, event))
-        touch = writes.touch(contact.id, at, event.user_id)
-        contact.user_id = contact.user_id or event.user_id
+        user_id = known_user_id(event)
+        touch = writes.touch(contact.id, at, user_id)
+        contact.user_id = contact.user_id or user_id
         if not contact.has_first_touch:
             touch["first_touch"] = profile.first_touch(event)
             contact.has_first_touch = True

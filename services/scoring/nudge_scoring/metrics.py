@@ -18,6 +18,12 @@ MERGES = Counter(
     "Contacts merged into another, by reason (identify, alias, email).",
     ["reason"],
 )
+EVENTS_DROPPED = Counter(
+    "nudge_scoring_events_dropped_total",
+    "Events not applied, by reason (unknown_contact: nudge-contact:<id> names a contact the "
+    "workspace does not have, e.g. an erased one).",
+    ["reason"],
+)
 STAGE_CHANGES = Counter(
     "nudge_scoring_stage_changes_total",
     "Lifecycle stage changes, by scoring model and the stage entered.",

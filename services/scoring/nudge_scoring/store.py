@@ -284,17 +284,34 @@ def _contact(row: Any) -> Contact:
     )
 
 
+CONTACT_KEY = "contact"
+"""A key kind looked up with the identities but never stored: ``("contact", <id>)`` is the
+contact with that id in the workspace, or the contact it was merged into."""
+
+
 async def identities_of(
     session: AsyncSession, *, workspace_id: str, keys: Sequence[tuple[str, str]]
 ) -> dict[tuple[str, str], uuid.UUID]:
+    """The contact each key points at (keys nobody holds are absent), in one statement."""
     if not keys:
         return {}
-    rows = await session.execute(
-        sa.select(identities.c.kind, identities.c.value, identities.c.contact_id).where(
-            identities.c.workspace_id == workspace_id,
-            sa.tuple_(identities.c.kind, identities.c.value).in_(list(keys)),
-        )
+    named = [uuid.UUID(value) for kind, value in keys if kind == CONTACT_KEY]
+    held = sa.select(identities.c.kind, identities.c.value, identities.c.contact_id).where(
+        identities.c.workspace_id == workspace_id,
+        sa.tuple_(identities.c.kind, identities.c.value).in_(
+            [key for key in keys if key[0] != CONTACT_KEY]
+        ),
     )
+    query: sa.Executable = held
+    if named:
+        query = held.union_all(
+            sa.select(
+                sa.literal(CONTACT_KEY, sa.Text),
+                sa.cast(contacts.c.id, sa.Text),
+                sa.func.coalesce(contacts.c.merged_into, contacts.c.id),
+            ).where(contacts.c.workspace_id == workspace_id, contacts.c.id.in_(named))
+        )
+    rows = await session.execute(query)
     return {(row.kind, row.value): row.contact_id for row in rows}
 
 
