@@ -320,6 +320,10 @@ async def test_one_openapi_document(orchestrator: ServiceProcess) -> None:
         "/api/v1/templates",
         "/api/v1/api-keys",
         "/api/v1/workflows/{workflow_id}/simulate",
+        "/api/v1/segments",
+        "/api/v1/contacts/{contact_id}",
+        "/api/v1/models/{name}/rules",
+        "/api/v1/suppressions",
     ):
         assert path in paths
 

@@ -9,6 +9,7 @@ from nudge_orchestrator.api import (
     fronted,
     keys,
     messaging,
+    openapi,
     templates,
     workflows,
 )
@@ -28,6 +29,8 @@ TITLE = "Nudge marketers' API"
 
 
 def create_app() -> FastAPI:
-    return create_service_app(
+    app = create_service_app(
         settings=OrchestratorSettings(), routers=ROUTERS, consumers=consumers, title=TITLE
     )
+    openapi.install(app)
+    return app
