@@ -85,6 +85,13 @@ async def test_scoring_models_through_the_front(
         assert "fit" in [m["name"] for m in listed.json()]
         contacts = await c.get("/api/v1/contacts", params={"limit": 5})
         assert contacts.status_code == 200, contacts.text
+        # the owner's cursor of a bare list comes through
+        assert (await c.put("/api/v1/models/gtm", json={})).status_code == 200
+        first = await c.get("/api/v1/models", params={"limit": 1})
+        assert [m["name"] for m in first.json()] == ["fit"]
+        after = first.headers["X-Next-After"]
+        second = await c.get("/api/v1/models", params={"limit": 1, "after": after})
+        assert [m["name"] for m in second.json()] == ["gtm"]
     async with client(front, stranger) as c:
         assert "fit" not in [m["name"] for m in (await c.get("/api/v1/models")).json()]
         assert (await c.delete("/api/v1/models/fit")).status_code == 404

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
@@ -15,6 +16,7 @@ import sqlalchemy as sa
 
 from nudge_common.db import SessionMaker, transaction
 from nudge_common.events import CONTACT_ERASED, CONTACT_UPDATED, Envelope, Topic
+from nudge_common.internal_api import NEXT_AFTER_HEADER
 from nudge_common.kafka import create_producer
 from nudge_common.service import create_service_app
 from nudge_devtools.pipeline import read_topic
@@ -196,3 +198,48 @@ async def test_contact_360_tags_recompute_and_erase(
     assert (tagged.changed, tagged.tags) == (["tags"], {"interest:shoes": 2})
     assert tagged.stages == {"lead": "lead"}
     assert (recomputed.changed, recomputed.tags) == (["scores", "stages"], tagged.tags)
+
+
+async def _pages(api: httpx.AsyncClient, ws: str, path: str, **params: Any) -> list[list[Any]]:
+    pages: list[list[Any]] = []
+    after: str | None = None
+    while True:
+        answer = await api.get(
+            path, params={**params, **({"after": after} if after else {})}, headers=h(ws)
+        )
+        assert answer.status_code == 200, answer.text
+        pages.append(answer.json())
+        after = answer.headers.get(NEXT_AFTER_HEADER)
+        if after is None:
+            return pages
+
+
+async def test_models_and_contacts_are_listed_a_page_at_a_time(
+    api: httpx.AsyncClient, ws: str, sessionmaker: SessionMaker
+) -> None:
+    for name in ("c", "a", "e", "b", "d"):
+        assert (await api.put(f"/api/v1/models/{name}", json={}, headers=h(ws))).status_code == 200
+    pages = await _pages(api, ws, "/api/v1/models", limit=2)
+    assert [[m["name"] for m in page] for page in pages] == [["a", "b"], ["c", "d"], ["e"]]
+    await apply(
+        sessionmaker,
+        *(
+            segment(
+                ws, "identify", userId=f"u{n}", traits={"company": "Acme" if n % 2 else "Other"}
+            )
+            for n in range(5)
+        ),
+    )
+    acme = await _pages(api, ws, "/api/v1/contacts", q="acme", limit=1)
+    ids = [contact["id"] for page in acme for contact in page]
+    assert len(ids) == 2
+    assert ids == sorted(ids, key=uuid.UUID)
+    everyone = [
+        c["id"] for page in await _pages(api, ws, "/api/v1/contacts", limit=2) for c in page
+    ]
+    assert len(everyone) == len(set(everyone)) == 5
+    assert everyone == sorted(everyone, key=uuid.UUID)
+    for path in ("/api/v1/models", "/api/v1/contacts"):
+        bad = await api.get(path, params={"limit": 501}, headers=h(ws))
+        assert bad.status_code == 422
+        assert bad.json()["detail"][0]["loc"] == ["query", "limit"]

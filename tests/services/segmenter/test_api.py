@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -210,3 +211,37 @@ async def test_static_list_members_by_hand(api: httpx.AsyncClient, segmenter: Se
     )
     assert bad.status_code == 422
     assert bad.json()["detail"][0]["loc"] == ["body", "contact_ids", 0]
+
+
+async def test_segments_are_listed_a_page_at_a_time(
+    api: httpx.AsyncClient, segmenter: Segmenter
+) -> None:
+    ids = sorted(uuid.uuid4() for _ in range(5))
+    for n, segment_id in enumerate(ids):
+        kind = "static" if n % 2 else "dynamic"
+        body: dict[str, Any] = {"id": str(segment_id), "name": f"s{n}", "kind": kind}
+        if kind == "dynamic":
+            body["condition"] = HOT
+        created = await api.post("/api/v1/segments", json=body, headers=h(segmenter))
+        assert created.status_code == 201, created.text
+    seen: list[str] = []
+    after: str | None = None
+    while True:
+        params = {"limit": 2} | ({"after": after} if after else {})
+        page = (await api.get("/api/v1/segments", params=params, headers=h(segmenter))).json()
+        seen += [s["id"] for s in page["segments"]]
+        after = page["next_after"]
+        if after is None:
+            break
+    assert seen == [str(i) for i in ids]
+    lists = await api.get(
+        "/api/v1/segments", params={"kind": "static", "limit": 1}, headers=h(segmenter)
+    )
+    assert [s["id"] for s in lists.json()["segments"]] == [str(ids[1])]
+    assert lists.json()["next_after"] == str(ids[1])
+    everything = (await api.get("/api/v1/segments", headers=h(segmenter))).json()
+    assert (len(everything["segments"]), everything["next_after"]) == (5, None)
+    for limit in (0, 501):
+        bad = await api.get("/api/v1/segments", params={"limit": limit}, headers=h(segmenter))
+        assert bad.status_code == 422
+        assert bad.json()["detail"][0]["loc"] == ["query", "limit"]

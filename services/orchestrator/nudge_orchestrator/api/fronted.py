@@ -36,6 +36,7 @@ from fastapi.exceptions import RequestValidationError
 from nudge_common import codec
 from nudge_common.db import transaction
 from nudge_common.http import JsonResponse
+from nudge_common.internal_api import NEXT_AFTER_HEADER
 from nudge_common.service import RuntimeDep
 from nudge_orchestrator import store
 from nudge_orchestrator.api.deps import Principal, requires
@@ -44,6 +45,7 @@ from nudge_orchestrator.settings import OrchestratorSettings
 router = APIRouter(prefix="/api/v1", tags=["contacts, scoring, segments and suppression (fronted)"])
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 FORWARDED_HEADERS = ("content-type", "accept", "idempotency-key")
+RETURNED_HEADERS = ("content-type", "location", NEXT_AFTER_HEADER.lower())
 TIMEOUT_S = 30.0
 STALE_S = 2 * TIMEOUT_S
 """A key reserved longer ago than this belongs to a request that died: a retry takes it."""
@@ -77,7 +79,7 @@ async def _forward(
             )
     except httpx.TransportError as error:
         raise HTTPException(502, f"{owner}: unreachable ({type(error).__name__})") from error
-    kept = {k: v for k, v in answer.headers.items() if k.lower() in ("content-type", "location")}
+    kept = {k: v for k, v in answer.headers.items() if k.lower() in RETURNED_HEADERS}
     return Response(answer.content, status_code=answer.status_code, headers=kept)
 
 

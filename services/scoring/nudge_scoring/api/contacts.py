@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from nudge_common.db import transaction
 from nudge_common.events import CONTACT_ERASED, CONTACT_UPDATED, ContactErased, Topic
 from nudge_common.ids import stable_id
-from nudge_common.internal_api import SessionDep, WorkspaceDep
+from nudge_common.internal_api import NEXT_AFTER_HEADER, PageLimit, SessionDep, WorkspaceDep
 from nudge_common.kafka import OutgoingMessage, publish
 from nudge_common.service import RuntimeDep
 from nudge_scoring import store
@@ -87,17 +87,25 @@ async def put_settings(
     return body
 
 
-@router.get("/contacts")
+@router.get(
+    "/contacts", responses={200: {"headers": {NEXT_AFTER_HEADER: {"schema": {"type": "string"}}}}}
+)
 async def search(
     workspace: WorkspaceDep,
     session: SessionDep,
+    response: Response,
     q: str | None = Query(default=None, max_length=200),
     tag: str | None = None,
-    limit: int = Query(default=50, ge=1, le=500),
+    after: uuid.UUID | None = None,
+    limit: PageLimit = 100,
 ) -> list[dict[str, Any]]:
-    """Contacts whose name, email, user id or company contains ``q``, and/or with ``tag``."""
+    """Contacts whose name, email, user id or company contains ``q``, and/or with ``tag``,
+    by id, a page at a time: ``after`` the last id seen; the ``X-Next-After`` header names
+    it when there may be more."""
     c = store.contacts.c
     query = sa.select(store.contacts).where(c.workspace_id == workspace, c.merged_into.is_(None))
+    if after is not None:
+        query = query.where(c.id > after)
     if q:
         like = f"%{q}%"
         query = query.where(
@@ -116,7 +124,9 @@ async def search(
                 )
             )
         )
-    rows = await session.execute(query.order_by(c.last_seen_at.desc()).limit(limit))
+    rows = list(await session.execute(query.order_by(c.id).limit(limit)))
+    if len(rows) == limit:
+        response.headers[NEXT_AFTER_HEADER] = str(rows[-1].id)
     return [_profile(row) for row in rows]
 
 

@@ -7,11 +7,11 @@ import uuid
 from typing import Any
 
 import sqlalchemy as sa
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 
-from nudge_common.internal_api import SessionDep, WorkspaceDep
+from nudge_common.internal_api import NEXT_AFTER_HEADER, PageLimit, SessionDep, WorkspaceDep
 from nudge_scoring import store
 from nudge_scoring.domain.profile import COMMON_TRAITS
 from nudge_scoring.domain.rules import ProfileSpec, Rule, RuleSpec, Stage
@@ -59,12 +59,24 @@ async def _model_or_404(session: SessionDep, workspace: str, name: str) -> store
     raise HTTPException(404, detail=f"no scoring model named {name!r}")
 
 
-@router.get("")
-async def list_models(workspace: WorkspaceDep, session: SessionDep) -> list[ModelPublic]:
-    return [
-        ModelPublic(name=m.name, description=m.description, stages=m.stages)
-        for m in await store.list_models(session, workspace_id=workspace)
-    ]
+@router.get("", responses={200: {"headers": {NEXT_AFTER_HEADER: {"schema": {"type": "string"}}}}})
+async def list_models(
+    workspace: WorkspaceDep,
+    session: SessionDep,
+    response: Response,
+    after: str | None = None,
+    limit: PageLimit = 100,
+) -> list[ModelPublic]:
+    """By name, a page at a time: ``after`` the last name seen; the ``X-Next-After``
+    header names it when there may be more."""
+    m = store.models.c
+    query = sa.select(store.models).where(m.workspace_id == workspace)
+    if after is not None:
+        query = query.where(m.name > after)
+    rows = list(await session.execute(query.order_by(m.name).limit(limit)))
+    if len(rows) == limit:
+        response.headers[NEXT_AFTER_HEADER] = rows[-1].name
+    return [ModelPublic(name=r.name, description=r.description, stages=r.stages) for r in rows]
 
 
 @router.put("/{name}")

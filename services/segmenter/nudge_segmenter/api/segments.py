@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from nudge_common.clock import clock_from
 from nudge_common.conditions import Condition, condition_adapter
-from nudge_common.internal_api import SessionDep, WorkspaceDep
+from nudge_common.internal_api import PageLimit, SessionDep, WorkspaceDep
 from nudge_common.kafka import OutgoingMessage, publish
 from nudge_common.service import RuntimeDep
 from nudge_segmenter import store
@@ -159,9 +159,23 @@ async def list_segments(
     session: SessionDep,
     workspace: WorkspaceDep,
     kind: Literal["dynamic", "static"] | None = None,
-) -> dict[str, list[SegmentOut]]:
-    found = await store.list_segments(session, workspace_id=workspace, live_only=False)
-    return {"segments": [_out(s) for s in found if kind is None or s.kind == kind]}
+    after: uuid.UUID | None = None,
+    limit: PageLimit = 100,
+) -> dict[str, Any]:
+    """By id, a page at a time: ``after`` the last id seen (``next_after`` when there may
+    be more). A workspace's segments are all evaluated in memory, so they are few."""
+    found = sorted(
+        (
+            s
+            for s in await store.list_segments(session, workspace_id=workspace, live_only=False)
+            if (kind is None or s.kind == kind) and (after is None or s.id > after)
+        ),
+        key=lambda s: s.id,
+    )[:limit]
+    return {
+        "segments": [_out(s) for s in found],
+        "next_after": found[-1].id if len(found) == limit else None,
+    }
 
 
 @router.get("/segments/{segment_id}")
