@@ -13,9 +13,9 @@ import base64
 import hashlib
 import hmac
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal, Self
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from nudge_common import codec
@@ -36,8 +36,20 @@ class TrackingSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="NUDGE_", extra="ignore", frozen=True)
 
+    environment: Literal["development", "test", "production"] = "development"
     tracking_secret: SecretStr = SecretStr(DEVELOPMENT_SECRET)
     tracking_max_token_bytes: int = Field(default=4096, ge=64)
+
+    @model_validator(mode="after")
+    def secret_set_in_production(self) -> Self:
+        refuse_development_secret(self.environment, self.tracking_secret)
+        return self
+
+
+def refuse_development_secret(environment: str, secret: SecretStr) -> None:
+    """Anyone can forge a token signed with the published development secret."""
+    if environment == "production" and secret.get_secret_value() == DEVELOPMENT_SECRET:
+        raise ValueError("NUDGE_TRACKING_SECRET must be set in production")
 
 
 class InvalidToken(ValueError):

@@ -4,6 +4,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from nudge_common.service import create_service_app
+from nudge_common.tracking import TrackingSettings
 from nudge_ingest.api import browser, engagement, tracking
 from nudge_ingest.api.deps import IngestState
 from nudge_ingest.api.errors import IngestError, ingest_error_handler
@@ -14,6 +15,7 @@ def create_app() -> FastAPI:
     """One worker process's app: its own write-key cache, rate limiter and producer (the
     producer is opened in the lifespan), sharing nothing with other workers but Kafka."""
     settings = IngestSettings()
+    TrackingSettings()  # refuses the development tracking secret in production, at start
     app = create_service_app(
         settings=settings, routers=[tracking.router, browser.router, engagement.router]
     )

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from typing import Self
+
+from pydantic import Field, SecretStr, model_validator
 
 from nudge_common.events import Channel
 from nudge_common.settings import NudgeSettings
-from nudge_common.tracking import DEVELOPMENT_SECRET
+from nudge_common.tracking import DEVELOPMENT_SECRET, refuse_development_secret
 
 
 class NotifierSettings(NudgeSettings):
@@ -85,5 +87,11 @@ class NotifierSettings(NudgeSettings):
     tracking_url: str = "http://127.0.0.1:8001"
     """Where readers reach ingest's tracking routes (open pixel, click redirect)."""
     tracking_secret: SecretStr = SecretStr(DEVELOPMENT_SECRET)
+    """Signs tracking links and unsubscribe tokens; refused unset in production."""
     track_opens: bool = True
     track_clicks: bool = True
+
+    @model_validator(mode="after")
+    def tracking_secret_set_in_production(self) -> Self:
+        refuse_development_secret(self.environment, self.tracking_secret)
+        return self
