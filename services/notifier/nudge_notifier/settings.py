@@ -1,12 +1,38 @@
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Self
 
-from pydantic import Field, SecretStr, model_validator
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from pydantic import BaseModel, Field, PrivateAttr, SecretStr, ValidationError, model_validator
 
 from nudge_common.events import Channel
 from nudge_common.settings import NudgeSettings
 from nudge_common.tracking import DEVELOPMENT_SECRET, refuse_development_secret
+
+
+class ServiceAccount(BaseModel):
+    """The fields of a Google service account's JSON key that FCM authentication uses."""
+
+    client_email: str
+    private_key: SecretStr
+    """PEM (PKCS#8) RSA key."""
+    private_key_id: str | None = None
+    token_uri: str
+    project_id: str
+
+    def signing_key(self) -> rsa.RSAPrivateKey:
+        pem = self.private_key.get_secret_value().encode()
+        key = serialization.load_pem_private_key(pem, password=None)
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise ValueError("private_key is not an RSA key")
+        return key
+
+    @model_validator(mode="after")
+    def key_loads(self) -> Self:
+        self.signing_key()
+        return self
 
 
 class NotifierSettings(NudgeSettings):
@@ -50,9 +76,14 @@ class NotifierSettings(NudgeSettings):
 
     # --- push: FCM HTTP v1 and Web Push (VAPID) -----------------------------------------------
     fcm_api_url: str = "https://fcm.googleapis.com"
-    fcm_project_id: str = "nudge-development"
+    fcm_service_account: SecretStr | None = None
+    """A Google service account's JSON key, inline; access tokens are minted from it."""
+    fcm_service_account_file: Path | None = None
+    """Or the path of that JSON key file (one of the two, not both)."""
+    fcm_project_id: str | None = None
+    """Default: the service account's project_id, else nudge-development."""
     fcm_access_token: SecretStr = SecretStr("development")
-    """An OAuth2 access token for FCM, refreshed by the deployment from the service account."""
+    """Without a service account: a fixed OAuth2 access token, refreshed by the deployment."""
     vapid_private_key: SecretStr | None = None
     """PEM or base64url raw key; without it Web Push subscriptions are skipped."""
     vapid_subject: str = "mailto:no-reply@nudge.localhost"
@@ -90,6 +121,42 @@ class NotifierSettings(NudgeSettings):
     """Signs tracking links and unsubscribe tokens; refused unset in production."""
     track_opens: bool = True
     track_clicks: bool = True
+
+    _fcm_account: ServiceAccount | None = PrivateAttr(default=None)
+
+    @property
+    def fcm_account(self) -> ServiceAccount | None:
+        return self._fcm_account
+
+    @property
+    def fcm_project(self) -> str:
+        if self.fcm_project_id is not None:
+            return self.fcm_project_id
+        return self._fcm_account.project_id if self._fcm_account else "nudge-development"
+
+    @model_validator(mode="after")
+    def fcm_service_account_loads(self) -> Self:
+        if self.fcm_service_account is not None and self.fcm_service_account_file is not None:
+            raise ValueError("set fcm_service_account or fcm_service_account_file, not both")
+        text: str | None = None
+        if self.fcm_service_account is not None:
+            text = self.fcm_service_account.get_secret_value()
+        elif self.fcm_service_account_file is not None:
+            try:
+                text = self.fcm_service_account_file.read_text()
+            except OSError as error:
+                raise ValueError(f"fcm_service_account_file: {error}") from error
+        if text is not None:
+            try:
+                self._fcm_account = ServiceAccount.model_validate_json(text)
+            except ValidationError as error:
+                # Named without the input: it holds the private key.
+                problems = "; ".join(
+                    f"{'.'.join(map(str, e['loc'])) or 'key'}: {e['msg']}"
+                    for e in error.errors(include_input=False, include_url=False)
+                )
+                raise ValueError(f"fcm_service_account: {problems}") from None
+        return self
 
     @model_validator(mode="after")
     def tracking_secret_set_in_production(self) -> Self:

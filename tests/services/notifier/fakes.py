@@ -1,6 +1,7 @@
 """Local stand-ins for the outside world, speaking the real protocols: a scripted SMTP
-server (aiosmtpd) and an HTTP server with the Twilio, FCM HTTP v1 and Web Push shapes. The
-notifier reaches them with its real clients (aiosmtplib, httpx)."""
+server (aiosmtpd) and an HTTP server with the Twilio, FCM HTTP v1 (with Google's OAuth2
+token endpoint) and Web Push shapes. The notifier reaches them with its real clients
+(aiosmtplib, httpx)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import base64
 import ssl
 import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from email import message_from_bytes, policy
@@ -18,9 +20,13 @@ from urllib.parse import parse_qsl
 import uvicorn
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from nudge_common.codec import loads
 from nudge_devtools.pipeline import eventually
 from nudge_devtools.services import free_port
 
@@ -105,9 +111,46 @@ class ProviderCall:
     json: Any = None
 
 
+FCM_SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
+
+
+def _b64decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def verify_assertion(assertion: str, key: rsa.RSAPublicKey, audience: str) -> dict[str, Any]:
+    """The claims of a service account's JWT assertion, or ValueError saying what is wrong:
+    an RS256 signature by ``key``, the FCM scope, this token endpoint as audience, issued
+    now and valid for an hour."""
+    header_b64, claims_b64, signature_b64 = assertion.split(".")
+    header = loads(_b64decode(header_b64))
+    if header.get("alg") != "RS256" or header.get("typ") != "JWT":
+        raise ValueError(f"header {header}")
+    try:
+        key.verify(
+            _b64decode(signature_b64),
+            f"{header_b64}.{claims_b64}".encode(),
+            padding.PKCS1v15(),
+            hashes.SHA256(),
+        )
+    except InvalidSignature as error:
+        raise ValueError("bad signature") from error
+    claims: dict[str, Any] = loads(_b64decode(claims_b64))
+    if claims.get("scope") != FCM_SCOPE or claims.get("aud") != audience:
+        raise ValueError(f"claims {claims}")
+    if abs(claims["iat"] - time.time()) > 60 or claims["exp"] != claims["iat"] + 3600:
+        raise ValueError(f"times {claims}")
+    return claims
+
+
 class FakeProviders:
     """Twilio, FCM and Web Push in one local HTTP server. ``script[recipient] = [503, 429]``
-    answers the first two calls for that recipient with those statuses, then succeeds."""
+    answers the first two calls for that recipient with those statuses, then succeeds.
+
+    ``POST /token`` is Google's OAuth2 token endpoint for service accounts whose public
+    keys are in ``service_accounts`` (by client_email): it verifies the assertion, records
+    its claims in ``token_requests`` and mints a token FCM then accepts (unless
+    ``fcm_accepts_minted`` is off), valid for ``token_expires_in`` seconds."""
 
     def __init__(self) -> None:
         self.port = free_port()
@@ -115,6 +158,11 @@ class FakeProviders:
         self.calls: list[ProviderCall] = []
         self.script: dict[str, list[int]] = defaultdict(list)
         self.accepted: list[ProviderCall] = []
+        self.service_accounts: dict[str, rsa.RSAPublicKey] = {}
+        self.token_requests: list[dict[str, Any]] = []
+        self.token_expires_in = 3600
+        self.fcm_accepts_minted = True
+        self.fcm_tokens = {"fcm-token"}
         self.app = self._build()
         self.server = uvicorn.Server(
             uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
@@ -150,7 +198,8 @@ class FakeProviders:
             payload = await request.json()
             call = ProviderCall(request.url.path, dict(request.headers), body, json=payload)
             self.calls.append(call)
-            if request.headers.get("authorization") != "Bearer fcm-token":
+            bearer = request.headers.get("authorization", "").removeprefix("Bearer ")
+            if bearer not in self.fcm_tokens:
                 return JSONResponse({"error": {"status": "UNAUTHENTICATED"}}, 401)
             token = payload["message"]["token"]
             if token.startswith("unregistered"):
@@ -159,6 +208,32 @@ class FakeProviders:
                 return JSONResponse({"error": {"status": "UNAVAILABLE"}}, status)
             self.accepted.append(call)
             return JSONResponse({"name": f"projects/{project}/messages/{len(self.accepted)}"})
+
+        @app.post("/token")
+        async def token(request: Request) -> Response:
+            form = dict(parse_qsl((await request.body()).decode()))
+            if form.get("grant_type") != "urn:ietf:params:oauth:grant-type:jwt-bearer":
+                return JSONResponse({"error": "unsupported_grant_type"}, 400)
+            assertion = form.get("assertion", "")
+            try:
+                issuer = loads(_b64decode(assertion.split(".")[1]))["iss"]
+                key = self.service_accounts[issuer]
+                claims = verify_assertion(assertion, key, f"{self.url}/token")
+            except (ValueError, KeyError, IndexError) as error:
+                return JSONResponse(
+                    {"error": "invalid_grant", "error_description": str(error)}, 400
+                )
+            self.token_requests.append(claims)
+            minted = f"ya29.minted-{len(self.token_requests)}"
+            if self.fcm_accepts_minted:
+                self.fcm_tokens.add(minted)
+            return JSONResponse(
+                {
+                    "access_token": minted,
+                    "expires_in": self.token_expires_in,
+                    "token_type": "Bearer",
+                }
+            )
 
         @app.post("/push/{subscription}")
         async def web_push(subscription: str, request: Request) -> Response:

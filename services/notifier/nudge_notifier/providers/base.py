@@ -17,11 +17,15 @@ from nudge_notifier.domain.templates import Rendered
 
 class PermanentFailure(Exception):
     """The provider refused the message for good (5xx SMTP reply, 4xx API answer, invalid
-    address): never retried. ``hard_bounce`` marks a refusal that suppresses the address."""
+    address): never retried. ``hard_bounce`` marks a refusal that suppresses the address;
+    ``status`` is the HTTP status of an API's refusal."""
 
-    def __init__(self, reason: str, *, hard_bounce: bool = False) -> None:
+    def __init__(
+        self, reason: str, *, hard_bounce: bool = False, status: int | None = None
+    ) -> None:
         super().__init__(reason)
         self.hard_bounce = hard_bounce
+        self.status = status
 
 
 class TransientFailure(Exception):

@@ -24,5 +24,6 @@ async def post(client: httpx.AsyncClient, url: str, **kwargs: object) -> httpx.R
         raise PermanentFailure(
             f"HTTP {response.status_code}: {response.text[:300]}",
             hard_bounce=response.status_code in GONE,
+            status=response.status_code,
         )
     return response

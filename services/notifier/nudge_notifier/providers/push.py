@@ -1,5 +1,6 @@
-"""Push notifications: an FCM HTTP v1 style API (a device token) and Web Push (a browser
-subscription, payload encrypted with aes128gcm and signed with VAPID), both over httpx."""
+"""Push notifications: an FCM HTTP v1 style API (a device token; access tokens minted from a
+service account, or a fixed one) and Web Push (a browser subscription, payload encrypted with
+aes128gcm and signed with VAPID), both over httpx."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from py_vapid import Vapid02
 
 from nudge_common import codec
 from nudge_notifier.providers.base import Outbound, PermanentFailure
+from nudge_notifier.providers.fcm_auth import ServiceAccountTokens
 from nudge_notifier.providers.http import post
 from nudge_notifier.settings import NotifierSettings
 
@@ -27,10 +29,11 @@ class FcmPushProvider:
     def __init__(self, settings: NotifierSettings) -> None:
         self.settings = settings
         self.client = httpx.AsyncClient(
-            base_url=settings.fcm_api_url,
-            headers={"Authorization": f"Bearer {settings.fcm_access_token.get_secret_value()}"},
-            timeout=settings.http_timeout_s,
+            base_url=settings.fcm_api_url, timeout=settings.http_timeout_s
         )
+        account = settings.fcm_account
+        self.tokens = ServiceAccountTokens(account, self.client) if account else None
+        self.path = f"/v1/projects/{settings.fcm_project}/messages:send"
 
     async def send(self, message: Outbound) -> str:
         body = {
@@ -43,13 +46,27 @@ class FcmPushProvider:
                 "data": {"idempotency_key": message.idempotency_key},
             }
         }
-        response = await post(
-            self.client, f"/v1/projects/{self.settings.fcm_project_id}/messages:send", json=body
-        )
+        if self.tokens is None:
+            response = await self._post(body, self.settings.fcm_access_token.get_secret_value())
+        else:
+            token = await self.tokens.token()
+            try:
+                response = await self._post(body, token)
+            except PermanentFailure as failure:
+                # Expired early or revoked: a 401 left the message unsent, so one retry
+                # with a fresh token is safe.
+                if failure.status != 401:
+                    raise
+                response = await self._post(body, await self.tokens.refresh(stale=token))
         name = response.json().get("name")
         if not isinstance(name, str):
             raise PermanentFailure(f"FCM answered without a message name: {response.text}")
         return name
+
+    async def _post(self, body: dict[str, Any], token: str) -> httpx.Response:
+        return await post(
+            self.client, self.path, json=body, headers={"Authorization": f"Bearer {token}"}
+        )
 
     async def close(self) -> None:
         await self.client.aclose()
