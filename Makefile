@@ -1,5 +1,5 @@
 # The README's two commands are `make demo` and `make test`; each sets up what it needs.
-.PHONY: setup stack stack-down test-tools monitor chaos chaos-cluster demo test lint typecheck pytest bench-ingest bench-e2e bench-scoring bench-notifier bench-orchestrator
+.PHONY: setup stack stack-down test-tools monitor chaos chaos-cluster demo test lint typecheck pytest bench-ingest bench-e2e bench-scoring bench-notifier bench-orchestrator bench-segmenter
 
 setup:
 	scripts/bootstrap
@@ -55,3 +55,9 @@ bench-scoring: stack
 
 bench-orchestrator: stack
 	.venv/bin/python -m bench.orchestrator
+
+# The segmenter at 1,000,000 contacts and 10,000,000 events: a backfill, then real-time
+# throughput and latency with 200 segments (docs/benchmarks.md). Sizes:
+# NUDGE_BENCH_CONTACTS, NUDGE_BENCH_EVENTS.
+bench-segmenter: stack
+	.venv/bin/python -m bench.segmenter
