@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import UUID
+from sqlalchemy.dialects.postgresql import ARRAY, UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -122,27 +123,34 @@ async def apply_chunk(
         return []
     entering = [row.contact_id for row in rows if row.entering]
     leaving = [row.contact_id for row in rows if not row.entering]
-    key = {"segment_id": segment.id, "workspace_id": segment.workspace_id, "entered_at": now}
     if entering:
-        await session.execute(
-            pg_insert(memberships)
-            .values([{**key, "contact_id": c} for c in entering])
-            .on_conflict_do_nothing()
+        # one array parameter, not a statement of 4 x 5,000 parameters compiled per chunk
+        entrants = sa.select(
+            sa.literal(segment.id, UUID(as_uuid=True)),
+            sa.column("contact_id"),
+            sa.literal(segment.workspace_id, sa.Text),
+            sa.literal(now, sa.DateTime(timezone=True)),
+        ).select_from(
+            sa.func.unnest(sa.cast(entering, ARRAY(UUID(as_uuid=True))))
+            .table_valued("contact_id")
+            .render_derived(with_types=False)
         )
+        columns = ["segment_id", "contact_id", "workspace_id", "entered_at"]
         await session.execute(
-            sa.insert(store.membership_history).values([{**key, "contact_id": c} for c in entering])
+            pg_insert(memberships).from_select(columns, entrants).on_conflict_do_nothing()
         )
+        await session.execute(sa.insert(store.membership_history).from_select(columns, entrants))
     if leaving:
         await session.execute(
             sa.delete(memberships).where(
-                memberships.c.segment_id == segment.id, memberships.c.contact_id.in_(leaving)
+                memberships.c.segment_id == segment.id, memberships.c.contact_id == _any(leaving)
             )
         )
         await session.execute(
             sa.update(store.membership_history)
             .where(
                 store.membership_history.c.segment_id == segment.id,
-                store.membership_history.c.contact_id.in_(leaving),
+                store.membership_history.c.contact_id == _any(leaving),
                 store.membership_history.c.exited_at.is_(None),
             )
             .values(exited_at=now)
@@ -150,7 +158,7 @@ async def apply_chunk(
     await session.execute(
         sa.delete(backfill_changes).where(
             backfill_changes.c.segment_id == segment.id,
-            backfill_changes.c.contact_id.in_([row.contact_id for row in rows]),
+            backfill_changes.c.contact_id == _any([row.contact_id for row in rows]),
         )
     )
     await session.execute(
@@ -173,6 +181,11 @@ async def apply_chunk(
         )
         for row in rows
     ]
+
+
+def _any(ids: list[uuid.UUID]) -> sa.ColumnElement[Any]:
+    """``= ANY(:ids)``: one array parameter, one compiled statement whatever the count."""
+    return sa.any_(sa.cast(ids, ARRAY(UUID(as_uuid=True))))
 
 
 async def hand_over(session: AsyncSession, segment: store.Segment, now: datetime) -> bool:

@@ -478,15 +478,17 @@ class ContactBatch:
                 opened.pop(key)["exited_at"] = t.at
             else:
                 closing.append(t)
-        for t in closing:
+        for at in sorted({t.at for t in closing}):
+            history_table = store.membership_history
+            given = _pairs([(t.segment_id, t.contact_id) for t in closing if t.at == at])
             await session.execute(
-                sa.update(store.membership_history)
+                sa.update(history_table)
                 .where(
-                    store.membership_history.c.segment_id == t.segment_id,
-                    store.membership_history.c.contact_id == t.contact_id,
-                    store.membership_history.c.exited_at.is_(None),
+                    history_table.c.segment_id == given.c.segment_id,
+                    history_table.c.contact_id == given.c.contact_id,
+                    history_table.c.exited_at.is_(None),
                 )
-                .values(exited_at=t.at)
+                .values(exited_at=at)
             )
         if history:
             await session.execute(sa.insert(store.membership_history), history)
@@ -545,10 +547,9 @@ class ContactBatch:
             )
 
 
-def _delete_pairs(table: sa.Table, pairs: list[tuple[uuid.UUID, uuid.UUID]]) -> sa.Delete:
-    """Delete the rows of these (segment, contact) pairs: two array parameters, whatever
-    their number."""
-    given = (
+def _pairs(pairs: list[tuple[uuid.UUID, uuid.UUID]]) -> sa.TableValuedAlias:
+    """(segment, contact) pairs as a table of two array parameters, whatever their number."""
+    return (
         sa.func.unnest(
             sa.cast([s for s, _ in pairs], ARRAY(UUID(as_uuid=True))),
             sa.cast([c for _, c in pairs], ARRAY(UUID(as_uuid=True))),
@@ -556,6 +557,10 @@ def _delete_pairs(table: sa.Table, pairs: list[tuple[uuid.UUID, uuid.UUID]]) -> 
         .table_valued("segment_id", "contact_id")
         .render_derived(with_types=False)
     )
+
+
+def _delete_pairs(table: sa.Table, pairs: list[tuple[uuid.UUID, uuid.UUID]]) -> sa.Delete:
+    given = _pairs(pairs)
     return sa.delete(table).where(
         table.c.segment_id == given.c.segment_id, table.c.contact_id == given.c.contact_id
     )

@@ -110,6 +110,7 @@ rechecks = sa.Table(
     sa.Column("contact_id", UUID(as_uuid=True), primary_key=True),
     sa.Column("workspace_id", sa.Text, nullable=False),
     sa.Column("due_at", TIMESTAMP, nullable=False, index=True),
+    sa.Index("rechecks_contact", "contact_id"),
 )
 """When time alone may change a contact's membership of a segment (a window closing, a
 birthday coming): the recheck worker re-evaluates the pair then."""
