@@ -125,7 +125,7 @@ async def apply_chunk(
     leaving = [row.contact_id for row in rows if not row.entering]
     if entering:
         # one array parameter, not a statement of 4 x 5,000 parameters compiled per chunk
-        entrants = sa.select(
+        entrants: sa.Select[Any] = sa.select(
             sa.literal(segment.id, UUID(as_uuid=True)),
             sa.column("contact_id"),
             sa.literal(segment.workspace_id, sa.Text),
