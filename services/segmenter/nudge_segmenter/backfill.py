@@ -125,9 +125,9 @@ async def apply_chunk(
     leaving = [row.contact_id for row in rows if not row.entering]
     if entering:
         # one array parameter, not a statement of 4 x 5,000 parameters compiled per chunk
-        entrants: sa.Select[Any] = sa.select(
+        entrants = sa.select(
             sa.literal(segment.id, UUID(as_uuid=True)),
-            sa.column("contact_id"),
+            sa.column("contact_id", UUID(as_uuid=True)),
             sa.literal(segment.workspace_id, sa.Text),
             sa.literal(now, sa.DateTime(timezone=True)),
         ).select_from(
