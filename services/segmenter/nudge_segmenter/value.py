@@ -21,12 +21,16 @@ that contact in real time.
 from __future__ import annotations
 
 import math
+import random
+import uuid
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from nudge_common.db import SessionMaker, transaction
 from nudge_common.rfm import Axis
 from nudge_segmenter import store
 from nudge_segmenter.domain import clv
@@ -34,6 +38,8 @@ from nudge_segmenter.domain.segments import facts_of
 from nudge_segmenter.store import value_models
 
 ORDER_COMPLETED = "Order Completed"
+FIT_SAMPLE = 50_000
+WRITE_CHUNK = 5_000
 AXES: dict[Axis, str] = {
     "recency": "extract(epoch FROM last_order_at)",
     "frequency": "orders",
@@ -49,14 +55,18 @@ async def ensure_model(session: AsyncSession, *, workspace_id: str) -> None:
 
 
 async def refresh(
-    session: AsyncSession,
+    sessionmaker: SessionMaker,
     *,
     workspace_id: str,
     now: datetime,
     window_days: int,
     horizon_days: int,
 ) -> int:
-    """Refresh the workspace's RFM scores and CLV; returns the number of customers."""
+    """Refresh the workspace's RFM scores and CLV; returns the number of customers.
+
+    Reads in one transaction, fits outside any, and writes a chunk of contacts per
+    transaction (their rows locked in id order, as the consumer locks them), so a refresh
+    over a million customers never holds the contacts the consumer needs for long."""
     params = {"ws": workspace_id, "since": now - timedelta(days=window_days)}
     scored = ", ".join(
         f"greatest(1, ceil(5 * cume_dist() OVER (ORDER BY {expression})))::smallint AS {axis}"
@@ -67,63 +77,128 @@ async def refresh(
         FROM segmenter.contacts
         WHERE workspace_id = :ws AND orders > 0 AND last_order_at > :since
     """
-    await session.execute(
-        sa.text(f"""
-            WITH scored AS ({customers})
-            UPDATE segmenter.contacts c
-            SET rfm_recency = s.recency, rfm_frequency = s.frequency, rfm_monetary = s.monetary
-            FROM scored s
-            WHERE c.contact_id = s.contact_id
-              AND (c.rfm_recency, c.rfm_frequency, c.rfm_monetary)
-                  IS DISTINCT FROM (s.recency, s.frequency, s.monetary)
-        """),
-        params,
-    )
-    await session.execute(
-        sa.text("""
-            UPDATE segmenter.contacts
-            SET rfm_recency = NULL, rfm_frequency = NULL, rfm_monetary = NULL
-            WHERE workspace_id = :ws AND rfm_recency IS NOT NULL
-              AND NOT (orders > 0 AND last_order_at > :since)
-        """),
-        params,
-    )
-    cuts: dict[str, list[float]] = {}
-    for axis in AXES:
-        rows = await session.execute(
-            sa.text(f"""
-                WITH scored AS ({customers})
-                SELECT {axis} AS score, min(v_{axis}) AS lowest FROM scored
-                GROUP BY {axis} ORDER BY {axis}
+    async with transaction(sessionmaker) as session:
+        rfm: dict[uuid.UUID, tuple[int | None, int | None, int | None]] = {
+            row.contact_id: (row.recency, row.frequency, row.monetary)
+            for row in await session.execute(
+                sa.text(f"""
+                    WITH scored AS ({customers})
+                    SELECT s.contact_id, s.recency, s.frequency, s.monetary
+                    FROM scored s JOIN segmenter.contacts c USING (contact_id)
+                    WHERE (c.rfm_recency, c.rfm_frequency, c.rfm_monetary)
+                          IS DISTINCT FROM (s.recency, s.frequency, s.monetary)
+                """),
+                params,
+            )
+        }
+        lapsed = await session.scalars(
+            sa.text("""
+                SELECT contact_id FROM segmenter.contacts
+                WHERE workspace_id = :ws AND rfm_recency IS NOT NULL
+                  AND NOT (orders > 0 AND last_order_at > :since)
             """),
             params,
         )
-        cuts[axis] = _cut_points({int(r.score): float(r.lowest) for r in rows})
-    count, bg_nbd, gamma_gamma, error = await _fit_clv(session, workspace_id, now, horizon_days)
-    statement = pg_insert(value_models).values(
-        workspace_id=workspace_id,
-        rfm_cuts=cuts,
-        bg_nbd=bg_nbd,
-        gamma_gamma=gamma_gamma,
-        customers=count,
-        refreshed_at=now,
-        error=error,
-    )
+        rfm.update(dict.fromkeys(lapsed, (None, None, None)))
+        cuts: dict[str, list[float]] = {}
+        for axis in AXES:
+            rows = await session.execute(
+                sa.text(f"""
+                    WITH scored AS ({customers})
+                    SELECT {axis} AS score, min(v_{axis}) AS lowest FROM scored
+                    GROUP BY {axis} ORDER BY {axis}
+                """),
+                params,
+            )
+            cuts[axis] = _cut_points({int(r.score): float(r.lowest) for r in rows})
+        histories = await _histories(session, workspace_id, now)
+    fit = _fit_clv(histories, horizon_days)
+    ids = sorted(set(rfm) | set(fit.values))
+    for start in range(0, len(ids), WRITE_CHUNK):
+        async with transaction(sessionmaker) as session:
+            await _write(session, ids[start : start + WRITE_CHUNK], rfm, fit.values)
+    async with transaction(sessionmaker) as session:
+        statement = pg_insert(value_models).values(
+            workspace_id=workspace_id,
+            rfm_cuts=cuts,
+            bg_nbd=fit.bg_nbd,
+            gamma_gamma=fit.gamma_gamma,
+            customers=len(histories),
+            refreshed_at=now,
+            error=fit.error,
+        )
+        await session.execute(
+            statement.on_conflict_do_update(
+                index_elements=[value_models.c.workspace_id],
+                set_={
+                    k: statement.excluded[k]
+                    for k in (
+                        "rfm_cuts",
+                        "bg_nbd",
+                        "gamma_gamma",
+                        "customers",
+                        "refreshed_at",
+                        "error",
+                    )
+                },
+            )
+        )
+        for segment in await store.list_segments(session, workspace_id=workspace_id):
+            if segment.condition is not None and "value" in facts_of(segment.condition):
+                await store.update_segment(
+                    session, segment_id=segment.id, status="backfilling", new_version=True
+                )
+    return len(histories)
+
+
+async def _write(
+    session: AsyncSession,
+    ids: list[uuid.UUID],
+    rfm: dict[uuid.UUID, tuple[int | None, int | None, int | None]],
+    clv_values: dict[uuid.UUID, tuple[float, float, float]],
+) -> None:
     await session.execute(
-        statement.on_conflict_do_update(
-            index_elements=[value_models.c.workspace_id],
-            set_={
-                k: statement.excluded[k]
-                for k in ("rfm_cuts", "bg_nbd", "gamma_gamma", "customers", "refreshed_at", "error")
+        sa.text("""
+            SELECT contact_id FROM segmenter.contacts
+            WHERE contact_id = ANY(CAST(:ids AS uuid[])) ORDER BY contact_id FOR UPDATE
+        """),
+        {"ids": ids},
+    )
+    scored = [i for i in ids if i in rfm]
+    if scored:
+        await session.execute(
+            sa.text("""
+                UPDATE segmenter.contacts c
+                SET rfm_recency = u.r, rfm_frequency = u.f, rfm_monetary = u.m
+                FROM unnest(CAST(:ids AS uuid[]), CAST(:r AS smallint[]),
+                            CAST(:f AS smallint[]), CAST(:m AS smallint[])) AS u(id, r, f, m)
+                WHERE c.contact_id = u.id
+            """),
+            {
+                "ids": scored,
+                "r": [rfm[i][0] for i in scored],
+                "f": [rfm[i][1] for i in scored],
+                "m": [rfm[i][2] for i in scored],
             },
         )
-    )
-    for segment in await store.list_segments(session, workspace_id=workspace_id):
-        if segment.condition is not None and "value" in facts_of(segment.condition):
-            await store.update_segment(
-                session, segment_id=segment.id, status="backfilling", new_version=True
-            )
-    return count
+    valued = [i for i in ids if i in clv_values]
+    if valued:
+        await session.execute(
+            sa.text("""
+                UPDATE segmenter.contacts c
+                SET expected_purchases = u.expected, p_alive = u.alive, clv = u.clv
+                FROM unnest(CAST(:ids AS uuid[]), CAST(:expected AS float8[]),
+                            CAST(:alive AS float8[]), CAST(:clv AS float8[]))
+                     AS u(id, expected, alive, clv)
+                WHERE c.contact_id = u.id
+            """),
+            {
+                "ids": valued,
+                "expected": [clv_values[i][0] for i in valued],
+                "alive": [clv_values[i][1] for i in valued],
+                "clv": [clv_values[i][2] for i in valued],
+            },
+        )
 
 
 def _cut_points(lowest: dict[int, float]) -> list[float]:
@@ -139,110 +214,113 @@ def _cut_points(lowest: dict[int, float]) -> list[float]:
     return points[::-1]
 
 
-async def _fit_clv(
-    session: AsyncSession, workspace_id: str, now: datetime, horizon_days: int
-) -> tuple[int, dict[str, float] | None, dict[str, float] | None, str | None]:
-    rows = (
-        await session.execute(
-            sa.text("""
-                WITH days AS (
-                    SELECT contact_id, (at AT TIME ZONE 'UTC')::date AS day, sum(revenue) AS value
-                    FROM segmenter.contact_events
-                    WHERE workspace_id = :ws AND event = :order
-                      AND revenue IS NOT NULL AND at <= :now
-                    GROUP BY contact_id, day
-                ), ranked AS (
-                    SELECT *, row_number() OVER (PARTITION BY contact_id ORDER BY day) AS n
-                    FROM days
-                )
-                SELECT contact_id, count(*) - 1 AS frequency,
-                       max(day) - min(day) AS recency_days,
-                       (:now AT TIME ZONE 'UTC')::date - min(day) AS age_days,
-                       coalesce(avg(value) FILTER (WHERE n > 1), 0) AS monetary
-                FROM ranked GROUP BY contact_id
-            """),
-            {"ws": workspace_id, "order": ORDER_COMPLETED, "now": now},
-        )
-    ).all()
-    histories = [
-        clv.PurchaseHistory(
+async def _histories(
+    session: AsyncSession, workspace_id: str, now: datetime
+) -> dict[uuid.UUID, clv.PurchaseHistory]:
+    """Every customer's purchase history, summarised as ``clv.summarise`` does."""
+    rows = await session.execute(
+        sa.text("""
+            WITH days AS (
+                SELECT contact_id, (at AT TIME ZONE 'UTC')::date AS day, sum(revenue) AS value
+                FROM segmenter.contact_events
+                WHERE workspace_id = :ws AND event = :order
+                  AND revenue IS NOT NULL AND at <= :now
+                GROUP BY contact_id, day
+            ), ranked AS (
+                SELECT *, row_number() OVER (PARTITION BY contact_id ORDER BY day) AS n
+                FROM days
+            )
+            SELECT contact_id, count(*) - 1 AS frequency,
+                   max(day) - min(day) AS recency_days,
+                   (:now AT TIME ZONE 'UTC')::date - min(day) AS age_days,
+                   coalesce(avg(value) FILTER (WHERE n > 1), 0) AS monetary
+            FROM ranked GROUP BY contact_id
+        """),
+        {"ws": workspace_id, "order": ORDER_COMPLETED, "now": now},
+    )
+    return {
+        r.contact_id: clv.PurchaseHistory(
             frequency=int(r.frequency),
             recency=r.recency_days / 7.0,
             age=r.age_days / 7.0,
             monetary=float(r.monetary),
         )
         for r in rows
-    ]
+    }
+
+
+@dataclass
+class _Fit:
+    values: dict[uuid.UUID, tuple[float, float, float]] = field(default_factory=dict)
+    """Per customer: expected purchases over the horizon, probability alive, CLV."""
+    bg_nbd: dict[str, float] | None = None
+    gamma_gamma: dict[str, float] | None = None
+    error: str | None = None
+
+
+def _fit_clv(histories: dict[uuid.UUID, clv.PurchaseHistory], horizon_days: int) -> _Fit:
+    """Fit on at most ``FIT_SAMPLE`` customers (a fixed-seed sample: the maximum-likelihood
+    parameters of a large cohort barely move, and the fit stays seconds long), then score
+    every customer."""
     if len(histories) < 10:
-        return len(histories), None, None, "fewer than 10 customers: no CLV fit"
+        return _Fit(error="fewer than 10 customers: no CLV fit")
+    cohort = list(histories.values())
+    if len(cohort) > FIT_SAMPLE:
+        cohort = random.Random(0).sample(cohort, FIT_SAMPLE)  # noqa: S311 - not a secret
     try:
-        bg_nbd = clv.fit_bg_nbd(histories)
-        gamma_gamma = clv.fit_gamma_gamma(histories)
+        bg_nbd = clv.fit_bg_nbd(cohort)
+        gamma_gamma = clv.fit_gamma_gamma(cohort)
     except clv.FitError as error:
-        return len(histories), None, None, str(error)
+        return _Fit(error=str(error))
     periods = horizon_days / 7.0
-    updates = [
-        {
-            "id": row.contact_id,
-            "expected": clv.expected_purchases(bg_nbd, history, periods),
-            "alive": clv.probability_alive(bg_nbd, history),
-        }
-        for row, history in zip(rows, histories, strict=True)
-    ]
-    for update, history in zip(updates, histories, strict=True):
-        update["clv"] = update["expected"] * clv.expected_value_per_purchase(gamma_gamma, history)
-    if updates:
-        await session.execute(
-            sa.text("""
-                UPDATE segmenter.contacts c
-                SET expected_purchases = u.expected, p_alive = u.alive, clv = u.clv
-                FROM unnest(CAST(:ids AS uuid[]), CAST(:expected AS float8[]),
-                            CAST(:alive AS float8[]), CAST(:clv AS float8[]))
-                     AS u(id, expected, alive, clv)
-                WHERE c.contact_id = u.id
-            """),
-            {
-                "ids": [u["id"] for u in updates],
-                "expected": [u["expected"] for u in updates],
-                "alive": [u["alive"] for u in updates],
-                "clv": [u["clv"] for u in updates],
-            },
-        )
-    return (
-        len(histories),
+    values = {}
+    for contact_id, history in histories.items():
+        expected = clv.expected_purchases(bg_nbd, history, periods)
+        value = expected * clv.expected_value_per_purchase(gamma_gamma, history)
+        values[contact_id] = (expected, clv.probability_alive(bg_nbd, history), value)
+    return _Fit(
+        values,
         {"r": bg_nbd.r, "alpha": bg_nbd.alpha, "a": bg_nbd.a, "b": bg_nbd.b},
         {"p": gamma_gamma.p, "q": gamma_gamma.q, "gamma": gamma_gamma.gamma},
-        None,
     )
 
 
 async def refresh_due(
-    session: AsyncSession,
+    sessionmaker: SessionMaker,
     *,
     now: datetime,
     every: timedelta,
     window_days: int,
     horizon_days: int,
 ) -> str | None:
-    """Refresh one workspace whose models are due (claimed with SKIP LOCKED, so replicas
-    share the work); returns it."""
-    workspace_id = await session.scalar(
-        sa.select(value_models.c.workspace_id)
-        .where(
-            sa.or_(
-                value_models.c.refreshed_at.is_(None), value_models.c.refreshed_at <= now - every
+    """Refresh one workspace whose models are due; returns it. The claim (SKIP LOCKED,
+    so replicas share the work) marks it refreshed at once: a crash mid-way leaves the
+    previous scores in place until the next period."""
+    async with transaction(sessionmaker) as session:
+        workspace_id: str | None = await session.scalar(
+            sa.select(value_models.c.workspace_id)
+            .where(
+                sa.or_(
+                    value_models.c.refreshed_at.is_(None),
+                    value_models.c.refreshed_at <= now - every,
+                )
             )
+            .order_by(value_models.c.refreshed_at.nulls_first())
+            .limit(1)
+            .with_for_update(skip_locked=True)
         )
-        .order_by(value_models.c.refreshed_at.nulls_first())
-        .limit(1)
-        .with_for_update(skip_locked=True)
+        if workspace_id is None:
+            return None
+        await session.execute(
+            sa.update(value_models)
+            .where(value_models.c.workspace_id == workspace_id)
+            .values(refreshed_at=now)
+        )
+    await refresh(
+        sessionmaker,
+        workspace_id=workspace_id,
+        now=now,
+        window_days=window_days,
+        horizon_days=horizon_days,
     )
-    if workspace_id is not None:
-        await refresh(
-            session,
-            workspace_id=workspace_id,
-            now=now,
-            window_days=window_days,
-            horizon_days=horizon_days,
-        )
     return workspace_id

@@ -135,14 +135,13 @@ def BackfillWorker(runtime: Runtime, clock: Clock) -> PollingWorker:  # noqa: N8
 
 async def refresh_value(runtime: Runtime, clock: Clock) -> int:
     settings = _settings(runtime)
-    async with transaction(runtime.sessionmaker) as session:
-        refreshed = await value.refresh_due(
-            session,
-            now=clock(),
-            every=timedelta(seconds=settings.value_refresh_s),
-            window_days=settings.rfm_window_days,
-            horizon_days=settings.clv_horizon_days,
-        )
+    refreshed = await value.refresh_due(
+        runtime.sessionmaker,
+        now=clock(),
+        every=timedelta(seconds=settings.value_refresh_s),
+        window_days=settings.rfm_window_days,
+        horizon_days=settings.clv_horizon_days,
+    )
     return 0 if refreshed is None else 1
 
 
