@@ -191,6 +191,9 @@ class ContactSnapshot(BaseModel):
     user_id: str | None = None
     traits: dict[str, Any] = Field(default_factory=dict)
     scores: dict[str, int] = Field(default_factory=dict)
+    segments: list[str] = Field(default_factory=list)
+    """Names of the segments the contact is in, as the orchestrator knows them when it
+    requests a notification (templates test them); empty elsewhere."""
 
 
 class MembershipChanged(BaseModel):

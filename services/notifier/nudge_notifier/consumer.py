@@ -56,6 +56,7 @@ from nudge_notifier.domain.templates import (
     Template,
     TemplateRenderError,
     render,
+    variables,
 )
 from nudge_notifier.providers.base import (
     Limiter,
@@ -385,13 +386,10 @@ class NotificationHandler:
     ) -> dict[str, Any]:
         request = item.request
         assert request is not None
-        return {
-            "contact": request.contact.model_dump(mode="json"),
-            "unsubscribe_url": ""
-            if ctx is None or token is None
-            else links.unsubscribe_url(ctx, token),
-            "data": request.data,
-        }
+        return variables(
+            request,
+            "" if ctx is None or token is None else links.unsubscribe_url(ctx, token),
+        )
 
     async def _claim(self, session: AsyncSession, items: list[Item]) -> None:
         """Claim every sendable key (the caller commits before sending). A key claimed

@@ -78,9 +78,26 @@ class MembershipHandler:
         out = execution.Outputs()
         entrants: dict[uuid.UUID, tuple[store.Published, list[execution.Entrant]]] = {}
         triggered: dict[tuple[str, str, str], list[store.Published]] = {}
-        for envelope in changes:
+        parsed = [(envelope, SEGMENT_ENTERED.parse(envelope)) for envelope in changes]
+        # The copy first, so what the entries send already sees the new membership.
+        await store.apply_memberships(
+            session,
+            [
+                store.Membership(
+                    contact_id=change.contact.contact_id,
+                    workspace_id=envelope.workspace_id,
+                    segment_id=change.segment_id,
+                    segment_name=change.segment_name,
+                    entered=envelope.type == SEGMENT_ENTERED.name,
+                    user_id=change.contact.user_id,
+                    traits=change.contact.traits,
+                    scores=change.contact.scores,
+                )
+                for envelope, change in parsed
+            ],
+        )
+        for envelope, change in parsed:
             kind = "segment_entered" if envelope.type == SEGMENT_ENTERED.name else "segment_exited"
-            change = SEGMENT_ENTERED.parse(envelope)
             key = (envelope.workspace_id, kind, str(change.segment_id))
             if key not in triggered:
                 triggered[key] = await store.triggered_workflows(
@@ -90,7 +107,7 @@ class MembershipHandler:
                 entrants.setdefault(workflow.id, (workflow, []))[1].append(
                     execution.Entrant(
                         change.contact.contact_id,
-                        change.contact.model_dump(mode="json", exclude={"contact_id"}),
+                        change.contact.model_dump(mode="json", exclude={"contact_id", "segments"}),
                         str(envelope.id),
                         envelope.origin_received_at,
                         change.segment_id,

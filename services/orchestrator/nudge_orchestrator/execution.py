@@ -581,6 +581,16 @@ def sales_data(
     }
 
 
+def _snapshot(run: store.Run, contact: dict[str, Any]) -> ContactSnapshot:
+    return ContactSnapshot(
+        contact_id=run.contact_id,
+        user_id=contact.get("user_id"),
+        traits=contact.get("traits") or {},
+        scores=contact.get("scores") or {},
+        segments=contact.get("segments") or [],
+    )
+
+
 def _sales_emails(
     run: store.Run,
     step: int,
@@ -592,12 +602,7 @@ def _sales_emails(
     """One internal email request per address: ids and idempotency keys derive from (run,
     step, address number), so a replay is the same request and the notifier sends once."""
     data = sales_data(run, contact, action.note, workflow_name)
-    snapshot = ContactSnapshot(
-        contact_id=run.contact_id,
-        user_id=contact.get("user_id"),
-        traits=contact.get("traits") or {},
-        scores=contact.get("scores") or {},
-    )
+    snapshot = _snapshot(run, contact)
     return [
         OutgoingMessage(
             Topic.NOTIFICATIONS,
@@ -643,12 +648,7 @@ def _notification(
         idempotency_key=key,
         channel=channel,
         template_id=template_id,
-        contact=ContactSnapshot(
-            contact_id=run.contact_id,
-            user_id=contact.get("user_id"),
-            traits=contact.get("traits") or {},
-            scores=contact.get("scores") or {},
-        ),
+        contact=_snapshot(run, contact),
         workflow_id=run.workflow_id,
         run_id=run.id,
         step=step,

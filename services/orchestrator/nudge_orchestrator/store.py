@@ -5,7 +5,8 @@
 * ``runs``, ``step_executions`` (one row per (run, step): a step executes once), ``timers``
   (at most one pending wait per run, found by the index on ``due_at``; waits for an event
   are also found by (workspace, contact, event)), ``sends`` (frequency caps and analytics);
-* ``contacts``: the orchestrator's copy of what scoring announces on the contacts topic;
+* ``contacts``: the orchestrator's copy of what scoring announces on the contacts topic,
+  and of the segments the contact is in (from the memberships topic);
 * ``api_keys`` (hashed), ``idempotency_keys`` of POST requests, ``templates`` announced
   through the API, and per-workspace ``messaging_settings`` (caps, quiet hours).
 """
@@ -203,6 +204,8 @@ contacts = sa.Table(
     # {tag: tag score}, as scoring announces them
     sa.Column("stages", JSONB, nullable=False, server_default=JSON_OBJECT),
     # {model: lifecycle stage}
+    sa.Column("segments", JSONB, nullable=False, server_default=JSON_OBJECT),
+    # {segment id: segment name}, entered adds, exited removes
     sa.Column("updated_at", TIMESTAMP, nullable=False, server_default=sa.func.now()),
     sa.Index("ix_contacts_user", "workspace_id", "user_id"),
 )
@@ -990,6 +993,62 @@ async def set_contact_stage(
     )
 
 
+@dataclass(frozen=True)
+class Membership:
+    contact_id: uuid.UUID
+    workspace_id: str
+    segment_id: uuid.UUID
+    segment_name: str
+    entered: bool
+    user_id: str | None = None
+    traits: dict[str, Any] = field(default_factory=dict)
+    scores: dict[str, int] = field(default_factory=dict)
+
+
+async def apply_memberships(session: AsyncSession, changes: list[Membership]) -> None:
+    """Entries add the segment to the copy's ``segments`` (a contact not copied yet is
+    copied from the change's snapshot), exits remove it: one statement for the entries and
+    one for the exits, each contact at most once."""
+    entries = [c for c in changes if c.entered]
+    exits = [c for c in changes if not c.entered]
+    if entries:
+        statement = pg_insert(contacts).values(
+            [
+                {
+                    "contact_id": c.contact_id,
+                    "workspace_id": c.workspace_id,
+                    "user_id": c.user_id,
+                    "traits": c.traits,
+                    "scores": c.scores,
+                    "segments": {str(c.segment_id): c.segment_name},
+                }
+                for c in entries
+            ]
+        )
+        await session.execute(
+            statement.on_conflict_do_update(
+                index_elements=[contacts.c.contact_id],
+                set_={
+                    "segments": contacts.c.segments.op("||")(statement.excluded.segments),
+                    "updated_at": sa.func.now(),
+                },
+            )
+        )
+    if exits:
+        gone = sa.values(
+            sa.column("contact_id", UUID(as_uuid=True)),
+            sa.column("segment_id", sa.Text),
+            name="gone",
+        ).data([(c.contact_id, str(c.segment_id)) for c in exits])
+        await session.execute(
+            sa.update(contacts)
+            .where(contacts.c.contact_id == gone.c.contact_id)
+            .values(
+                segments=contacts.c.segments.op("-")(gone.c.segment_id), updated_at=sa.func.now()
+            )
+        )
+
+
 def _contact(row: Any) -> dict[str, Any]:
     return {
         "user_id": row.user_id,
@@ -997,6 +1056,7 @@ def _contact(row: Any) -> dict[str, Any]:
         "scores": row.scores,
         "tags": row.tags,
         "stages": row.stages,
+        "segments": sorted(row.segments.values()),
     }
 
 

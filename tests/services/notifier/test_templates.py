@@ -4,7 +4,8 @@ import uuid
 
 import pytest
 
-from nudge_notifier.domain.templates import Template, TemplateRenderError, render
+from nudge_common.events import ContactSnapshot, NotificationRequested
+from nudge_notifier.domain.templates import Template, TemplateRenderError, render, variables
 
 
 def template(subject: str = "Hi", html: str = "<p>x</p>", text: str = "x") -> Template:
@@ -29,3 +30,19 @@ def test_missing_data_fails_unless_the_template_gives_a_fallback() -> None:
 def test_the_sandbox_refuses_unsafe_attribute_access() -> None:
     with pytest.raises(TemplateRenderError):
         render(template(text="{{ ''.__class__.__mro__ }}"), {})
+
+
+def test_a_block_depends_on_the_contacts_segments() -> None:
+    segmented = template(text='{% if "VIP" in segments %}VIP block{% else %}intro block{% endif %}')
+
+    def request(segments: list[str]) -> NotificationRequested:
+        return NotificationRequested(
+            idempotency_key="k",
+            channel="email",
+            template_id=segmented.id,
+            contact=ContactSnapshot(contact_id=uuid.uuid4(), segments=segments),
+        )
+
+    assert render(segmented, variables(request(["VIP", "Newsletter"]), "")).text == "VIP block"
+    assert render(segmented, variables(request(["Newsletter"]), "")).text == "intro block"
+    assert render(segmented, variables(request([]), "")).text == "intro block"

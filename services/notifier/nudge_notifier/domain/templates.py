@@ -3,7 +3,8 @@
 One template per channel: email uses subject, HTML and text; SMS the text; push the
 subject as the title and the text as the body. Templates see ``contact`` (traits and
 scores), so blocks can depend on the score (``{% if contact.scores.lead | default(0) >= 50
-%}``), ``unsubscribe_url`` and the request's ``data``.
+%}``), ``segments`` (the names of the contact's segments: ``{% if "VIP" in segments %}``),
+``unsubscribe_url`` and the request's ``data``.
 
 HTML is autoescaped; a variable that is missing fails the render (StrictUndefined) unless
 the template gives a fallback (``{{ contact.traits.name | default("there") }}``), so a
@@ -21,7 +22,7 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from nudge_common.events import CONTACT_SUMMARY_TEMPLATE_ID, Channel
+from nudge_common.events import CONTACT_SUMMARY_TEMPLATE_ID, Channel, NotificationRequested
 
 _html = ImmutableSandboxedEnvironment(autoescape=True, undefined=jinja2.StrictUndefined)
 _text = ImmutableSandboxedEnvironment(autoescape=False, undefined=jinja2.StrictUndefined)
@@ -54,6 +55,16 @@ class TemplateRenderError(Exception):
 def _compiled(source: str, *, html: bool) -> jinja2.Template:
     """Compiling is most of a render's cost; a template's source compiles once."""
     return (_html if html else _text).from_string(source)
+
+
+def variables(request: NotificationRequested, unsubscribe_url: str) -> dict[str, Any]:
+    """What a template sees when it renders ``request``."""
+    return {
+        "contact": request.contact.model_dump(mode="json"),
+        "segments": list(request.contact.segments),
+        "unsubscribe_url": unsubscribe_url,
+        "data": request.data,
+    }
 
 
 def render(template: Template, variables: Mapping[str, Any]) -> Rendered:
