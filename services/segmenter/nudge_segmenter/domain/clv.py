@@ -207,11 +207,15 @@ def lifetime_value(
 
 
 def _minimise(objective: Callable[[Floats], float], start: Floats) -> Floats:
+    """Minimise over log-parameters, bounded (e^-12 to e^12): a cohort the model fits
+    badly drives a parameter towards 0 or infinity, and an unbounded search would wander
+    there for ever instead of stopping at the boundary."""
     result = optimize.minimize(
         objective,
         start,
-        method="Nelder-Mead",
-        options={"xatol": 1e-10, "fatol": 1e-10, "maxiter": 20_000, "maxfev": 40_000},
+        method="L-BFGS-B",
+        bounds=[(-12.0, 12.0)] * len(start),
+        options={"ftol": 1e-15, "gtol": 1e-9, "maxiter": 10_000},
     )
     if not result.success:
         raise FitError(f"the fit did not converge: {result.message}")
