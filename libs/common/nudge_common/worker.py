@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 import structlog
 
@@ -17,16 +19,30 @@ log = structlog.get_logger(__name__)
 
 
 class PollingWorker:
-    def __init__(self, name: str, round: Callable[[], Awaitable[int]], *, idle_s: float) -> None:
+    def __init__(
+        self,
+        name: str,
+        round: Callable[[], Awaitable[int]],
+        *,
+        idle_s: float,
+        holding: AbstractAsyncContextManager[Any] | None = None,
+    ) -> None:
+        """``round`` returns how much it did; ``holding`` (an HTTP client, say) is open
+        while the worker runs."""
         self.name = name
         self._round = round
         self.idle_s = idle_s
+        self._holding = holding
         self._stopping = asyncio.Event()
 
     def stop(self) -> None:
         self._stopping.set()
 
     async def run(self) -> None:
+        async with self._holding or contextlib.nullcontext():
+            await self._loop()
+
+    async def _loop(self) -> None:
         while not self._stopping.is_set():
             done = 0
             try:

@@ -11,7 +11,6 @@ same way, a page of members per round.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 from datetime import datetime, timedelta
@@ -23,10 +22,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from nudge_common import codec
 from nudge_common.clock import Clock, system_clock
-from nudge_common.consumer import is_transient
 from nudge_common.db import SessionMaker, transaction
 from nudge_common.kafka import publish
 from nudge_common.settings import NudgeSettings
+from nudge_common.worker import PollingWorker
 from nudge_orchestrator import execution, metrics, segmenter, store
 from nudge_orchestrator.domain import broadcasts
 from nudge_orchestrator.domain.broadcasts import ABTest, in_test
@@ -111,50 +110,22 @@ async def _fire_dates(
             )
 
 
-class TimerWorker:
-    name = "orchestrator-timers"
-
-    def __init__(
-        self,
-        *,
-        settings: NudgeSettings,
-        sessionmaker: SessionMaker,
-        producer: AIOKafkaProducer,
-        clock: Clock = system_clock,
-        batch: int = 500,
-        idle_s: float = 0.2,
-    ) -> None:
-        self.settings = settings
-        self.sessionmaker = sessionmaker
-        self.producer = producer
-        self.clock = clock
-        self.batch = batch
-        self.idle_s = idle_s
-        self._stopping = asyncio.Event()
-
-    def stop(self) -> None:
-        self._stopping.set()
-
-    async def run(self) -> None:
-        while not self._stopping.is_set():
-            fired = 0
-            try:
-                fired = await fire_due_timers(
-                    self.sessionmaker,
-                    self.producer,
-                    self.settings,
-                    clock=self.clock,
-                    limit=self.batch,
-                )
-            except Exception as error:
-                # e.g. a deadlock with the events consumer (it locks a contact's runs, then
-                # their waits; a round locks timers, then their runs): retried
-                if not is_transient(error):
-                    raise
-                log.warning("timer round failed, retrying", error=repr(error))
-            if fired == 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), timeout=self.idle_s)
+def TimerWorker(  # noqa: N802 - a worker, built like the other services' workers
+    *,
+    settings: NudgeSettings,
+    sessionmaker: SessionMaker,
+    producer: AIOKafkaProducer,
+    clock: Clock = system_clock,
+    batch: int = 500,
+    idle_s: float = 0.2,
+) -> PollingWorker:
+    """Fires due timers; a deadlock with the events consumer (it locks a contact's runs,
+    then their waits; a round locks timers, then their runs) is transient, retried."""
+    return PollingWorker(
+        "orchestrator-timers",
+        lambda: fire_due_timers(sessionmaker, producer, settings, clock=clock, limit=batch),
+        idle_s=idle_s,
+    )
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -225,41 +196,20 @@ async def deliver_due_webhooks(
     return len(due)
 
 
-class WebhookWorker:
-    name = "orchestrator-webhooks"
-
-    def __init__(
-        self,
-        *,
-        settings: OrchestratorSettings,
-        sessionmaker: SessionMaker,
-        clock: Clock = system_clock,
-        idle_s: float = 0.5,
-    ) -> None:
-        self.settings = settings
-        self.sessionmaker = sessionmaker
-        self.clock = clock
-        self.idle_s = idle_s
-        self._stopping = asyncio.Event()
-
-    def stop(self) -> None:
-        self._stopping.set()
-
-    async def run(self) -> None:
-        async with httpx.AsyncClient(timeout=10.0) as client:
-            while not self._stopping.is_set():
-                attempted = 0
-                try:
-                    attempted = await deliver_due_webhooks(
-                        self.sessionmaker, self.settings, client, clock=self.clock
-                    )
-                except Exception as error:
-                    if not is_transient(error):
-                        raise
-                    log.warning("webhook round failed, retrying", error=repr(error))
-                if attempted == 0:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._stopping.wait(), timeout=self.idle_s)
+def WebhookWorker(  # noqa: N802
+    *,
+    settings: OrchestratorSettings,
+    sessionmaker: SessionMaker,
+    clock: Clock = system_clock,
+    idle_s: float = 0.5,
+) -> PollingWorker:
+    client = httpx.AsyncClient(timeout=10.0)
+    return PollingWorker(
+        "orchestrator-webhooks",
+        lambda: deliver_due_webhooks(sessionmaker, settings, client, clock=clock),
+        idle_s=idle_s,
+        holding=client,
+    )
 
 
 BROADCAST_RETRY = timedelta(seconds=5)
@@ -435,40 +385,17 @@ async def _decide(
     )
 
 
-class BroadcastWorker:
-    name = "orchestrator-broadcasts"
-
-    def __init__(
-        self,
-        *,
-        settings: OrchestratorSettings,
-        sessionmaker: SessionMaker,
-        producer: AIOKafkaProducer,
-        clock: Clock = system_clock,
-    ) -> None:
-        self.settings = settings
-        self.sessionmaker = sessionmaker
-        self.producer = producer
-        self.clock = clock
-        self._stopping = asyncio.Event()
-
-    def stop(self) -> None:
-        self._stopping.set()
-
-    async def run(self) -> None:
-        async with httpx.AsyncClient() as client:
-            while not self._stopping.is_set():
-                sent = 0
-                try:
-                    sent = await send_due_broadcasts(
-                        self.sessionmaker, self.producer, self.settings, client, clock=self.clock
-                    )
-                except Exception as error:
-                    if not is_transient(error):
-                        raise
-                    log.warning("broadcast round failed, retrying", error=repr(error))
-                if sent == 0:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(
-                            self._stopping.wait(), timeout=self.settings.broadcast_idle_s
-                        )
+def BroadcastWorker(  # noqa: N802
+    *,
+    settings: OrchestratorSettings,
+    sessionmaker: SessionMaker,
+    producer: AIOKafkaProducer,
+    clock: Clock = system_clock,
+) -> PollingWorker:
+    client = httpx.AsyncClient()
+    return PollingWorker(
+        "orchestrator-broadcasts",
+        lambda: send_due_broadcasts(sessionmaker, producer, settings, client, clock=clock),
+        idle_s=settings.broadcast_idle_s,
+        holding=client,
+    )

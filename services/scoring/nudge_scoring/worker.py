@@ -12,8 +12,6 @@ The clock is a parameter (``now``) everywhere, so tests move time by hand.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -25,7 +23,6 @@ from aiokafka import AIOKafkaProducer
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from nudge_common.consumer import is_transient
 from nudge_common.db import SessionMaker, transaction
 from nudge_common.events import (
     EVENT_RECEIVED,
@@ -38,6 +35,7 @@ from nudge_common.events import (
 from nudge_common.ids import stable_id
 from nudge_common.kafka import OutgoingMessage, publish
 from nudge_common.settings import NudgeSettings
+from nudge_common.worker import PollingWorker
 from nudge_scoring import metrics, store
 from nudge_scoring.consumer import (
     Changed,
@@ -411,54 +409,29 @@ async def import_step(
     )
 
 
-class TimerWorker:
-    """Runs the durable time-based work in the service's event loop; stops like a consumer
-    runner (``stop()`` finishes the transaction in hand)."""
+def TimerWorker(  # noqa: N802 - a worker, built like the other services' workers
+    *,
+    settings: NudgeSettings,
+    sessionmaker: SessionMaker,
+    producer: AIOKafkaProducer,
+    clock: Clock = system_clock,
+    interval_s: float = 1.0,
+) -> PollingWorker:
+    """The durable time-based work: due decay timers and recompute jobs, and an hourly
+    check that the events table has its partitions. Lost connections, and deadlocks or
+    serialization failures with the consumer or the API, roll the round back; the next
+    round redoes it."""
+    partitions_checked: datetime | None = None
 
-    name = "scoring-timers"
+    async def round() -> int:
+        nonlocal partitions_checked
+        now = clock()
+        if partitions_checked is None or now - partitions_checked > timedelta(hours=1):
+            async with transaction(sessionmaker) as session:
+                await store.ensure_event_partitions(session, around=now)
+            partitions_checked = now
+        fired = await run_due_timers(sessionmaker, producer, settings, now=now)
+        stepped = await run_job_step(sessionmaker, producer, settings, now=now)
+        return fired + int(stepped)
 
-    def __init__(
-        self,
-        *,
-        settings: NudgeSettings,
-        sessionmaker: SessionMaker,
-        producer: AIOKafkaProducer,
-        clock: Clock = system_clock,
-        interval_s: float = 1.0,
-    ) -> None:
-        self.settings = settings
-        self.sessionmaker = sessionmaker
-        self.producer = producer
-        self.clock = clock
-        self.interval_s = interval_s
-        self._stopping = asyncio.Event()
-
-    def stop(self) -> None:
-        self._stopping.set()
-
-    async def run(self) -> None:
-        last_partition_check: datetime | None = None
-        while not self._stopping.is_set():
-            busy = False
-            try:
-                now = self.clock()
-                if last_partition_check is None or now - last_partition_check > timedelta(hours=1):
-                    async with transaction(self.sessionmaker) as session:
-                        await store.ensure_event_partitions(session, around=now)
-                    last_partition_check = now
-                fired = await run_due_timers(
-                    self.sessionmaker, self.producer, self.settings, now=now
-                )
-                stepped = await run_job_step(
-                    self.sessionmaker, self.producer, self.settings, now=now
-                )
-                busy = fired > 0 or stepped
-            except Exception as error:
-                # lost connections, and deadlocks or serialization failures with the
-                # consumer or the API: the transaction rolled back, the next turn redoes it
-                if not is_transient(error):
-                    raise
-                log.warning("timer work failed, retrying", error=repr(error))
-            if not busy:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), timeout=self.interval_s)
+    return PollingWorker("scoring-timers", round, idle_s=interval_s)
