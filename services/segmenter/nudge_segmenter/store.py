@@ -356,19 +356,6 @@ async def segment_ids_of(session: AsyncSession, *, contact_id: uuid.UUID) -> set
 # --- memberships ---------------------------------------------------------------------------
 
 
-async def enter(
-    session: AsyncSession,
-    *,
-    workspace_id: str,
-    segment_id: uuid.UUID,
-    contact_id: uuid.UUID,
-    at: datetime,
-) -> None:
-    key = {"segment_id": segment_id, "contact_id": contact_id, "workspace_id": workspace_id}
-    await session.execute(sa.insert(memberships).values(**key, entered_at=at))
-    await session.execute(sa.insert(membership_history).values(**key, entered_at=at))
-
-
 async def exit_(
     session: AsyncSession, *, segment_id: uuid.UUID, contact_id: uuid.UUID, at: datetime
 ) -> None:

@@ -7,6 +7,7 @@ import uuid
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from nudge_common.conditions import ScoreAtLeast
 from nudge_common.db import SessionMaker, transaction
@@ -15,6 +16,20 @@ from nudge_segmenter import store
 from nudge_segmenter.consumer import handle_contact_updated
 
 NOW = datetime(2026, 11, 23, tzinfo=UTC)
+
+
+async def _enter(
+    session: AsyncSession,
+    *,
+    workspace_id: str,
+    segment_id: uuid.UUID,
+    contact_id: uuid.UUID,
+    at: datetime,
+) -> None:
+    """A membership as the real-time path writes it: the row and its open history."""
+    key = {"segment_id": segment_id, "contact_id": contact_id, "workspace_id": workspace_id}
+    await session.execute(sa.insert(store.memberships).values(**key, entered_at=at))
+    await session.execute(sa.insert(store.membership_history).values(**key, entered_at=at))
 
 
 async def test_contact_merged_moves_memberships_to_the_survivor(
@@ -32,11 +47,9 @@ async def test_contact_merged_moves_memberships_to_the_survivor(
                 name=str(segment_id),
                 condition=ScoreAtLeast(kind="score", model="lead", op="gte", value=1),
             )
-        await store.enter(session, workspace_id=ws, segment_id=shared, contact_id=survivor, at=NOW)
+        await _enter(session, workspace_id=ws, segment_id=shared, contact_id=survivor, at=NOW)
         for segment_id in (shared, only_merged):
-            await store.enter(
-                session, workspace_id=ws, segment_id=segment_id, contact_id=merged, at=NOW
-            )
+            await _enter(session, workspace_id=ws, segment_id=segment_id, contact_id=merged, at=NOW)
         envelope = CONTACT_MERGED.envelope(
             workspace_id=ws,
             payload=ContactMerged(
