@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -28,6 +29,7 @@ from nudge_common.events import (
     SEGMENT_ENTERED,
     SEGMENT_EXITED,
     Envelope,
+    SegmentEvent,
     SegmentType,
     Topic,
 )
@@ -122,132 +124,244 @@ def membership_handler(clock: Clock) -> MembershipHandler:
     return MembershipHandler(clock)
 
 
-async def contact_of(
-    session: AsyncSession, workspace_id: str, user_id: str | None, anonymous_id: str | None
+def contact_of(
+    workspace_id: str,
+    event: SegmentEvent,
+    known: dict[tuple[str, str], uuid.UUID],
 ) -> uuid.UUID:
     """The contact an event belongs to: the one known with this user id, else the id
     scoring gives a contact first seen with this identity."""
-    if user_id:
-        known = await store.contact_by_user_id(session, workspace_id=workspace_id, user_id=user_id)
-        if known is not None:
-            return known
-        return stable_id(workspace_id, "contact", "user_id", user_id)
-    return stable_id(workspace_id, "contact", "anonymous_id", anonymous_id or "")
+    if event.user_id:
+        return known.get((workspace_id, event.user_id)) or stable_id(
+            workspace_id, "contact", "user_id", event.user_id
+        )
+    return stable_id(workspace_id, "contact", "anonymous_id", event.anonymous_id or "")
 
 
-def event_handler(clock: Clock) -> MessageHandler:
-    async def handle(session: AsyncSession, envelope: Envelope) -> Sequence[OutgoingMessage]:
-        if envelope.type != EVENT_RECEIVED.name:
-            return []  # score.adjusted, for scoring
-        event = EVENT_RECEIVED.parse(envelope)
-        if event.type is not SegmentType.TRACK or not event.event:
+class EventHandler:
+    """Track events start the workflows they trigger and reach the active runs of their
+    contact (what it performed, goals, waits for an event). A batch costs three queries
+    whatever its size; only the events of contacts in a run, or of a name a workflow
+    listens to, are then applied one at a time, in order."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+
+    async def __call__(
+        self, session: AsyncSession, envelope: Envelope
+    ) -> Sequence[OutgoingMessage]:
+        return await self.handle_batch(session, [envelope])
+
+    async def handle_batch(
+        self, session: AsyncSession, envelopes: Sequence[Envelope]
+    ) -> Sequence[OutgoingMessage]:
+        tracks: list[tuple[Envelope, SegmentEvent, str]] = []
+        for envelope in envelopes:
+            if envelope.type != EVENT_RECEIVED.name:
+                continue  # score.adjusted, for scoring
+            event = EVENT_RECEIVED.parse(envelope)
+            if event.type is SegmentType.TRACK and event.event:
+                tracks.append((envelope, event, event.event))
+        if not tracks:
             return []
-        workspace_id = envelope.workspace_id
-        contact_id = await contact_of(session, workspace_id, event.user_id, event.anonymous_id)
-        out = execution.Outputs(origin_received_at=envelope.origin_received_at)
-        now = clock()
-        await execution.on_event(
+        workspace_ids = {envelope.workspace_id for envelope, _, _ in tracks}
+        known = await store.contacts_by_user_id(
             session,
-            out,
-            workspace_id=workspace_id,
-            contact_id=contact_id,
-            event=event.event,
-            now=now,
+            user_ids={(e.workspace_id, event.user_id) for e, event, _ in tracks if event.user_id},
         )
-        workflows = await store.triggered_workflows(
-            session, workspace_id=workspace_id, kind="event", key=event.event
+        located = [
+            (envelope, event, name, contact_of(envelope.workspace_id, event, known))
+            for envelope, event, name in tracks
+        ]
+        listening = await store.workflows_triggered_by(
+            session, workspace_ids=workspace_ids, kinds={"event"}
         )
-        if workflows:
-            known = await store.get_contact(session, contact_id=contact_id)
-            contact: dict[str, Any] = known or {
-                "user_id": event.user_id,
-                "traits": {},
-                "scores": {},
-            }
-            for workflow in workflows:
-                trigger = workflow.definition.trigger
-                assert isinstance(trigger, EventPerformed)
-                if trigger.properties is not None and not matches(
-                    trigger.properties, Profile(traits=event.properties)
-                ):
-                    continue
-                await execution.enter(
-                    session,
-                    out,
-                    workflow=workflow,
-                    contact_id=contact_id,
-                    contact=contact,
-                    cause=str(envelope.id),
-                    now=now,
-                )
-        return out.messages
+        in_runs = await store.contacts_in_runs(
+            session, workspace_ids=workspace_ids, contact_ids={c for *_, c in located}
+        )
+        now = self.clock()
+        messages: list[OutgoingMessage] = []
+        for envelope, event, name, contact_id in located:
+            workflows = listening.get((envelope.workspace_id, "event", name), [])
+            if contact_id not in in_runs and not workflows:
+                continue
+            out = execution.Outputs(origin_received_at=envelope.origin_received_at)
+            await execution.on_event(
+                session,
+                out,
+                workspace_id=envelope.workspace_id,
+                contact_id=contact_id,
+                event=name,
+                now=now,
+            )
+            if workflows:
+                await self._enter(session, out, envelope, event, contact_id, workflows, now)
+                in_runs.add(contact_id)
+            messages.extend(out.messages)
+        return messages
 
-    return handle
+    @staticmethod
+    async def _enter(
+        session: AsyncSession,
+        out: execution.Outputs,
+        envelope: Envelope,
+        event: SegmentEvent,
+        contact_id: uuid.UUID,
+        workflows: list[store.Published],
+        now: datetime,
+    ) -> None:
+        known = await store.get_contact(session, contact_id=contact_id)
+        contact: dict[str, Any] = known or {"user_id": event.user_id, "traits": {}, "scores": {}}
+        for workflow in workflows:
+            trigger = workflow.definition.trigger
+            assert isinstance(trigger, EventPerformed)
+            if trigger.properties is not None and not matches(
+                trigger.properties, Profile(traits=event.properties)
+            ):
+                continue
+            await execution.enter(
+                session,
+                out,
+                workflow=workflow,
+                contact_id=contact_id,
+                contact=contact,
+                cause=str(envelope.id),
+                now=now,
+            )
 
 
-def contact_handler(clock: Clock) -> MessageHandler:
+def event_handler(clock: Clock) -> EventHandler:
+    return EventHandler(clock)
+
+
+@dataclass
+class _Entry:
+    out: execution.Outputs
+    workflow: store.Published
+    contact_id: uuid.UUID
+    contact: dict[str, Any]
+    cause: str
+
+
+class ContactHandler:
     """Keeps the orchestrator's copy of each contact, and starts what a contact's change
     triggers: a score crossing a threshold, a lifecycle stage change; a date trait learned
-    or changed (re)schedules its date-trait workflows for that contact."""
+    or changed (re)schedules its date-trait workflows for that contact.
 
-    async def handle(session: AsyncSession, envelope: Envelope) -> Sequence[OutgoingMessage]:
-        if envelope.type == CONTACT_STAGE_CHANGED.name:
-            return await _stage_changed(session, envelope, clock())
-        if envelope.type != CONTACT_UPDATED.name:
+    A batch's updates are compared in memory, each with the one before it (the stored copy
+    for a contact's first), the copies are written in one statement, and only then do the
+    triggered workflows start: a run started by a contact's first update of a batch already
+    sees the copy of its last. A stage change is applied where it stands in the batch."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+
+    async def __call__(
+        self, session: AsyncSession, envelope: Envelope
+    ) -> Sequence[OutgoingMessage]:
+        return await self.handle_batch(session, [envelope])
+
+    async def handle_batch(
+        self, session: AsyncSession, envelopes: Sequence[Envelope]
+    ) -> Sequence[OutgoingMessage]:
+        messages: list[OutgoingMessage] = []
+        updates: list[Envelope] = []
+        for envelope in envelopes:
+            if envelope.type == CONTACT_UPDATED.name:
+                updates.append(envelope)
+            elif envelope.type == CONTACT_STAGE_CHANGED.name:
+                messages.extend(await self._apply_updates(session, updates))
+                updates = []
+                messages.extend(await _stage_changed(session, envelope, self.clock()))
+        messages.extend(await self._apply_updates(session, updates))
+        return messages
+
+    async def _apply_updates(
+        self, session: AsyncSession, envelopes: list[Envelope]
+    ) -> list[OutgoingMessage]:
+        if not envelopes:
             return []
-        update = CONTACT_UPDATED.parse(envelope)
-        workspace_id = envelope.workspace_id
-        before = await store.get_contact(session, contact_id=update.contact_id)
-        await store.upsert_contact(
-            session,
-            workspace_id=workspace_id,
-            contact_id=update.contact_id,
-            user_id=update.user_id,
-            traits=update.traits,
-            scores=update.scores,
-            tags=update.tags if update.tags or "tags" in update.changed else None,
-            stages=update.stages if update.stages or "stages" in update.changed else None,
+        parsed = [(envelope, CONTACT_UPDATED.parse(envelope)) for envelope in envelopes]
+        stored = await store.get_contacts(
+            session, contact_ids=list({update.contact_id for _, update in parsed})
         )
-        now = clock()
-        contact = {"user_id": update.user_id, "traits": update.traits, "scores": update.scores}
-        out = execution.Outputs(origin_received_at=envelope.origin_received_at)
-        old_scores: dict[str, int] = (before or {}).get("scores") or {}
-        for model in sorted(set(old_scores) | set(update.scores)):
-            if old_scores.get(model) == update.scores.get(model):
-                continue
-            for workflow in await store.triggered_workflows(
-                session, workspace_id=workspace_id, kind="score_crossed", key=model
-            ):
-                trigger = workflow.definition.trigger
-                assert isinstance(trigger, ScoreCrossed)
-                if crossed(trigger, old_scores.get(model), update.scores.get(model)):
-                    await execution.enter(
-                        session,
-                        out,
-                        workflow=workflow,
-                        contact_id=update.contact_id,
-                        contact=contact,
-                        cause=str(envelope.id),
-                        now=now,
-                    )
-        old_traits: dict[str, Any] = (before or {}).get("traits") or {}
-        if old_traits != update.traits:
-            for workflow in await store.triggered_workflows(
-                session, workspace_id=workspace_id, kind="date_trait"
-            ):
-                trigger = workflow.definition.trigger
-                assert isinstance(trigger, DateTrait)
-                if before is not None and all(
-                    old_traits.get(name) == update.traits.get(name)
-                    for name in (trigger.trait, "timezone")
-                ):
+        listening = await store.workflows_triggered_by(
+            session,
+            workspace_ids={envelope.workspace_id for envelope in envelopes},
+            kinds={"score_crossed", "date_trait"},
+        )
+        now = self.clock()
+        copies: dict[uuid.UUID, store.ContactCopy] = {}
+        entries: list[_Entry] = []
+        outs: list[execution.Outputs] = []
+        for envelope, update in parsed:
+            workspace_id = envelope.workspace_id
+            previous = copies.get(update.contact_id)
+            before = (
+                stored.get(update.contact_id)
+                if previous is None
+                else {"traits": previous.traits, "scores": previous.scores}
+            )
+            copies[update.contact_id] = store.ContactCopy(
+                contact_id=update.contact_id,
+                workspace_id=workspace_id,
+                user_id=update.user_id or (previous.user_id if previous else None),
+                traits=update.traits,
+                scores=update.scores,
+                tags=update.tags
+                if update.tags or "tags" in update.changed
+                else (previous.tags if previous else None),
+                stages=update.stages
+                if update.stages or "stages" in update.changed
+                else (previous.stages if previous else None),
+            )
+            contact = {"user_id": update.user_id, "traits": update.traits, "scores": update.scores}
+            out = execution.Outputs(origin_received_at=envelope.origin_received_at)
+            outs.append(out)
+            old_scores: dict[str, int] = (before or {}).get("scores") or {}
+            for model in sorted(set(old_scores) | set(update.scores)):
+                if old_scores.get(model) == update.scores.get(model):
                     continue
-                await schedule_date(
-                    session, workflow, update.contact_id, update.traits, trigger, now
-                )
-        return out.messages
+                for workflow in listening.get((workspace_id, "score_crossed", model), []):
+                    trigger = workflow.definition.trigger
+                    assert isinstance(trigger, ScoreCrossed)
+                    if crossed(trigger, old_scores.get(model), update.scores.get(model)):
+                        entries.append(
+                            _Entry(out, workflow, update.contact_id, contact, str(envelope.id))
+                        )
+            old_traits: dict[str, Any] = (before or {}).get("traits") or {}
+            if old_traits == update.traits:
+                continue
+            for (listener_workspace, kind, _), workflows in listening.items():
+                if listener_workspace != workspace_id or kind != "date_trait":
+                    continue
+                for workflow in workflows:
+                    trigger = workflow.definition.trigger
+                    assert isinstance(trigger, DateTrait)
+                    if before is not None and all(
+                        old_traits.get(name) == update.traits.get(name)
+                        for name in (trigger.trait, "timezone")
+                    ):
+                        continue
+                    await schedule_date(
+                        session, workflow, update.contact_id, update.traits, trigger, now
+                    )
+        await store.upsert_contacts(session, list(copies.values()))
+        for entry in entries:
+            await execution.enter(
+                session,
+                entry.out,
+                workflow=entry.workflow,
+                contact_id=entry.contact_id,
+                contact=entry.contact,
+                cause=entry.cause,
+                now=now,
+            )
+        return [message for out in outs for message in out.messages]
 
-    return handle
+
+def contact_handler(clock: Clock) -> ContactHandler:
+    return ContactHandler(clock)
 
 
 async def schedule_date(

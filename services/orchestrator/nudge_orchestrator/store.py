@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -491,24 +492,45 @@ async def triggered_workflows(
 ) -> list[Published]:
     """Active workflows whose published trigger listens to (kind, key); without ``key``,
     every active workflow of that trigger kind."""
-    conditions = [
-        workflows.c.workspace_id == workspace_id,
-        workflows.c.trigger_kind == kind,
-        workflows.c.status == "active",
-        workflows.c.version > 0,
-    ]
-    if key is not None:
-        conditions.append(workflows.c.trigger_key == key)
-    rows = await session.execute(sa.select(workflows.c.id, workflows.c.version).where(*conditions))
+    found = await workflows_triggered_by(session, workspace_ids={workspace_id}, kinds={kind})
     return [
-        Published(
-            row.id,
-            workspace_id,
-            row.version,
-            await version_definition(session, workflow_id=row.id, version=row.version),
-        )
-        for row in rows.all()
+        workflow
+        for (_, _, trigger_key), published in found.items()
+        if key is None or trigger_key == key
+        for workflow in published
     ]
+
+
+TriggerKey = tuple[str, str, str]
+"""(workspace id, trigger kind, trigger key)"""
+
+
+async def workflows_triggered_by(
+    session: AsyncSession, *, workspace_ids: set[str], kinds: set[str]
+) -> dict[TriggerKey, list[Published]]:
+    """Every active workflow of these workspaces whose trigger is of one of ``kinds``, by
+    what its trigger listens to: one query for a whole batch of messages."""
+    rows = await session.execute(
+        sa.select(
+            workflows.c.id,
+            workflows.c.workspace_id,
+            workflows.c.version,
+            workflows.c.trigger_kind,
+            workflows.c.trigger_key,
+        ).where(
+            workflows.c.workspace_id.in_(workspace_ids),
+            workflows.c.trigger_kind.in_(kinds),
+            workflows.c.status == "active",
+            workflows.c.version > 0,
+        )
+    )
+    found: dict[TriggerKey, list[Published]] = {}
+    for row in rows.all():
+        definition = await version_definition(session, workflow_id=row.id, version=row.version)
+        found.setdefault((row.workspace_id, row.trigger_kind, row.trigger_key), []).append(
+            Published(row.id, row.workspace_id, row.version, definition)
+        )
+    return found
 
 
 async def cancel_runs(session: AsyncSession, *, workflow_id: uuid.UUID, at: datetime) -> int:
@@ -942,45 +964,18 @@ async def put_messaging_settings(
 # --- contacts (the orchestrator's copy) ---------------------------------------------------
 
 
-async def upsert_contact(
-    session: AsyncSession,
-    *,
-    workspace_id: str,
-    contact_id: uuid.UUID,
-    user_id: str | None,
-    traits: dict[str, Any],
-    scores: dict[str, int],
-    tags: dict[str, int] | None = None,
-    stages: dict[str, str] | None = None,
-) -> None:
-    """Traits and scores replace the copy's; ``tags`` and ``stages`` too, unless None
-    (not announced: the copy's are kept)."""
-    statement = pg_insert(contacts).values(
-        contact_id=contact_id,
-        workspace_id=workspace_id,
-        user_id=user_id,
-        traits=traits,
-        scores=scores,
-        tags=tags or {},
-        stages=stages or {},
-    )
-    kept: dict[str, Any] = {}
-    if tags is not None:
-        kept["tags"] = statement.excluded.tags
-    if stages is not None:
-        kept["stages"] = statement.excluded.stages
-    await session.execute(
-        statement.on_conflict_do_update(
-            index_elements=[contacts.c.contact_id],
-            set_={
-                "user_id": sa.func.coalesce(statement.excluded.user_id, contacts.c.user_id),
-                "traits": statement.excluded.traits,
-                "scores": statement.excluded.scores,
-                **kept,
-                "updated_at": sa.func.now(),
-            },
-        )
-    )
+@dataclass(frozen=True)
+class ContactCopy:
+    """What the orchestrator keeps of a contact, as its last ``contact.updated`` said;
+    ``tags`` and ``stages`` are None when that update did not announce them."""
+
+    contact_id: uuid.UUID
+    workspace_id: str
+    user_id: str | None
+    traits: dict[str, Any]
+    scores: dict[str, int]
+    tags: dict[str, int] | None
+    stages: dict[str, str] | None
 
 
 async def set_contact_stage(
@@ -1074,14 +1069,94 @@ async def get_contacts(
     return {row.contact_id: _contact(row) for row in rows}
 
 
-async def contact_by_user_id(
-    session: AsyncSession, *, workspace_id: str, user_id: str
-) -> uuid.UUID | None:
-    return await session.scalar(
-        sa.select(contacts.c.contact_id)
-        .where(contacts.c.workspace_id == workspace_id, contacts.c.user_id == user_id)
-        .limit(1)
+async def contacts_by_user_id(
+    session: AsyncSession, *, user_ids: set[tuple[str, str]]
+) -> dict[tuple[str, str], uuid.UUID]:
+    """The copy's contact for each (workspace id, user id) known to it."""
+    if not user_ids:
+        return {}
+    workspace_ids, ids = zip(*sorted(user_ids), strict=True)
+    given = sa.select(
+        sa.func.unnest(sa.cast(list(workspace_ids), ARRAY(sa.Text))).label("workspace_id"),
+        sa.func.unnest(sa.cast(list(ids), ARRAY(sa.Text))).label("user_id"),
+    ).subquery()
+    rows = await session.execute(
+        sa.select(contacts.c.workspace_id, contacts.c.user_id, contacts.c.contact_id)
+        .join(
+            given,
+            sa.and_(
+                contacts.c.workspace_id == given.c.workspace_id,
+                contacts.c.user_id == given.c.user_id,
+            ),
+        )
+        .order_by(contacts.c.contact_id)
     )
+    found: dict[tuple[str, str], uuid.UUID] = {}
+    for row in rows:
+        found.setdefault((row.workspace_id, row.user_id), row.contact_id)
+    return found
+
+
+async def upsert_contacts(session: AsyncSession, copies: Sequence[ContactCopy]) -> None:
+    """Each copy's traits and scores replace the stored ones; its ``tags`` and ``stages``
+    too, unless None (not announced: the stored ones are kept). One statement for all."""
+    if not copies:
+        return
+    tags_given = sa.bindparam("tags_given", type_=JSONB)
+    stages_given = sa.bindparam("stages_given", type_=JSONB)
+    statement = pg_insert(contacts).values(
+        contact_id=sa.bindparam("contact_id"),
+        workspace_id=sa.bindparam("workspace_id"),
+        user_id=sa.bindparam("user_id"),
+        traits=sa.bindparam("traits", type_=JSONB),
+        scores=sa.bindparam("scores", type_=JSONB),
+        tags=sa.func.coalesce(tags_given, sa.cast({}, JSONB)),
+        stages=sa.func.coalesce(stages_given, sa.cast({}, JSONB)),
+    )
+    statement = statement.on_conflict_do_update(
+        index_elements=[contacts.c.contact_id],
+        set_={
+            "user_id": sa.func.coalesce(statement.excluded.user_id, contacts.c.user_id),
+            "traits": statement.excluded.traits,
+            "scores": statement.excluded.scores,
+            "tags": sa.func.coalesce(tags_given, contacts.c.tags),
+            "stages": sa.func.coalesce(stages_given, contacts.c.stages),
+            "updated_at": sa.func.now(),
+        },
+    )
+    await session.execute(
+        statement,
+        [
+            {
+                "contact_id": copy.contact_id,
+                "workspace_id": copy.workspace_id,
+                "user_id": copy.user_id,
+                "traits": copy.traits,
+                "scores": copy.scores,
+                "tags_given": copy.tags,
+                "stages_given": copy.stages,
+            }
+            for copy in copies
+        ],
+    )
+
+
+async def contacts_in_runs(
+    session: AsyncSession, *, workspace_ids: set[str], contact_ids: set[uuid.UUID]
+) -> set[uuid.UUID]:
+    """Those of ``contact_ids`` with an active run."""
+    if not contact_ids:
+        return set()
+    rows = await session.execute(
+        sa.select(runs.c.contact_id)
+        .distinct()
+        .where(
+            runs.c.workspace_id.in_(workspace_ids),
+            runs.c.contact_id == sa.any_(sa.cast(list(contact_ids), ARRAY(UUID(as_uuid=True)))),
+            runs.c.status == ACTIVE,
+        )
+    )
+    return set(rows.scalars())
 
 
 # --- templates ----------------------------------------------------------------------------

@@ -86,6 +86,13 @@ class Engine:
             await publish(self.producer, self.settings, out)
         self.published.extend(message.envelope for message in out)
 
+    async def apply_batch(self, handler: Any, envelopes: list[Envelope]) -> None:
+        """The envelopes as one consumer batch (the handler's ``handle_batch``)."""
+        async with transaction(self.sessionmaker) as session:
+            out = await handler.handle_batch(session, envelopes)
+            await publish(self.producer, self.settings, out)
+        self.published.extend(message.envelope for message in out)
+
     async def contact(self, user_id: str, **traits: Any) -> uuid.UUID:
         return await self.update(user_id, {}, **traits)
 
@@ -100,14 +107,29 @@ class Engine:
     ) -> uuid.UUID:
         """Scoring's ``contact.updated`` for this contact: these traits and scores (and
         tags and stages when given)."""
-        contact_id = stable_id(self.workspace_id, "contact", "user_id", user_id)
-        envelope = Envelope(
+        envelope = self.updated(user_id, scores, tags=tags, stages=stages, **traits)
+        await self.apply(contact_handler(self.clock), envelope)
+        return self.contact_id(user_id)
+
+    def contact_id(self, user_id: str) -> uuid.UUID:
+        return stable_id(self.workspace_id, "contact", "user_id", user_id)
+
+    def updated(
+        self,
+        user_id: str,
+        scores: dict[str, int],
+        *,
+        tags: dict[str, int] | None = None,
+        stages: dict[str, str] | None = None,
+        **traits: Any,
+    ) -> Envelope:
+        return Envelope(
             type="contact.updated",
             id=uuid.uuid4(),
             occurred_at=self.now,
             workspace_id=self.workspace_id,
             payload={
-                "contact_id": str(contact_id),
+                "contact_id": str(self.contact_id(user_id)),
                 "user_id": user_id,
                 "traits": {"email": f"{user_id}@example.com", **traits},
                 "scores": scores,
@@ -121,10 +143,11 @@ class Engine:
                 ],
             },
         )
-        await self.apply(contact_handler(self.clock), envelope)
-        return contact_id
 
     async def track(self, user_id: str, event: str, **properties: Any) -> None:
+        await self.apply(event_handler(self.clock), self.tracked(user_id, event, **properties))
+
+    def tracked(self, user_id: str, event: str, **properties: Any) -> Envelope:
         message_id = f"m-{next(_sequence)}-{uuid.uuid4().hex[:6]}"
         payload = SegmentEvent.model_validate(
             {
@@ -137,13 +160,12 @@ class Engine:
                 "receivedAt": self.now,
             }
         )
-        envelope = EVENT_RECEIVED.envelope(
+        return EVENT_RECEIVED.envelope(
             workspace_id=self.workspace_id,
             payload=payload,
             occurred_at=self.now,
             id=segment_event_id(self.workspace_id, message_id),
         )
-        await self.apply(event_handler(self.clock), envelope)
 
     async def enter_segment(self, segment_id: uuid.UUID, contact_id: uuid.UUID) -> Envelope:
         envelope = SEGMENT_ENTERED.envelope(

@@ -5,6 +5,7 @@ and a replay of the batch changes nothing."""
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 
 import sqlalchemy as sa
 
@@ -12,7 +13,7 @@ from nudge_common.db import transaction
 from nudge_common.events import SEGMENT_ENTERED, ContactSnapshot, Envelope, MembershipChanged
 from nudge_common.kafka import publish
 from nudge_orchestrator import store
-from nudge_orchestrator.consumer import MembershipHandler
+from nudge_orchestrator.consumer import ContactHandler, EventHandler, MembershipHandler
 from tests.services.orchestrator.conftest import Engine
 
 TEMPLATE = uuid.uuid4()
@@ -91,3 +92,73 @@ async def test_a_batch_of_entries_equals_one_at_a_time_and_a_replay_changes_noth
     engine.advance(hours=1)
     assert await engine.fire() == 80
     assert len(await engine.sent(first)) + len(await engine.sent(second)) == 40
+
+
+async def test_contact_updates_in_one_batch_each_compare_with_the_one_before(
+    engine: Engine,
+) -> None:
+    workflow = await engine.workflow(
+        {
+            "trigger": {"kind": "score_crossed", "model": "default", "threshold": 50},
+            "entry": {"rule": "every_time"},
+            "steps": [{"kind": "send", "channel": "email", "template_id": str(TEMPLATE)}],
+        }
+    )
+    await engine.update("batch-cold", {"default": 60})  # stored before the batch
+    await engine.apply_batch(
+        ContactHandler(engine.clock),
+        [
+            engine.updated("batch-hot", {"default": 30}, tags={"vip": 5}),
+            engine.updated("batch-hot", {"default": 55}),  # crossed
+            engine.updated("batch-cold", {"default": 40}),
+            engine.updated("batch-hot", {"default": 70}, plan="pro"),
+            engine.updated("batch-hot", {"default": 40}),
+            engine.updated("batch-hot", {"default": 50}),  # crossed again
+            engine.updated("batch-cold", {"default": 45}),
+        ],
+    )
+    runs = Counter(run.contact_id for run in await engine.runs(workflow))
+    # cold: one run from its update before the batch (0 -> 60), none in it (60 -> 40 -> 45)
+    assert runs == {engine.contact_id("batch-hot"): 2, engine.contact_id("batch-cold"): 1}
+    async with transaction(engine.sessionmaker) as session:
+        copies = await store.get_contacts(
+            session,
+            contact_ids=[engine.contact_id("batch-hot"), engine.contact_id("batch-cold")],
+        )
+    hot, cold = copies[engine.contact_id("batch-hot")], copies[engine.contact_id("batch-cold")]
+    assert (hot["scores"], hot["tags"], hot["traits"].get("plan")) == (
+        {"default": 50},
+        {"vip": 5},
+        None,
+    )
+    assert cold["scores"] == {"default": 45}
+
+
+async def test_track_events_in_one_batch_reach_the_run_an_earlier_one_started(
+    engine: Engine,
+) -> None:
+    workflow = await engine.workflow(
+        {
+            "trigger": {"kind": "event", "event": "Product Added"},
+            "goal": {"event": "Order Completed"},
+            "steps": [
+                {"kind": "wait", "seconds": 3600},
+                {"kind": "send", "channel": "email", "template_id": str(TEMPLATE)},
+            ],
+        }
+    )
+    await engine.apply_batch(
+        EventHandler(engine.clock),
+        [
+            engine.tracked("batch-buyer", "Page Viewed"),
+            engine.tracked("batch-buyer", "Product Added", sku="A1"),
+            engine.tracked("batch-browser", "Product Added", sku="B2"),
+            engine.tracked("batch-buyer", "Order Completed"),
+            engine.tracked("batch-nobody", "Order Completed"),
+        ],
+    )
+    runs = {run.contact_id: run for run in await engine.runs(workflow)}
+    assert set(runs) == {engine.contact_id("batch-buyer"), engine.contact_id("batch-browser")}
+    assert runs[engine.contact_id("batch-buyer")].status == "converted"
+    assert runs[engine.contact_id("batch-buyer")].performed == ["Order Completed"]
+    assert runs[engine.contact_id("batch-browser")].status == "active"
