@@ -412,21 +412,31 @@ async def _stage_changed(
     return out.messages
 
 
-async def handle_delivery(session: AsyncSession, envelope: Envelope) -> Sequence[OutgoingMessage]:
+class DeliveryHandler:
     """What became of a message a run requested (its idempotency key is ``<run>:<step>``),
     counted once per status for analytics; other deliveries (not from a run) are ignored."""
-    if envelope.type != DELIVERY_REPORTED.name:
+
+    async def __call__(
+        self, session: AsyncSession, envelope: Envelope
+    ) -> Sequence[OutgoingMessage]:
+        return await self.handle_batch(session, [envelope])
+
+    async def handle_batch(
+        self, session: AsyncSession, envelopes: Sequence[Envelope]
+    ) -> Sequence[OutgoingMessage]:
+        reports: list[store.Delivery] = []
+        for envelope in envelopes:
+            if envelope.type != DELIVERY_REPORTED.name:
+                continue
+            report = DELIVERY_REPORTED.parse(envelope)
+            run, _, step = report.idempotency_key.partition(":")
+            try:
+                run_id, index = uuid.UUID(run), int(step)
+            except ValueError:
+                continue
+            reports.append(store.Delivery(run_id, index, report.status, envelope.occurred_at))
+        await store.record_deliveries(session, reports)
         return []
-    report = DELIVERY_REPORTED.parse(envelope)
-    run, _, step = report.idempotency_key.partition(":")
-    try:
-        run_id, index = uuid.UUID(run), int(step)
-    except ValueError:
-        return []
-    await store.record_delivery(
-        session, run_id=run_id, step=index, status=report.status, at=envelope.occurred_at
-    )
-    return []
 
 
 def consumers(runtime: Runtime) -> list[Worker]:
@@ -449,7 +459,7 @@ def consumers(runtime: Runtime) -> list[Worker]:
         runner("orchestrator-contacts", Topic.CONTACTS, contact_handler(clock)),
         runner("orchestrator", Topic.MEMBERSHIPS, membership_handler(clock)),
         runner("orchestrator-events", Topic.EVENTS, event_handler(clock)),
-        runner("orchestrator-deliveries", Topic.DELIVERIES, handle_delivery),
+        runner("orchestrator-deliveries", Topic.DELIVERIES, DeliveryHandler()),
         TimerWorker(
             settings=settings,
             sessionmaker=runtime.sessionmaker,

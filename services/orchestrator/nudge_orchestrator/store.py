@@ -1420,13 +1420,21 @@ async def delete_template(session: AsyncSession, *, template_id: uuid.UUID, at: 
 # --- analytics ----------------------------------------------------------------------------
 
 
-async def record_delivery(
-    session: AsyncSession, *, run_id: uuid.UUID, step: int, status: str, at: datetime
-) -> None:
+@dataclass(frozen=True)
+class Delivery:
+    run_id: uuid.UUID
+    step: int
+    status: str
+    at: datetime
+
+
+async def record_deliveries(session: AsyncSession, reports: Sequence[Delivery]) -> None:
+    """Each (run, step, status) once, the first report's time kept."""
+    if not reports:
+        return
     await session.execute(
-        pg_insert(deliveries)
-        .values(run_id=run_id, step=step, status=status, at=at)
-        .on_conflict_do_nothing()
+        pg_insert(deliveries).on_conflict_do_nothing(),
+        [{"run_id": r.run_id, "step": r.step, "status": r.status, "at": r.at} for r in reports],
     )
 
 

@@ -17,7 +17,7 @@ from nudge_common.db import transaction
 from nudge_common.events import DELIVERY_REPORTED, NOTIFICATION_REQUESTED, DeliveryReported
 from nudge_common.kafka import publish as real_publish
 from nudge_orchestrator import store, worker
-from nudge_orchestrator.consumer import handle_delivery
+from nudge_orchestrator.consumer import DeliveryHandler
 from nudge_orchestrator.domain.analytics import ab_winner
 from nudge_orchestrator.domain.broadcasts import ABTest, choose, in_test
 from tests.services.orchestrator.conftest import Broadcasts, Engine, FakeSegmenter, notifications
@@ -84,9 +84,9 @@ async def _report(engine: Engine, statuses: list[tuple[uuid.UUID, int, str]]) ->
     """The notifier's ``delivery.reported`` for (run, step, status), in one transaction as
     the deliveries consumer applies a batch."""
     async with transaction(engine.sessionmaker) as session:
-        for run_id, step, status in statuses:
-            await handle_delivery(
-                session,
+        await DeliveryHandler().handle_batch(
+            session,
+            [
                 DELIVERY_REPORTED.envelope(
                     workspace_id=engine.workspace_id,
                     payload=DeliveryReported(
@@ -96,8 +96,10 @@ async def _report(engine: Engine, statuses: list[tuple[uuid.UUID, int, str]]) ->
                         contact_id=uuid.uuid4(),
                     ),
                     occurred_at=engine.now,
-                ),
-            )
+                )
+                for run_id, step, status in statuses
+            ],
+        )
 
 
 async def _create(broadcasts: Broadcasts, headers: dict[str, str], body: dict[str, Any]) -> Any:

@@ -16,7 +16,7 @@ from nudge_common.events import (
     MembershipChanged,
 )
 from nudge_orchestrator import store
-from nudge_orchestrator.consumer import handle_delivery, membership_handler
+from nudge_orchestrator.consumer import DeliveryHandler, membership_handler
 from nudge_orchestrator.domain.analytics import (
     ab_winner,
     grouped_report,
@@ -110,7 +110,7 @@ async def test_analytics_of_a_split_workflow_from_runs_and_deliveries(engine: En
             ("delivered", "opened", "delivered") if run.variant == "a" else ("delivered",)
         ):
             await engine.apply(
-                handle_delivery,
+                DeliveryHandler(),
                 DELIVERY_REPORTED.envelope(
                     workspace_id=engine.workspace_id,
                     payload=DeliveryReported(
@@ -238,7 +238,7 @@ async def test_analytics_per_segment_count_the_runs_the_segment_started(engine: 
     for contact in contacts[:4]:  # delivered; half of them opened
         for status in ("delivered", "opened") if contact in contacts[:2] else ("delivered",):
             await engine.apply(
-                handle_delivery,
+                DeliveryHandler(),
                 DELIVERY_REPORTED.envelope(
                     workspace_id=engine.workspace_id,
                     payload=DeliveryReported(
