@@ -81,10 +81,36 @@ def normalise(
     user_agent: str | None,
     country: str | None = None,
 ) -> SegmentEvent:
+    """The enriched event of a checked call, as a model (see :func:`normalised_payload`)."""
+    return SegmentEvent.model_validate(
+        normalised_payload(
+            call,
+            call_type,
+            received_at=received_at,
+            client_ip=client_ip,
+            user_agent=user_agent,
+            country=country,
+        )
+    )
+
+
+def normalised_payload(
+    call: SegmentCall,
+    call_type: SegmentType,
+    *,
+    received_at: datetime,
+    client_ip: str | None,
+    user_agent: str | None,
+    country: str | None = None,
+) -> dict[str, Any]:
     """Enrich a checked call: ``messageId`` when absent, ``receivedAt``, and the
     ``timestamp`` corrected for the device clock's skew, as Segment does:
     ``timestamp = receivedAt - (sentAt - timestamp)``. The client's ``ip``, ``userAgent``
-    and ``location.country`` are added to ``context`` unless the sender set them."""
+    and ``location.country`` are added to ``context`` unless the sender set them.
+
+    The result is what ``SegmentEvent.model_dump(by_alias=True)`` gives for the event
+    (fields in order, then extra keys), so it can be encoded without building the model
+    (:func:`nudge_common.events.encode_segment_event`): a checked call is a valid event."""
     original = _aware(call.timestamp)
     sent_at = _aware(call.sent_at)
     if original and sent_at:
@@ -102,29 +128,28 @@ def normalise(
             **(location if isinstance(location, dict) else {}),
             "country": country,
         }
-    extra = {k: v for k, v in (call.model_extra or {}).items() if k not in _RESERVED}
-    return SegmentEvent.model_validate(
-        {
-            **extra,
-            "type": call_type,
-            "messageId": call.message_id or f"nudge-{uuid.uuid4()}",
-            "userId": call.user_id,
-            "anonymousId": call.anonymous_id,
-            "event": call.event,
-            "name": call.name,
-            "category": call.category,
-            "properties": call.properties,
-            "traits": call.traits,
-            "context": context,
-            "integrations": call.integrations,
-            "groupId": call.group_id,
-            "previousId": call.previous_id,
-            "timestamp": timestamp,
-            "sentAt": sent_at,
-            "receivedAt": received_at,
-            "originalTimestamp": original,
-        }
-    )
+    payload: dict[str, Any] = {
+        "type": call_type,
+        "messageId": call.message_id or f"nudge-{uuid.uuid4()}",
+        "userId": call.user_id,
+        "anonymousId": call.anonymous_id,
+        "event": call.event,
+        "name": call.name,
+        "category": call.category,
+        "properties": call.properties,
+        "traits": call.traits,
+        "context": context,
+        "integrations": call.integrations,
+        "groupId": call.group_id,
+        "previousId": call.previous_id,
+        "timestamp": timestamp,
+        "sentAt": sent_at,
+        "receivedAt": received_at,
+        "originalTimestamp": original,
+    }
+    if call.model_extra:
+        payload.update((k, v) for k, v in call.model_extra.items() if k not in _RESERVED)
+    return payload
 
 
 _RESERVED = frozenset(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import bisect
 import csv
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
@@ -14,6 +15,7 @@ IPAddress = IPv4Address | IPv6Address
 Network = IPv4Network | IPv6Network
 
 
+@functools.lru_cache(maxsize=4096)  # every request parses its peer's address
 def _parse(value: str | None) -> IPAddress | None:
     if not value:
         return None

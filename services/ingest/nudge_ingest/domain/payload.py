@@ -4,20 +4,22 @@ named, rather than dead-lettered later. Pure."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from nudge_ingest.domain.calls import FieldError
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
-_LONG_NUMBER = re.compile(rb"\d{19}")
+_DIGITS_AS_ZERO = bytes.maketrans(b"0123456789", b"0000000000")
+_LONG_NUMBER = b"0" * 19
+"""19 digits in a row, once every digit reads ``0``: any integer beyond 64 bits has them."""
 
 
 def unstorable(raw: bytes, body: Any) -> FieldError | None:
     """The first unstorable value of ``body`` (parsed from ``raw``), if any. The raw bytes
-    are searched first, so the common body costs two byte scans and no walk."""
-    if b"\\u0000" not in raw and not _LONG_NUMBER.search(raw):
+    are searched first, so the common body costs a few byte scans and no walk (a
+    translation and a substring search: a regular expression was ten times slower)."""
+    if b"\\u0000" not in raw and _LONG_NUMBER not in raw.translate(_DIGITS_AS_ZERO):
         return None
     return _walk(body, "")
 
