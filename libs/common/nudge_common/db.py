@@ -7,12 +7,12 @@ consumer runner for a batch, a route for a request) opens it with :func:`transac
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import UUID
+from sqlalchemy.dialects.postgresql import ARRAY, UUID
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.pool import QueuePool
 
-from nudge_common import metrics
+from nudge_common import codec, metrics
 from nudge_common.settings import NudgeSettings
 
 SessionMaker = async_sessionmaker[AsyncSession]
@@ -74,6 +74,32 @@ def instrument(engine: AsyncEngine) -> None:
 
 _STARTED = "nudge_query_started"
 _KINDS = frozenset({"select", "insert", "update", "delete", "with", "begin", "commit", "rollback"})
+
+
+def array_rows(
+    columns: Sequence[tuple[str, sa.types.TypeEngine[Any], Sequence[Any]]],
+) -> sa.TableValuedAlias:
+    """Rows given as one array parameter per column (``unnest``), to select from, insert
+    from or join: the statement's SQL is the same whatever the number of rows, so SQLAlchemy
+    compiles it once and PostgreSQL gets one parameter per column (a multi-row ``VALUES``
+    is compiled again for every row count, and an ``IN`` list of tuples is planned as one
+    condition per tuple)."""
+    return (
+        sa.func.unnest(*(_array(type_, values) for _, type_, values in columns))
+        .table_valued(*(sa.column(name, type_) for name, type_, _ in columns))
+        .render_derived(with_types=False)
+    )
+
+
+def _array(type_: sa.types.TypeEngine[Any], values: Sequence[Any]) -> sa.ColumnElement[Any]:
+    if not isinstance(type_, sa.JSON):
+        return sa.cast(list(values), ARRAY(type_))
+    # JSON values go as text: a list value would read as one more array dimension
+    texts = [
+        None if value is None and type_.none_as_null else codec.dumps(value).decode()
+        for value in values
+    ]
+    return sa.cast(sa.cast(texts, ARRAY(sa.Text())), ARRAY(type_))
 
 
 def create_sessionmaker(engine: AsyncEngine) -> SessionMaker:

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import cached_property
 from typing import Any, Literal
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -50,6 +51,7 @@ from nudge_scoring.domain.rules import (
     DecaySpec,
     ProfileSpec,
     Rule,
+    RuleIndex,
     ScoringState,
     Stage,
     order_value,
@@ -336,11 +338,15 @@ class Rulebook:
     rules: list[Rule]
     stages: dict[str, list[Stage]]
 
-    @property
+    @cached_property
+    def index(self) -> RuleIndex:
+        return RuleIndex(self.rules)
+
+    @cached_property
     def decays(self) -> list[tuple[uuid.UUID, DecaySpec]]:
         return [(r.id, r.definition) for r in self.rules if isinstance(r.definition, DecaySpec)]
 
-    @property
+    @cached_property
     def needs_state(self) -> bool:
         return any(
             isinstance(r.definition, ProfileSpec)
@@ -670,7 +676,8 @@ class WorkspaceBatch:
         elif event.type in ACTIVITY_NAMES:
             out.activity(self.activity_of(contact.id, event, ACTIVITY_NAMES[event.type], None))
 
-        deltas = score_event(book.rules, event, state)  # counts cap spending in state.spent
+        # counts cap spending in state.spent
+        deltas = score_event(book.index.candidates(event), event, state)
         if new_traits:
             held = score_profile(book.rules, contact.traits, state.held)
             for delta in held:

@@ -11,17 +11,18 @@ history take the contact and every contact merged into it.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import Insert as PgInsert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from nudge_common.db import processed_messages_table
+from nudge_common.db import array_rows, processed_messages_table
 from nudge_common.events import SegmentEvent
 from nudge_scoring.domain.rules import (
     DecaySpec,
@@ -296,11 +297,17 @@ async def identities_of(
     if not keys:
         return {}
     named = [uuid.UUID(value) for kind, value in keys if kind == CONTACT_KEY]
+    stored = [key for key in keys if key[0] != CONTACT_KEY]
+    given = array_rows(
+        [
+            ("kind", sa.Text(), [kind for kind, _ in stored]),
+            ("value", sa.Text(), [value for _, value in stored]),
+        ]
+    )
     held = sa.select(identities.c.kind, identities.c.value, identities.c.contact_id).where(
         identities.c.workspace_id == workspace_id,
-        sa.tuple_(identities.c.kind, identities.c.value).in_(
-            [key for key in keys if key[0] != CONTACT_KEY]
-        ),
+        identities.c.kind == given.c.kind,
+        identities.c.value == given.c.value,
     )
     query: sa.Executable = held
     if named:
@@ -1159,18 +1166,18 @@ async def create_contacts(
     """Contacts (id, user id, first seen) that may not exist yet; existing ones stay."""
     if not rows:
         return
+    ordered = sorted(rows, key=lambda row: row[0])
     await session.execute(
-        pg_insert(contacts).on_conflict_do_nothing(),
-        [
+        insert_rows(
+            contacts,
             {
-                "id": contact_id,
-                "workspace_id": workspace_id,
-                "user_id": user_id,
-                "first_seen_at": at,
-                "last_seen_at": at,
-            }
-            for contact_id, user_id, at in sorted(rows, key=lambda row: row[0])
-        ],
+                "id": [contact_id for contact_id, _, _ in ordered],
+                "workspace_id": [workspace_id] * len(ordered),
+                "user_id": [user_id for _, user_id, _ in ordered],
+                "first_seen_at": [at for _, _, at in ordered],
+                "last_seen_at": [at for _, _, at in ordered],
+            },
+        ).on_conflict_do_nothing()
     )
 
 
@@ -1181,12 +1188,17 @@ async def claim_identities_many(
     contact; keys somebody holds keep their owner."""
     if not claims:
         return
+    ordered = sorted(claims.items())
     await session.execute(
-        pg_insert(identities).on_conflict_do_nothing(),
-        [
-            {"workspace_id": workspace_id, "kind": k, "value": v, "contact_id": owner}
-            for (k, v), owner in sorted(claims.items())
-        ],
+        insert_rows(
+            identities,
+            {
+                "workspace_id": [workspace_id] * len(ordered),
+                "kind": [kind for (kind, _), _ in ordered],
+                "value": [value for (_, value), _ in ordered],
+                "contact_id": [owner for _, owner in ordered],
+            },
+        ).on_conflict_do_nothing()
     )
 
 
@@ -1199,6 +1211,9 @@ async def lock_states(
     wanted = sorted(set(ids))
     if not wanted:
         return {}
+    # joined to an array, not ``IN`` (compiled again per count) nor ``= ANY`` (whose
+    # generic plan can scan the whole table): one index probe per contact
+    given = array_rows([("id", UUID(as_uuid=True), wanted)])
     rows = await session.execute(
         sa.select(
             contacts.c.id,
@@ -1209,9 +1224,9 @@ async def lock_states(
             contacts.c.orders_count,
             contacts.c.merged_into,
         )
-        .where(contacts.c.id.in_(wanted))
+        .join(given, contacts.c.id == given.c.id)
         .order_by(contacts.c.id)
-        .with_for_update()
+        .with_for_update(of=contacts)
     )
     states = {
         row.id: ContactState(
@@ -1229,20 +1244,20 @@ async def lock_states(
         for row in rows
     }
     for row in await session.execute(
-        sa.select(scores.c.contact_id, scores.c.model, scores.c.points).where(
-            scores.c.contact_id.in_(wanted)
+        sa.select(scores.c.contact_id, scores.c.model, scores.c.points).join(
+            given, scores.c.contact_id == given.c.id
         )
     ):
         states[row.contact_id].scores[row.model] = row.points
     for row in await session.execute(
-        sa.select(stages.c.contact_id, stages.c.model, stages.c.stage).where(
-            stages.c.contact_id.in_(wanted)
+        sa.select(stages.c.contact_id, stages.c.model, stages.c.stage).join(
+            given, stages.c.contact_id == given.c.id
         )
     ):
         states[row.contact_id].stages[row.model] = row.stage
     for tag in await session.execute(
-        sa.select(tags.c.contact_id, tags.c.tag, tags.c.assignments, tags.c.active).where(
-            tags.c.contact_id.in_(wanted)
+        sa.select(tags.c.contact_id, tags.c.tag, tags.c.assignments, tags.c.active).join(
+            given, tags.c.contact_id == given.c.id
         )
     ):
         states[tag.contact_id].tag_scores[tag.tag] = tag.assignments
@@ -1250,7 +1265,7 @@ async def lock_states(
             states[tag.contact_id].active_tags.add(tag.tag)
     if with_spent:
         for row in await session.execute(
-            sa.select(rule_spending).where(rule_spending.c.contact_id.in_(wanted))
+            sa.select(rule_spending).join(given, rule_spending.c.contact_id == given.c.id)
         ):
             states[row.contact_id].spent[(row.rule_id, row.period)] = row.points
     return states
@@ -1265,26 +1280,34 @@ async def claim_event_ids(
     """Record (message id, occurred at, contact) in ``event_ids``; returns the message ids
     that were new (the events to store and apply; also score adjustments, as
     ``adjustment:<id>``). Message ids must be distinct."""
-    new: set[str] = set()
-    for start in range(0, len(rows), 5000):  # PostgreSQL takes at most 32767 parameters
-        result = await session.execute(
-            pg_insert(event_ids)
-            .values(
-                [
-                    {
-                        "workspace_id": workspace_id,
-                        "message_id": message_id,
-                        "occurred_at": at,
-                        "contact_id": contact_id,
-                    }
-                    for message_id, at, contact_id in rows[start : start + 5000]
-                ]
-            )
-            .on_conflict_do_nothing()
-            .returning(event_ids.c.message_id)
+    if not rows:
+        return set()
+    statement = (
+        insert_rows(
+            event_ids,
+            {
+                "workspace_id": [workspace_id] * len(rows),
+                "message_id": [message_id for message_id, _, _ in rows],
+                "occurred_at": [at for _, at, _ in rows],
+                "contact_id": [contact_id for _, _, contact_id in rows],
+            },
         )
-        new.update(result.scalars())
-    return new
+        .on_conflict_do_nothing()
+        .returning(event_ids.c.message_id)
+    )
+    return set((await session.execute(statement)).scalars())
+
+
+def insert_rows(table: sa.Table, columns: Mapping[str, Sequence[Any]]) -> PgInsert:
+    """``INSERT INTO table (columns) SELECT * FROM unnest(arrays)``: one array parameter
+    per column, compiled once whatever the number of rows (``array_rows``)."""
+    given = array_rows([(name, table.c[name].type, values) for name, values in columns.items()])
+    return pg_insert(table).from_select(list(columns), sa.select(*given.c))
+
+
+def column_lists(rows: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Rows of the same keys as one list per column, for ``insert_rows``."""
+    return {name: [row[name] for row in rows] for name in rows[0]}
 
 
 def event_row(workspace_id: str, contact_id: uuid.UUID, event: SegmentEvent) -> dict[str, Any]:
@@ -1430,7 +1453,6 @@ class BatchWrites:
         )
 
 
-_TOUCH = sa.update(contacts).where(contacts.c.id == sa.bindparam("cid"))
 _PROFILE = sa.update(contacts).where(contacts.c.id == sa.bindparam("cid"))
 TYPED_COLUMNS = (
     "name",
@@ -1449,36 +1471,43 @@ TYPED_COLUMNS = (
 async def write_batch(session: AsyncSession, writes: BatchWrites) -> None:
     """Write what ``writes`` gathered: one statement per table (many rows each)."""
     if writes.events:
-        await session.execute(sa.insert(events), writes.events)
+        await session.execute(insert_rows(events, column_lists(writes.events)))
     if writes.transactions:
-        await session.execute(pg_insert(transactions).on_conflict_do_nothing(), writes.transactions)
-    if writes.touches:
         await session.execute(
-            _TOUCH.values(
-                first_seen_at=sa.func.least(
-                    contacts.c.first_seen_at, sa.bindparam("first_seen", type_=TIMESTAMP)
-                ),
-                last_seen_at=sa.func.greatest(
-                    contacts.c.last_seen_at, sa.bindparam("last_seen", type_=TIMESTAMP)
-                ),
-                user_id=sa.func.coalesce(
-                    contacts.c.user_id, sa.bindparam("user_id", type_=sa.Text)
-                ),
-                first_touch=sa.func.coalesce(
-                    contacts.c.first_touch,
-                    sa.bindparam("first_touch", type_=JSONB(none_as_null=True)),
-                ),
-                orders_count=contacts.c.orders_count + sa.bindparam("orders", type_=sa.Integer),
+            insert_rows(transactions, column_lists(writes.transactions)).on_conflict_do_nothing()
+        )
+    if writes.touches:
+        touched = sorted(writes.touches.values(), key=lambda t: t["cid"])
+        given = array_rows(
+            [
+                (name, type_, [touch[name] for touch in touched])
+                for name, type_ in (
+                    ("cid", UUID(as_uuid=True)),
+                    ("first_seen", TIMESTAMP),
+                    ("last_seen", TIMESTAMP),
+                    ("user_id", sa.Text()),
+                    ("first_touch", JSONB(none_as_null=True)),
+                    ("orders", sa.Integer()),
+                    ("revenue", sa.Float()),
+                    ("first_order", TIMESTAMP),
+                    ("last_order", TIMESTAMP),
+                )
+            ]
+        )
+        await session.execute(
+            sa.update(contacts)
+            .where(contacts.c.id == given.c.cid)
+            .values(
+                first_seen_at=sa.func.least(contacts.c.first_seen_at, given.c.first_seen),
+                last_seen_at=sa.func.greatest(contacts.c.last_seen_at, given.c.last_seen),
+                user_id=sa.func.coalesce(contacts.c.user_id, given.c.user_id),
+                first_touch=sa.func.coalesce(contacts.c.first_touch, given.c.first_touch),
+                orders_count=contacts.c.orders_count + given.c.orders,
                 revenue_total=contacts.c.revenue_total
-                + sa.cast(sa.bindparam("revenue", type_=sa.Float), sa.Numeric(18, 4)),
-                first_order_at=sa.func.least(
-                    contacts.c.first_order_at, sa.bindparam("first_order", type_=TIMESTAMP)
-                ),
-                last_order_at=sa.func.greatest(
-                    contacts.c.last_order_at, sa.bindparam("last_order", type_=TIMESTAMP)
-                ),
-            ),
-            sorted(writes.touches.values(), key=lambda t: t["cid"]),
+                + sa.cast(given.c.revenue, sa.Numeric(18, 4)),
+                first_order_at=sa.func.least(contacts.c.first_order_at, given.c.first_order),
+                last_order_at=sa.func.greatest(contacts.c.last_order_at, given.c.last_order),
+            )
         )
     if writes.profiles:
         await session.execute(
@@ -1505,40 +1534,40 @@ async def write_batch(session: AsyncSession, writes: BatchWrites) -> None:
     await _write_tags(session, writes)
     await _write_points(session, writes)
     if writes.stages:
-        upsert = pg_insert(stages)
+        staged = sorted(writes.stages.items())
+        upsert = insert_rows(
+            stages,
+            {
+                "contact_id": [contact_id for (contact_id, _), _ in staged],
+                "model": [model for (_, model), _ in staged],
+                "workspace_id": [writes.workspace_id] * len(staged),
+                "stage": [stage for _, (stage, _) in staged],
+                "since": [since for _, (_, since) in staged],
+            },
+        )
         await session.execute(
             upsert.on_conflict_do_update(
                 index_elements=[stages.c.contact_id, stages.c.model],
                 set_={"stage": upsert.excluded.stage, "since": upsert.excluded.since},
-            ),
-            [
-                {
-                    "contact_id": contact_id,
-                    "model": model,
-                    "workspace_id": writes.workspace_id,
-                    "stage": stage,
-                    "since": since,
-                }
-                for (contact_id, model), (stage, since) in sorted(writes.stages.items())
-            ],
+            )
         )
-        await session.execute(sa.insert(stage_history), writes.stage_history)
+        await session.execute(insert_rows(stage_history, column_lists(writes.stage_history)))
     if writes.timers:
-        upsert = pg_insert(timers)
+        timed = sorted(writes.timers.items())
+        upsert = insert_rows(
+            timers,
+            {
+                "contact_id": [contact_id for (contact_id, _), _ in timed],
+                "rule_id": [rule_id for (_, rule_id), _ in timed],
+                "workspace_id": [writes.workspace_id] * len(timed),
+                "due_at": [due_at for _, due_at in timed],
+            },
+        )
         await session.execute(
             upsert.on_conflict_do_update(
                 index_elements=[timers.c.contact_id, timers.c.rule_id],
                 set_={"due_at": sa.func.greatest(timers.c.due_at, upsert.excluded.due_at)},
-            ),
-            [
-                {
-                    "contact_id": contact_id,
-                    "rule_id": rule_id,
-                    "workspace_id": writes.workspace_id,
-                    "due_at": due_at,
-                }
-                for (contact_id, rule_id), due_at in sorted(writes.timers.items())
-            ],
+            )
         )
 
 
@@ -1579,26 +1608,35 @@ async def _write_tags(session: AsyncSession, writes: BatchWrites) -> None:
 
 async def _write_points(session: AsyncSession, writes: BatchWrites) -> None:
     if writes.scores:
-        upsert = pg_insert(scores)
+        scored = sorted(writes.scores.items())
+        upsert = insert_rows(
+            scores,
+            {
+                "contact_id": [contact_id for (contact_id, _), _ in scored],
+                "model": [model for (_, model), _ in scored],
+                "workspace_id": [writes.workspace_id] * len(scored),
+                "points": [points for _, points in scored],
+            },
+        )
         await session.execute(
             upsert.on_conflict_do_update(
                 index_elements=[scores.c.contact_id, scores.c.model],
                 set_={"points": scores.c.points + upsert.excluded.points},
-            ),
-            [
-                {
-                    "contact_id": contact_id,
-                    "model": model,
-                    "workspace_id": writes.workspace_id,
-                    "points": points,
-                }
-                for (contact_id, model), points in sorted(writes.scores.items())
-            ],
+            )
         )
     if writes.score_changes:
-        await session.execute(sa.insert(score_changes), writes.score_changes)
+        await session.execute(insert_rows(score_changes, column_lists(writes.score_changes)))
     if writes.spending:
-        upsert = pg_insert(rule_spending)
+        spent = sorted(writes.spending.items())
+        upsert = insert_rows(
+            rule_spending,
+            {
+                "contact_id": [contact_id for (contact_id, _, _), _ in spent],
+                "rule_id": [rule_id for (_, rule_id, _), _ in spent],
+                "period": [period for (_, _, period), _ in spent],
+                "points": [points for _, points in spent],
+            },
+        )
         await session.execute(
             upsert.on_conflict_do_update(
                 index_elements=[
@@ -1607,9 +1645,5 @@ async def _write_points(session: AsyncSession, writes: BatchWrites) -> None:
                     rule_spending.c.period,
                 ],
                 set_={"points": rule_spending.c.points + upsert.excluded.points},
-            ),
-            [
-                {"contact_id": c, "rule_id": r, "period": p, "points": v}
-                for (c, r, p), v in sorted(writes.spending.items())
-            ],
+            )
         )

@@ -310,6 +310,34 @@ def matches_transactional(spec: TransactionalSpec, event: SegmentEvent, orders_b
     return True
 
 
+class RuleIndex:
+    """The behavioural and transactional rules by the (call type, name) they can match, in
+    their original order: an event is checked against the few rules of its name (and those
+    of any name for its type) instead of every rule of the workspace."""
+
+    def __init__(self, rules: Iterable[Rule]) -> None:
+        self._by_key: dict[tuple[str, str | None], list[tuple[int, Rule]]] = {}
+        for position, rule in enumerate(rules):
+            spec = rule.definition
+            if isinstance(spec, BehaviouralSpec):
+                key = (spec.type, spec.event)
+            elif isinstance(spec, TransactionalSpec):
+                key = (SegmentType.TRACK.value, spec.event)
+            else:
+                continue
+            self._by_key.setdefault(key, []).append((position, rule))
+
+    def candidates(self, event: SegmentEvent) -> list[Rule]:
+        """The rules that may match ``event`` (``score_event`` decides), in order."""
+        kind = event.type.value
+        name = event.event if event.type is SegmentType.TRACK else event.name
+        named = self._by_key.get((kind, name), []) if name is not None else []
+        anyname = self._by_key.get((kind, None), [])
+        if not anyname or not named:
+            return [rule for _, rule in named or anyname]
+        return [rule for _, rule in sorted(named + anyname, key=lambda item: item[0])]
+
+
 def score_event(
     rules: Iterable[Rule], event: SegmentEvent, state: ScoringState | None = None
 ) -> list[ScoreDelta]:
