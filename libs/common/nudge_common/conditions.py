@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Any, Literal
@@ -312,6 +312,9 @@ class Profile:
     value: CustomerValue = CustomerValue()
     last_seen_at: datetime | None = None
     events: Sequence[EventFact] = ()
+    events_by_name: Mapping[str, Sequence[EventFact]] | None = None
+    """Optional: ``events`` grouped by name (the same facts), which compiled conditions
+    (:func:`compile_evaluator`) read instead of scanning every event."""
 
 
 @dataclass(frozen=True)
@@ -597,3 +600,145 @@ def _dated(leaf: TraitDate, profile: Profile, now: datetime) -> Verdict:
     if today <= end:
         return Verdict(True, _midnight(end + timedelta(days=1), utc))
     return Verdict(False)
+
+
+# --- compiled evaluation -------------------------------------------------------------------
+
+Evaluator = Callable[[Profile, datetime], Verdict]
+_Check = Callable[[Profile, datetime], tuple[bool, datetime | None]]
+_TRUE: tuple[bool, datetime | None] = (True, None)
+_FALSE: tuple[bool, datetime | None] = (False, None)
+
+
+def compile_evaluator(condition: Condition) -> Evaluator:
+    """:func:`evaluate` for one condition, its tree walked once into nested closures:
+    the same verdicts and rechecks, without dispatching on node kinds per contact (the
+    segmenter evaluates each segment's condition for every contact a change touches)."""
+    check = _compile(condition)
+
+    def evaluator(profile: Profile, now: datetime) -> Verdict:
+        matched, recheck_at = check(profile, now)
+        return Verdict(matched, recheck_at)
+
+    return evaluator
+
+
+def _compile(condition: Condition) -> _Check:
+    match condition:
+        case AllOf(conditions=children):
+            return _compile_combine([_compile(c) for c in children], decisive=False)
+        case AnyOf(conditions=children):
+            return _compile_combine([_compile(c) for c in children], decisive=True)
+        case Not(condition=child):
+            inner = _compile(child)
+
+            def negated(profile: Profile, now: datetime) -> tuple[bool, datetime | None]:
+                matched, recheck_at = inner(profile, now)
+                return not matched, recheck_at
+
+            return negated
+        case Performed():
+            return _compile_performed(condition)
+        case LastSeen(op=op, days=days):
+            return _compile_last_seen(op == "more_than", timedelta(days=days))
+        case TraitDate() | Age():
+            leaf = condition
+
+            def timed(profile: Profile, now: datetime) -> tuple[bool, datetime | None]:
+                verdict = _timed(leaf, profile, now)
+                return verdict.matches, verdict.recheck_at
+
+            return timed
+    return _compile_static(condition)
+
+
+def _compile_combine(children: list[_Check], *, decisive: bool) -> _Check:
+    """As :func:`_combine`."""
+
+    def combined(profile: Profile, now: datetime) -> tuple[bool, datetime | None]:
+        result, earliest = not decisive, None
+        for child in children:
+            matched, recheck_at = child(profile, now)
+            if matched == decisive:
+                if recheck_at is None:
+                    return decisive, None
+                result = decisive
+            if recheck_at is not None and (earliest is None or recheck_at < earliest):
+                earliest = recheck_at
+        return result, earliest
+
+    return combined
+
+
+def _compile_performed(leaf: Performed) -> _Check:
+    """As :func:`_performed`."""
+    event, where, op, count = leaf.event, leaf.where, leaf.op, leaf.count
+    window = timedelta(days=leaf.within_days) if leaf.within_days is not None else None
+
+    def performed(profile: Profile, now: datetime) -> tuple[bool, datetime | None]:
+        by_name = profile.events_by_name
+        counted = [
+            e.at
+            for e in (profile.events if by_name is None else by_name.get(event, ()))
+            if e.event == event
+            and (window is None or now - e.at < window)
+            and (where is None or matches_properties(where, e.properties))
+        ]
+        recheck = min(counted) + window if window is not None and counted else None
+        return compare(len(counted), op, count), recheck
+
+    return performed
+
+
+def _compile_last_seen(more_than: bool, span: timedelta) -> _Check:
+    """As :func:`_timed` for :class:`LastSeen`."""
+
+    def last_seen(profile: Profile, now: datetime) -> tuple[bool, datetime | None]:
+        seen = profile.last_seen_at
+        if seen is None:
+            return more_than, None
+        boundary = seen + span
+        long_ago = now >= boundary
+        return long_ago == more_than, None if long_ago else boundary
+
+    return last_seen
+
+
+def _compile_static(leaf: Leaf) -> _Check:
+    """As :func:`_static`, for the common leaves; the others call it."""
+    match leaf:
+        case TraitIs(name=name, op=op, value=value):
+
+            def trait(profile: Profile, now: datetime) -> tuple[bool, datetime | None]:
+                return _TRUE if trait_matches(trait_at(profile.traits, name), op, value) else _FALSE
+
+            return trait
+        case ScoreAtLeast(model=model, op=op, value=value):
+
+            def score(profile: Profile, now: datetime) -> tuple[bool, datetime | None]:
+                return _TRUE if compare(profile.scores.get(model, 0), op, value) else _FALSE
+
+            return score
+        case HasTag(tag=tag, min_score=min_score):
+
+            def tag_of(profile: Profile, now: datetime) -> tuple[bool, datetime | None]:
+                return _TRUE if profile.tags.get(tag, 0) >= min_score else _FALSE
+
+            return tag_of
+        case InSegment(segment_id=segment_id):
+
+            def member(profile: Profile, now: datetime) -> tuple[bool, datetime | None]:
+                return _TRUE if segment_id in profile.segments else _FALSE
+
+            return member
+        case Consents(channel=channel):
+
+            def consents(profile: Profile, now: datetime) -> tuple[bool, datetime | None]:
+                return _TRUE if channel in profile.consents else _FALSE
+
+            return consents
+
+    def static(profile: Profile, now: datetime) -> tuple[bool, datetime | None]:
+        return _TRUE if _static(leaf, profile) else _FALSE
+
+    return static

@@ -40,6 +40,22 @@ from nudge_segmenter.evaluation import Cause, ContactBatch, reevaluate
 from nudge_segmenter.settings import SegmenterSettings
 
 
+def touched(payloads: Sequence[ContactUpdated | ContactActivity]) -> set[str] | None:
+    """The facts the messages can touch (what ``ContactBatch.apply_update`` and
+    ``apply_activity`` return for a known contact); None: any (an update naming nothing)."""
+    facts: set[str] = set()
+    for payload in payloads:
+        if isinstance(payload, ContactUpdated):
+            if not payload.changed:
+                return None
+            facts.update(payload.changed)
+        else:
+            facts.update(("activity", f"event:{payload.event}"))
+            if payload.revenue is not None:
+                facts.add("value")
+    return facts
+
+
 class ContactsHandler:
     """Scoring's updates and activities go through :class:`ContactBatch` a run at a time
     (a few queries per run, whatever its size); merges, erasures and list changes, rarer,
@@ -86,7 +102,9 @@ class ContactsHandler:
         for workspace_id, items in by_workspace.items():
             ids = {payload.contact_id for _, payload in items}
             stale = await store.merged_among(session, contact_ids=ids)
-            batch = await ContactBatch.load(session, workspace_id, ids - stale)
+            batch = await ContactBatch.load(
+                session, workspace_id, ids - stale, facts=touched([p for _, p in items])
+            )
             ordered = False
             for envelope, payload in items:
                 if payload.contact_id in stale:

@@ -19,6 +19,7 @@ from nudge_common.conditions import (
     AnyOf,
     Condition,
     Consents,
+    Evaluator,
     HasTag,
     InSegment,
     LastSeen,
@@ -31,6 +32,7 @@ from nudge_common.conditions import (
     TraitDate,
     TraitIs,
     ValueIs,
+    compile_evaluator,
     leaves,
 )
 
@@ -161,6 +163,17 @@ class Indexed:
     timed: bool
     """Whether time alone can change its answer (it has date, age, window or last-seen
     leaves): only such segments have rechecks."""
+    evaluate: Evaluator
+    """The condition compiled once (``conditions.compile_evaluator``)."""
+
+
+@dataclass(frozen=True)
+class Needed:
+    """What evaluating after a change needs loaded: the memberships of ``segments`` (those
+    evaluated and those they reference) and the events named ``events``."""
+
+    segments: frozenset[uuid.UUID]
+    events: frozenset[str]
 
 
 class SegmentIndex:
@@ -169,13 +182,45 @@ class SegmentIndex:
 
     def __init__(self, segments: Sequence[tuple[uuid.UUID, Condition]]) -> None:
         self.ordered = [
-            Indexed(s, c, facts_of(c), is_timed(c)) for s, c in _dependency_order(segments)
+            Indexed(s, c, facts_of(c), is_timed(c), compile_evaluator(c))
+            for s, c in _dependency_order(segments)
         ]
         self.by_fact: dict[str, list[Indexed]] = {}
         for segment in self.ordered:
             for fact in segment.facts:
                 self.by_fact.setdefault(fact, []).append(segment)
         self.position = {segment.id: index for index, segment in enumerate(self.ordered)}
+        self._affected: dict[frozenset[str], frozenset[uuid.UUID]] = {}
+        self._needed: dict[str, Needed] = {}
+
+    def affected_ids(self, facts: frozenset[str]) -> frozenset[uuid.UUID]:
+        """The ids of :meth:`affected`, remembered per set of facts."""
+        found = self._affected.get(facts)
+        if found is None:
+            if len(self._affected) > 10_000:  # facts name events: bound the memory
+                self._affected.clear()
+            found = self._affected[facts] = frozenset(s.id for s in self.affected(facts))
+        return found
+
+    def needed(self, facts: Iterable[str]) -> Needed:
+        """What changes touching ``facts`` can lead to evaluating (the affected segments
+        and, transitively, those referencing them), and what evaluating those reads."""
+        segments: set[uuid.UUID] = set()
+        events: set[str] = set()
+        for fact in facts:
+            if fact not in self.by_fact:
+                continue
+            one = self._needed.get(fact)
+            if one is None:
+                evaluated = self.reachable(s.id for s in self.by_fact[fact])
+                conditions = [self.ordered[self.position[s]].condition for s in evaluated]
+                one = self._needed[fact] = Needed(
+                    frozenset(evaluated.union(*(referenced_segments(c) for c in conditions))),
+                    frozenset(n for c in conditions for n in event_names(c)),
+                )
+            segments |= one.segments
+            events |= one.events
+        return Needed(frozenset(segments), frozenset(events))
 
     def affected(self, facts: Iterable[str]) -> list[Indexed]:
         """The segments depending on any of ``facts``, in evaluation order."""

@@ -1,0 +1,123 @@
+"""The segmenter's fast paths equal the reference ones: a compiled condition gives
+:func:`evaluate`'s verdict and recheck, and a transition's envelope is the one
+``EventType.envelope`` builds. Pure."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nudge_common.conditions import (
+    CustomerValue,
+    EventFact,
+    Profile,
+    compile_evaluator,
+    condition_adapter,
+    evaluate,
+)
+from nudge_common.events import (
+    CONTACT_ACTIVITY,
+    SEGMENT_ENTERED,
+    SEGMENT_EXITED,
+    ContactActivity,
+    ContactSnapshot,
+    MembershipChanged,
+)
+from nudge_segmenter.evaluation import Cause, transition
+from tests.services.segmenter.test_property import conditions, traits
+
+NOW = datetime(2031, 3, 10, 22, 30, tzinfo=UTC)
+
+events = st.lists(
+    st.builds(
+        lambda name, minutes, properties: EventFact(
+            name, NOW + timedelta(minutes=minutes), properties
+        ),
+        st.sampled_from(["A", "B", "Order Completed"]),
+        st.integers(-45 * 1440, 2 * 1440),
+        st.sampled_from([{}, {"sku": "x"}, {"sku": "y"}]),
+    ),
+    max_size=6,
+)
+profiles = st.builds(
+    lambda trait_values, score, tags, stages, consents, seen, revenue, orders, found: Profile(
+        traits=trait_values,
+        scores={"lead": score},
+        tags=tags,
+        stages=stages,
+        consents=frozenset(consents),
+        value=CustomerValue(revenue=revenue, orders=orders),
+        last_seen_at=None if seen is None else NOW - timedelta(hours=seen),
+        events=found,
+    ),
+    traits,
+    st.integers(-5, 20),
+    st.dictionaries(st.sampled_from(["vip", "churned"]), st.integers(1, 3), max_size=2),
+    st.sampled_from([{}, {"lead": "mql"}, {"lead": "sql"}]),
+    st.sets(st.sampled_from(["email", "sms"])),
+    st.one_of(st.none(), st.integers(0, 50 * 24)),
+    st.sampled_from([0.0, 30.0, 75.5]),
+    st.integers(0, 3),
+    events,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(definition=conditions, profile=profiles)
+def test_a_compiled_condition_evaluates_as_the_reference(
+    definition: dict[str, Any], profile: Profile
+) -> None:
+    condition = condition_adapter.validate_python(definition)
+    compiled = compile_evaluator(condition)
+    expected = evaluate(condition, profile, NOW)
+    assert compiled(profile, NOW) == expected
+    by_name: dict[str, list[EventFact]] = {}
+    for event in profile.events:
+        by_name.setdefault(event.event, []).append(event)
+    assert compiled(replace(profile, events_by_name=by_name), NOW) == expected
+
+
+def test_a_transition_envelope_is_the_one_the_event_type_builds() -> None:
+    contact = ContactSnapshot(
+        contact_id=uuid.uuid4(),
+        user_id="u-1",
+        traits={"plan": "pro", "address": {"city": "Roma"}, "n": 2.5, "ok": True},
+        scores={"lead": 12},
+    )
+    activity = ContactActivity(
+        contact_id=contact.contact_id,
+        message_id="m-1",
+        kind="page",
+        event="Page Viewed",
+        at=NOW,
+        properties={"path": "/"},
+    )
+    caused_by = CONTACT_ACTIVITY.envelope(
+        workspace_id="w",
+        payload=activity,
+        occurred_at=NOW,
+        origin_received_at=NOW - timedelta(seconds=1),
+    )
+    segment_id = uuid.uuid4()
+    for cause in (Cause(caused_by), Cause(work="recheck")):
+        for entered, at in ((True, NOW), (False, NOW + timedelta(microseconds=1500))):
+            built = transition(
+                "w", segment_id, "Pros", contact, entered=entered, at=at, cause=cause
+            ).envelope
+            reference = (SEGMENT_ENTERED if entered else SEGMENT_EXITED).envelope(
+                workspace_id="w",
+                payload=MembershipChanged(
+                    segment_id=segment_id, segment_name="Pros", contact=contact, at=at
+                ),
+                occurred_at=at,
+                id=cause.message_id(segment_id, contact.contact_id),
+                caused_by=cause.envelope,
+                scope=str(segment_id),
+            )
+            assert built == reference
+            assert built.encode() == reference.encode()
