@@ -20,19 +20,25 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
+from aiokafka.structs import ConsumerRecord
 
 from bench.harness import (
     LoadReport,
     contacts_for,
     new_workspace,
     percentile,
+    process_tree_cpu_s,
     run_load,
     sandbox,
+    stack_pids,
 )
+from nudge_common import codec
+from nudge_common.events import Topic
 from nudge_common.settings import NudgeSettings
+from nudge_devtools.pipeline import read_topic
 from nudge_devtools.services import Fleet, free_port
 from nudge_devtools.smtp_sink import SmtpSink
 
@@ -58,6 +64,14 @@ class Step:
     counts as the time waited (a lower bound)."""
     aborted: bool
     notifier_histogram: dict[str, float]
+    cpu_ms_per_event: dict[str, float]
+    hops_ms: dict[str, dict[str, float]]
+    """Where each contact's latency went, hop by hop (docs/proof.md)."""
+    consumers: dict[str, dict[str, float]]
+    """Per consumer: batches applied during the step, their mean size and duration."""
+    """CPU time each process (with its children) spent per acknowledged event during the
+    step, the stack and this load generator included: the machine's budget at a rate R is
+    nproc * 1000 / R ms per event."""
 
     @property
     def sustained(self) -> bool:
@@ -88,6 +102,9 @@ class Step:
             "generator_late_max_ms": round(self.load.send_lag_max_s * 1000, 1),
             "aborted_overloaded": self.aborted,
             "notifier_histogram": self.notifier_histogram,
+            "cpu_ms_per_event": self.cpu_ms_per_event,
+            "hops_ms": self.hops_ms,
+            "consumers": self.consumers,
             "sustained": self.sustained,
         }
 
@@ -126,6 +143,95 @@ def histogram_summary(before: dict[str, float], after: dict[str, float]) -> dict
         "mean_ms": round(delta["sum"] / count * 1000, 1),
         "p99_le_ms": p99_bound * 1000 if math.isfinite(p99_bound) else -1,
     }
+
+
+CONSUMER_SERIES = re.compile(
+    r'^nudge_consumer_batch_(size|duration_seconds)_(sum|count)\{consumer="([^"]+)"\} (\S+)$'
+)
+
+
+async def consumer_totals(fleet: Fleet) -> dict[tuple[str, str, str], float]:
+    """(consumer, size|duration_seconds, sum|count) of every service's batch histograms."""
+    found: dict[tuple[str, str, str], float] = {}
+    async with httpx.AsyncClient(timeout=5) as client:
+        for service in fleet.services.values():
+            text = (await client.get(f"{service.url}/metrics")).text
+            for line in text.splitlines():
+                if match := CONSUMER_SERIES.match(line):
+                    found[(match[3], match[1], match[2])] = float(match[4])
+    return found
+
+
+def consumer_summary(
+    before: dict[tuple[str, str, str], float], after: dict[tuple[str, str, str], float]
+) -> dict[str, dict[str, float]]:
+    def delta(key: tuple[str, str, str]) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    summary = {}
+    for consumer in sorted({key[0] for key in after}):
+        batches = delta((consumer, "size", "count"))
+        if batches:
+            summary[consumer] = {
+                "batches": batches,
+                "mean_size": round(delta((consumer, "size", "sum")) / batches, 1),
+                "mean_ms": round(delta((consumer, "duration_seconds", "sum")) / batches * 1000, 1),
+            }
+    return summary
+
+
+HOPS = (
+    ("scoring", Topic.EVENTS, Topic.CONTACTS),
+    ("segmenter", Topic.CONTACTS, Topic.MEMBERSHIPS),
+    ("orchestrator", Topic.MEMBERSHIPS, Topic.NOTIFICATIONS),
+)
+
+
+async def hop_latencies(
+    settings: NudgeSettings, workspace_id: str, smtp_epoch_s: dict[str, float]
+) -> dict[str, dict[str, float]]:
+    """p50/p99 of each hop of the contacts' path, from the records' timestamps (when each
+    service handed its output to the producer): ingest's third event -> scoring's last
+    ``contact.updated`` -> the segment entry -> the notification request -> the email at
+    the sink (``smtp_epoch_s``: arrival per user id)."""
+    last_seen: dict[Topic, dict[str, float]] = {}
+    for topic in (Topic.EVENTS, Topic.CONTACTS, Topic.MEMBERSHIPS, Topic.NOTIFICATIONS):
+        seen: dict[str, float] = {}
+        for record in await read_topic(settings, topic, deadline_s=60):
+            envelope = codec.loads(record.value or b"{}")
+            if envelope.get("workspace_id") != workspace_id:
+                continue
+            payload = envelope.get("payload") or {}
+            contact = payload.get("contact") or payload
+            user = contact.get("user_id") or contact.get("userId")
+            if isinstance(user, str):
+                timestamp_ms = cast(ConsumerRecord[bytes, bytes], record).timestamp
+                seen[user] = max(seen.get(user, 0.0), timestamp_ms / 1000)
+        last_seen[topic] = seen
+
+    def spread(pairs: list[tuple[float, float]]) -> dict[str, float]:
+        gaps = [max(later - earlier, 0.0) for earlier, later in pairs]
+        return {
+            "p50": round(percentile(gaps, 50) * 1000, 1),
+            "p99": round(percentile(gaps, 99) * 1000, 1),
+            "count": len(gaps),
+        }
+
+    result = {
+        name: spread(
+            [
+                (last_seen[source][user], last_seen[target][user])
+                for user in smtp_epoch_s
+                if user in last_seen[source] and user in last_seen[target]
+            ]
+        )
+        for name, source, target in HOPS
+    }
+    notified = last_seen[Topic.NOTIFICATIONS]
+    result["notifier"] = spread(
+        [(notified[user], at) for user, at in smtp_epoch_s.items() if user in notified]
+    )
+    return result
 
 
 async def measure(base: NudgeSettings, rate: float, duration_s: float) -> Step:
@@ -182,6 +288,15 @@ async def _measure(
                 stop.set()
 
     before = await histogram(fleet["notifier"].url)
+    pids = {
+        **{
+            name: service.process.pid for name, service in fleet.services.items() if service.process
+        },
+        **stack_pids(Path(os.environ.get("NUDGE_DATA_DIR", REPO / ".data"))),
+    }
+    cpu_before = {name: process_tree_cpu_s(pid) for name, pid in pids.items()}
+    generator_before = time.process_time()
+    batches_before = await consumer_totals(fleet)
     watcher = asyncio.create_task(watch_overload())
     load = await run_load(fleet["ingest"].url, workspace, contacts, rate=rate, stop=stop)
     aborted = stop.is_set()
@@ -205,6 +320,22 @@ async def _measure(
         else:  # not arrived yet: its latency is at least this long
             latencies.append(waited_until - contact.last_ack)
             censored += 1
+    acked = max(load.events_acked, 1)
+    cpu_ms = {
+        name: round((process_tree_cpu_s(pid) - cpu_before[name]) * 1000 / acked, 3)
+        for name, pid in pids.items()
+    }
+    # this process alone: the services are its children
+    cpu_ms["load_generator"] = round((time.process_time() - generator_before) * 1000 / acked, 3)
+    cpu_ms["total"] = round(sum(cpu_ms.values()), 3)
+    to_epoch = time.time() - time.monotonic()
+    smtp_epoch_s = {
+        contact.user_id: arrivals[contact.email] + to_epoch
+        for contact in expected
+        if contact.email in arrivals
+    }
+    consumers = consumer_summary(batches_before, await consumer_totals(fleet))
+    hops = await hop_latencies(settings, workspace.workspace_id, smtp_epoch_s)
     after = await histogram(fleet["notifier"].url)
     step = Step(
         rate,
@@ -213,13 +344,17 @@ async def _measure(
         emails_missing=censored + len(load.contacts) - len(expected),
         aborted=aborted,
         notifier_histogram=histogram_summary(before, after),
+        cpu_ms_per_event=cpu_ms,
+        hops_ms=hops,
+        consumers=consumers,
     )
     s = step.summary()
     print(
         f"rate {rate:>6.0f}/s: achieved {s['achieved_rate']:>7.1f}/s, {s['events_acked']}/"
         f"{s['events']} acked, {s['emails_missing']} emails missing, "
         f"p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms, max {s['max_ms']} ms, "
-        f"non-200 {s['non_200_answers']}, aborted {aborted}, sustained {s['sustained']}",
+        f"non-200 {s['non_200_answers']}, aborted {aborted}, sustained {s['sustained']}, "
+        f"CPU ms/event {cpu_ms}, hops (ms) {hops}, consumers {consumers}",
         flush=True,
     )
     return step

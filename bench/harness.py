@@ -6,6 +6,7 @@ what was acknowledged with what PostgreSQL and the SMTP sink hold."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import math
 import os
@@ -21,6 +22,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import orjson
 from aiokafka.errors import KafkaError
 from sqlalchemy.engine import make_url
 
@@ -36,6 +38,7 @@ EVENTS_PER_CONTACT = 3
 one welcome email per contact."""
 
 RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
+REQUEST_TIMEOUT_S = 30.0
 
 
 # ----------------------------------------------------------------------------- sandbox
@@ -185,6 +188,56 @@ def batch_size_for(rate: float, max_requests_per_s: float) -> int:
     return max(1, math.ceil(rate / max_requests_per_s))
 
 
+class KeepAlive:
+    """Keep-alive HTTP/1.1 connections to one loopback server, for load generators: a
+    request costs tens of microseconds here, where httpx's pool costs milliseconds under
+    load (its bookkeeping grows with the connections and queued requests), and the
+    generator shares the machine with what it measures."""
+
+    def __init__(self, url: str, headers: dict[str, str]) -> None:
+        parsed = httpx.URL(url)
+        self.host, self.port = parsed.host, parsed.port or 80
+        self.head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": parsed.host, **headers}.items())
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def post(self, path: str, body: bytes) -> int:
+        """The answer's status; raises OSError (or asyncio.IncompleteReadError) when the
+        connection failed, after dropping it."""
+        reader, writer = (
+            self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
+        )
+        try:
+            writer.write(
+                f"POST {path} HTTP/1.1\r\n{self.head}Content-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                (
+                    int(line[15:])
+                    for line in head.split(b"\r\n")
+                    if line[:15].lower() == b"content-length:"
+                ),
+                None,
+            )
+            if length is None:
+                raise ConnectionError("an answer without Content-Length")
+            await reader.readexactly(length)
+        except BaseException as error:  # cancelled too: the connection is mid-answer
+            writer.close()
+            if isinstance(error, OSError | asyncio.IncompleteReadError | asyncio.LimitOverrunError):
+                raise ConnectionError(f"connection to {self.host}:{self.port} failed") from error
+            raise
+        self.idle.append((reader, writer))
+        return int(head[9:12])
+
+    def close(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
+        self.idle.clear()
+
+
 async def run_load(
     ingest_url: str,
     workspace: SeededWorkspace,
@@ -206,49 +259,50 @@ async def run_load(
     chunks = [stream[i : i + batch] for i in range(0, len(stream), batch)]
     report = LoadReport(rate, contacts, started=time.monotonic())
     in_flight = asyncio.Semaphore(max_in_flight)
-    limits = httpx.Limits(max_connections=max_in_flight, max_keepalive_connections=64)
+    basic = base64.b64encode(f"{workspace.write_key}:".encode()).decode()
+    client = KeepAlive(ingest_url, {"Authorization": f"Basic {basic}"})
 
-    async with httpx.AsyncClient(
-        base_url=ingest_url, auth=(workspace.write_key, ""), timeout=30.0, limits=limits
-    ) as client:
+    async def post(chunk: list[tuple[Contact, str]]) -> None:
+        if len(chunk) == 1:
+            path, body = "/v1/track", viewed_pricing(*chunk[0])
+        else:
+            path, body = "/v1/batch", {"batch": [viewed_pricing(c, m) for c, m in chunk]}
+        encoded = orjson.dumps(body)
+        deadline = time.monotonic() + retry_deadline_s
+        delay = 0.1
+        try:
+            while True:
+                report.requests += 1
+                try:
+                    status: int | None = await asyncio.wait_for(
+                        client.post(path, encoded), REQUEST_TIMEOUT_S
+                    )
+                    outcome = str(status)
+                except (ConnectionError, TimeoutError):
+                    status, outcome = None, "transport"
+                report.statuses[outcome] += 1
+                report.timeline.append((time.monotonic(), outcome))
+                if status == 200:
+                    now = time.monotonic()
+                    for contact, message_id in chunk:
+                        contact.acked.add(message_id)
+                        if len(contact.acked) == EVENTS_PER_CONTACT:
+                            contact.last_ack = now
+                    report.finished = max(report.finished, now)
+                    return
+                if status is not None and status not in RETRIED_STATUSES:
+                    return  # a 4xx is a bug in the generator: counted, never retried
+                if time.monotonic() > deadline:
+                    return
+                report.retries += 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        finally:
+            in_flight.release()
 
-        async def post(chunk: list[tuple[Contact, str]]) -> None:
-            if len(chunk) == 1:
-                path, body = "/v1/track", viewed_pricing(*chunk[0])
-            else:
-                path, body = "/v1/batch", {"batch": [viewed_pricing(c, m) for c, m in chunk]}
-            deadline = time.monotonic() + retry_deadline_s
-            delay = 0.1
-            try:
-                while True:
-                    report.requests += 1
-                    try:
-                        response = await client.post(path, json=body)
-                        outcome = str(response.status_code)
-                    except httpx.TransportError:
-                        response, outcome = None, "transport"
-                    report.statuses[outcome] += 1
-                    report.timeline.append((time.monotonic(), outcome))
-                    if response is not None and response.status_code == 200:
-                        now = time.monotonic()
-                        for contact, message_id in chunk:
-                            contact.acked.add(message_id)
-                            if len(contact.acked) == EVENTS_PER_CONTACT:
-                                contact.last_ack = now
-                        report.finished = max(report.finished, now)
-                        return
-                    if response is not None and response.status_code not in RETRIED_STATUSES:
-                        return  # a 4xx is a bug in the generator: counted, never retried
-                    if time.monotonic() > deadline:
-                        return
-                    report.retries += 1
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 1.0)
-            finally:
-                in_flight.release()
-
-        tasks: set[asyncio.Task[None]] = set()
-        interval = batch / rate
+    tasks: set[asyncio.Task[None]] = set()
+    interval = batch / rate
+    try:
         for index, chunk in enumerate(chunks):
             if stop is not None and stop.is_set():
                 break
@@ -264,8 +318,47 @@ async def run_load(
             task.add_done_callback(tasks.discard)
         if tasks:
             await asyncio.gather(*tasks)
+    finally:
+        client.close()
     report.contacts = [c for c in contacts if c.sent]  # a stop leaves the rest unsent
     return report
+
+
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def process_tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by a process and its living descendants
+    (uvicorn's workers, PostgreSQL's backends), read from /proc."""
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        # after the command: state, ppid, ... utime and stime are fields 14 and 15 of stat
+        stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])))
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, (ppid, _) in stats.items() if ppid == parent]
+        tree.update(children)
+        frontier.extend(children)
+    return sum(stats[p][1] for p in tree if p in stats) / CLOCK_TICKS_PER_S
+
+
+def stack_pids(data_dir: Path) -> dict[str, int]:
+    """The dev stack's Kafka and PostgreSQL server pids, from their pid files."""
+    found = {}
+    for name, pid_file in (
+        ("kafka", data_dir / "kafka" / "kafka.pid"),
+        ("postgres", data_dir / "postgres" / "data" / "postmaster.pid"),
+    ):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            found[name] = int(pid_file.read_text().split()[0])
+    return found
 
 
 def percentile(values: list[float], q: float) -> float:
