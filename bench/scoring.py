@@ -1,7 +1,8 @@
-"""Scoring throughput (issue 5): one scoring service process against the real Kafka and
-PostgreSQL, draining a topic pre-filled with ``--events`` Segment events of ``--contacts``
-people, scored by ``--rules`` rules in two models; beside it, in the same run, the raw
-aiokafka consume rate of the same topic (the ceiling).
+"""Scoring throughput (issue 5): one scoring service process (``--workers N``: N processes in
+one consumer group) against the real Kafka and PostgreSQL, draining a topic pre-filled with
+``--events`` Segment events of ``--contacts`` people, scored by ``--rules`` rules in two
+models; beside it, in the same run, the raw aiokafka consume rate of the same topic (the
+ceiling).
 
 The events are produced before the service starts, so the service reads a full topic: its
 rate is what its consumer group commits per second between 10% and 90% of the way (start-up
@@ -23,6 +24,8 @@ import json
 import os
 import platform
 import random
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -329,6 +332,19 @@ def machine() -> dict[str, Any]:
     }
 
 
+def start_scoring(env: dict[str, str], workers: int, log_path: Path) -> ServiceProcess:
+    """``python -m nudge_scoring run --workers N``: N processes in one consumer group."""
+    service = ServiceProcess("scoring", free_port(), env, log_path)
+    with log_path.open("ab") as log:
+        service.process = subprocess.Popen(
+            [sys.executable, "-m", "nudge_scoring", "run", "--workers", str(workers)],
+            env={**os.environ, **env, "NUDGE_HTTP_PORT": str(service.port)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    return service
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     base = NudgeSettings()
     workspace_id = f"bench-{uuid.uuid4().hex[:8]}"
@@ -346,8 +362,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             paths = [src / "services" / "scoring", src / "libs" / "common"]
             env["PYTHONPATH"] = os.pathsep.join(str(p) for p in paths)
         log_dir = Path(tempfile.mkdtemp(prefix="bench-scoring-"))
-        service = ServiceProcess("scoring", free_port(), env, log_dir / "scoring.log")
-        service.start()
+        service = start_scoring(env, args.workers, log_dir / "scoring.log")
         try:
             await service.wait_ready()
             samples, finished = await watch_service(settings, args.events, args.deadline_s)
@@ -370,6 +385,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             "finished": finished,
             "elapsed_s": round(samples[-1][0], 1),
             "rules": args.rules,
+            "workers": args.workers,
             "produce_s": round(produce_s, 1),
             "scoring_src": args.scoring_src or "this checkout",
             "date": datetime.now(UTC).date().isoformat(),
@@ -385,6 +401,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--deadline-s", type=float, default=1800.0)
     parser.add_argument("--scoring-src", default=None)
+    parser.add_argument(
+        "--workers", type=int, default=1, help="scoring processes (run --workers), one group"
+    )
     args = parser.parse_args(argv)
     if args.scoring_src:
         args.scoring_src = str(Path(args.scoring_src).resolve())

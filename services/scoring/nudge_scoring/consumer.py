@@ -13,6 +13,7 @@ batch replayed after a crash produces the same rows and the same messages.
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -462,16 +463,15 @@ class WorkspaceBatch:
         """Apply the events in order: runs whose contacts are resolved without a merge go
         together; an event that merges is applied alone where it stands."""
         messages: list[OutgoingMessage] = []
-        rest = items
+        rest = [(envelope, event, self.keys_of(event)) for envelope, event in items]
         while rest:
-            keys = {key for _, event in rest for key in self.keys_of(event)}
+            keys = {key for _, _, keys_here in rest for key in keys_here}
             known = await store.identities_in(session, workspace_id=self.workspace_id, keys=keys)
             run: list[Pending] = []
             creates: dict[uuid.UUID, tuple[uuid.UUID, str | None, datetime]] = {}
             claims: dict[tuple[str, str], uuid.UUID] = {}
             slow: int | None = None
-            for index, (envelope, event) in enumerate(rest):
-                keys_here = self.keys_of(event)
+            for index, (envelope, event, keys_here) in enumerate(rest):
                 if keys_here[0][0] == store.CONTACT_KEY and keys_here[0] not in known:
                     metrics.EVENTS_DROPPED.labels("unknown_contact").inc()
                     continue  # the contact it names was erased (or is not this workspace's)
@@ -510,7 +510,7 @@ class WorkspaceBatch:
             messages.extend(await self.apply_run(session, run))
             if slow is None:
                 break
-            envelope, event = rest[slow]
+            envelope, event, _ = rest[slow]
             out = Outputs(self.workspace_id, envelope, event.timestamp)
             email = profile.typed_traits(incoming_traits(event))["email"]
             contact_id = await resolve_contact(
@@ -551,6 +551,10 @@ class WorkspaceBatch:
                 self.apply_one(writes, states[pending.contact_id], pending)
             messages.extend(pending.out.messages)
         await store.write_batch(session, writes)
+        for kind, count in Counter(row["type"] for row in writes.events).items():
+            metrics.EVENTS_STORED.labels(kind).inc(count)
+        for model, count in Counter(row["model"] for row in writes.score_changes).items():
+            metrics.SCORE_CHANGES.labels(model).inc(count)
         return messages
 
     async def adjust(
@@ -615,7 +619,6 @@ class WorkspaceBatch:
         event, out, book = pending.event, pending.out, self.book
         workspace_id = self.workspace_id
         at = event.timestamp
-        metrics.EVENTS_STORED.labels(event.type.value).inc()
         writes.events.append(store.event_row(workspace_id, contact.id, event))
         user_id = known_user_id(event)
         touch = writes.touch(contact.id, at, user_id)
@@ -688,7 +691,6 @@ class WorkspaceBatch:
         writes.points(contact.id, deltas, message_id=event.message_id, at=at)
         for delta in deltas:
             contact.scores[delta.model] = contact.scores.get(delta.model, 0) + delta.points
-            metrics.SCORE_CHANGES.labels(delta.model).inc()
         for rule_id, spec in book.decays:
             due = at + timedelta(days=spec.after_days)
             timer = (contact.id, rule_id)
