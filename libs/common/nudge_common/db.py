@@ -34,9 +34,17 @@ def create_engine(settings: NudgeSettings) -> AsyncEngine:
         max_overflow=settings.database_pool_size,
         pool_pre_ping=True,
         pool_timeout=10,
+        # JSONB columns through the wire codec: the standard library's json took ~6% of a
+        # busy consumer's CPU decoding them
+        json_serializer=_json_text,
+        json_deserializer=codec.loads,
     )
     instrument(engine)
     return engine
+
+
+def _json_text(value: Any) -> str:
+    return codec.dumps(value).decode()
 
 
 def instrument(engine: AsyncEngine) -> None:
