@@ -5,6 +5,7 @@ opened in the FastAPI lifespan, its consumer runners as background tasks, and th
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -86,6 +87,7 @@ def create_service_app(
         try:
             if on_startup:
                 await on_startup(runtime)
+            freeze_startup_heap()
             runtime.runners = list(consumers(runtime)) if consumers else []
             for runner in runtime.runners:
                 task = asyncio.create_task(runner.run(), name=runner.name)
@@ -112,6 +114,15 @@ def create_service_app(
     for router in routers:
         app.include_router(router)
     return app
+
+
+def freeze_startup_heap() -> None:
+    """Move what startup built (modules, models, routes, clients) out of the garbage
+    collector's sight. Under load, full collections came every few dozen batches or
+    requests and each walked that whole heap: about 40% of the CPU of an ingest batch
+    request and of a segmenter batch before this."""
+    gc.collect()
+    gc.freeze()
 
 
 async def start_producer(producer: AIOKafkaProducer, *, deadline_s: float = 60.0) -> None:
