@@ -49,9 +49,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 # The hot paths avoid what costs per request without doing anything: the runtime and the
 # ingest state are looked up directly, not declared as FastAPI dependencies (FastAPI runs a
 # plain-function dependency in its thread pool, a thread hop per request), and the answer is
-# prebuilt bytes. Each request's parsed body, calls and payloads are dropped once its events
-# are encoded, before the wait for Kafka: objects that survived that wait filled the garbage
-# collector's older generations and made full collections frequent.
+# prebuilt bytes. A request's parsed body, calls and payloads are dropped once its events are
+# encoded (``*_records`` return): only bytes wait for Kafka's acknowledgement.
 
 
 def _single(call_type: SegmentType) -> Any:
