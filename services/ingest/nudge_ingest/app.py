@@ -1,11 +1,9 @@
 from __future__ import annotations
 
-import gc
-
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from nudge_common.service import Runtime, create_service_app
+from nudge_common.service import create_service_app
 from nudge_common.tracking import TrackingSettings
 from nudge_ingest.api import browser, engagement, tracking
 from nudge_ingest.api.deps import IngestState
@@ -19,9 +17,7 @@ def create_app() -> FastAPI:
     settings = IngestSettings()
     TrackingSettings()  # refuses the development tracking secret in production, at start
     app = create_service_app(
-        settings=settings,
-        routers=[tracking.router, browser.router, engagement.router],
-        on_startup=freeze_startup_heap,
+        settings=settings, routers=[tracking.router, browser.router, engagement.router]
     )
     app.state.ingest = IngestState.from_settings(settings)
     app.add_exception_handler(IngestError, ingest_error_handler)
@@ -35,11 +31,3 @@ def create_app() -> FastAPI:
         max_age=86400,
     )
     return app
-
-
-async def freeze_startup_heap(_: Runtime) -> None:
-    """Move what startup built (modules, models, routes, clients) out of the garbage
-    collector's sight. Under load, full collections came every few dozen batch requests and
-    each walked that whole heap: about 40 % of the CPU time of a batch request."""
-    gc.collect()
-    gc.freeze()
