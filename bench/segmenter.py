@@ -51,6 +51,7 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -872,13 +873,35 @@ def per_message(
     }
 
 
+@dataclass
+class SegmenterProcess(ServiceProcess):
+    """``python -m nudge_segmenter run --workers N``: N consumer processes sharing the
+    contacts topic's partitions (uvicorn workers, metrics summed over them)."""
+
+    workers: int = 1
+
+    def start(self) -> None:
+        env = {**os.environ, **self.env, "NUDGE_HTTP_PORT": str(self.port)}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "nudge_segmenter", "run", "--workers", str(self.workers)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+
 @contextlib.asynccontextmanager
-async def segmenter_process(env: dict[str, str], logs: Path, label: str) -> AsyncIterator[str]:
-    process = ServiceProcess(
+async def segmenter_process(
+    env: dict[str, str], logs: Path, label: str, workers: int = 1
+) -> AsyncIterator[str]:
+    process = SegmenterProcess(
         "segmenter",
         free_port(),
         {**os.environ, **env, "NUDGE_LOG_LEVEL": "warning"},
         logs / f"segmenter-{label}.log",
+        workers=workers,
     )
     process.start()
     try:
@@ -1011,6 +1034,7 @@ async def realtime_phase(
     await producer.start()
     results: dict[str, Any] = {
         "active_segments": active,
+        "segmenter_workers": args.workers,
         "realtime_pool_contacts": len(pool),
         "realtime_memberships_s": round(memberships_s, 1),
         "logs": str(logs),
@@ -1018,7 +1042,7 @@ async def realtime_phase(
     try:
         start = await topic_end(settings, Topic.MEMBERSHIPS)
         async with Outputs(settings, start) as outputs:
-            async with segmenter_process(env, logs, "throughput") as url:
+            async with segmenter_process(env, logs, "throughput", args.workers) as url:
                 warmed = await run_at_rate(
                     producer, settings, outputs, url, warm_batches[0], 100, 60
                 )
@@ -1043,7 +1067,7 @@ async def realtime_phase(
                 triggers,
                 rng,
             )
-            async with segmenter_process(env, logs, "latency") as url:
+            async with segmenter_process(env, logs, "latency", args.workers) as url:
                 await run_at_rate(producer, settings, outputs, url, warm_batches[1], 100, 60)
                 print(f"  latency: {len(latency_batch):,} at {latency_rate}/s", flush=True)
                 latency = await run_at_rate(
@@ -1214,6 +1238,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--drain-s", type=float, default=90.0)
     parser.add_argument(
         "--latency-rate", type=float, default=0.0, help="0: --latency-share of the throughput"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=_env_int("NUDGE_BENCH_SEGMENTER_WORKERS", 1),
+        help="segmenter processes (run --workers)",
     )
     parser.add_argument("--latency-share", type=float, default=0.25)
     parser.add_argument("--latency-duration", type=float, default=20.0)

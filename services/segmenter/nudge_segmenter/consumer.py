@@ -100,11 +100,14 @@ class ContactsHandler:
             by_workspace.setdefault(envelope.workspace_id, []).append((envelope, payload))
         messages: list[OutgoingMessage] = []
         for workspace_id, items in by_workspace.items():
-            ids = {payload.contact_id for _, payload in items}
-            stale = await store.merged_among(session, contact_ids=ids)
             batch = await ContactBatch.load(
-                session, workspace_id, ids - stale, facts=touched([p for _, p in items])
+                session,
+                workspace_id,
+                {payload.contact_id for _, payload in items},
+                facts=touched([p for _, p in items]),
+                skip_merged=True,
             )
+            stale = batch.stale
             ordered = False
             for envelope, payload in items:
                 if payload.contact_id in stale:

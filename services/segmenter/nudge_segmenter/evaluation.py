@@ -83,9 +83,12 @@ _S = store.SCHEMA
 _HEAD = sa.text(
     f"SELECT (SELECT count(*) FROM {_S}.segments WHERE workspace_id = :ws),"
     f" (SELECT max(updated_at) FROM {_S}.segments WHERE workspace_id = :ws),"
-    f" (SELECT rfm_cuts FROM {_S}.value_models WHERE workspace_id = :ws)"
+    f" (SELECT rfm_cuts FROM {_S}.value_models WHERE workspace_id = :ws),"
+    f" ARRAY(SELECT contact_id FROM {_S}.merged_contacts"
+    " WHERE :skip_merged AND contact_id = ANY(CAST(:ids AS uuid[])))"
 )
-"""A batch's first query: the workspace's segments fingerprint and its RFM cut points."""
+"""A batch's first query: the workspace's segments fingerprint, its RFM cut points and
+(if asked) which of the contacts were merged away."""
 _LOAD_CONTACTS = sa.text(
     "SELECT contact_id, user_id, traits, scores, tags, stages, consents, last_seen_at, orders,"
     " revenue, first_order_at, last_order_at, rfm_recency, rfm_frequency, rfm_monetary, clv,"
@@ -243,6 +246,8 @@ class ContactBatch:
         """The rechecks already due for these contacts."""
         self.dirty: set[tuple[uuid.UUID, uuid.UUID]] = set()
         self.messages: list[OutgoingMessage] = []
+        self.stale: set[uuid.UUID] = set()
+        """The contacts left out as merged into another (``load(skip_merged=True)``)."""
 
     @classmethod
     async def load(
@@ -252,12 +257,21 @@ class ContactBatch:
         contact_ids: Iterable[uuid.UUID],
         *,
         facts: Iterable[str] | None = None,
+        skip_merged: bool = False,
     ) -> ContactBatch:
         """Lock and load the contacts. With ``facts`` (what the changes to come touch; None:
         anything), the memberships, events and rechecks loaded are only those that
-        evaluating after such changes reads (all of them for a contact new to the table)."""
+        evaluating after such changes reads (all of them for a contact new to the table).
+        With ``skip_merged``, contacts merged into another are left out, in ``stale``."""
         ids = sorted(set(contact_ids))
-        head = (await session.execute(_HEAD, {"ws": workspace_id})).one()
+        head = (
+            await session.execute(
+                _HEAD, {"ws": workspace_id, "ids": ids, "skip_merged": skip_merged}
+            )
+        ).one()
+        stale = set(head[3])
+        if stale:
+            ids = [cid for cid in ids if cid not in stale]
         workspace = await segment_cache.get(session, workspace_id, (int(head[0]), head[1]))
         loaded = {cid: Contact(cid, exists=False) for cid in ids}
         for row in await session.execute(_LOAD_CONTACTS, {"ids": ids}):
@@ -291,6 +305,7 @@ class ContactBatch:
         timed = any(s.timed for s in workspace.index.ordered)
         new = [cid for cid, c in loaded.items() if not c.exists]
         batch = cls(workspace_id, workspace, loaded, head[2])
+        batch.stale = stale
         rows = await session.execute(
             _LOAD_STATE,
             {

@@ -6,7 +6,7 @@ re-evaluations and backfills."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -467,17 +467,6 @@ def _latest(column: sa.ColumnElement[Any], value: datetime | None) -> sa.ColumnE
 
 def _earliest(column: sa.ColumnElement[Any], value: datetime | None) -> sa.ColumnElement[Any]:
     return column if value is None else sa.func.least(column, value)
-
-
-async def merged_among(
-    session: AsyncSession, *, contact_ids: Iterable[uuid.UUID]
-) -> set[uuid.UUID]:
-    rows = await session.scalars(
-        sa.select(merged_contacts.c.contact_id).where(
-            merged_contacts.c.contact_id.in_(sorted(set(contact_ids)))
-        )
-    )
-    return set(rows)
 
 
 async def was_merged(session: AsyncSession, *, contact_id: uuid.UUID) -> bool:
