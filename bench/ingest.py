@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.harness import new_workspace, sandbox
+from bench.harness import KeepAlive, new_workspace, sandbox
 from nudge_common import codec
 from nudge_common.events import EVENT_RECEIVED, SegmentType, Topic, segment_event_id
 from nudge_common.kafka import create_producer
@@ -59,76 +59,48 @@ def batch_body(write_key: str, prefix: str) -> bytes:
     return codec.dumps({"writeKey": write_key, "batch": events})
 
 
-def http_request(path: str, body: bytes) -> bytes:
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    )
-    return head.encode() + body
-
-
-class Connection:
-    """One keep-alive HTTP/1.1 connection: send a request, read the status and body."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def request(self, data: bytes) -> int:
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
-        assert self.reader is not None
-        self.writer.write(data)
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        status = int(head[9:12])
-        length = 0
-        for line in head.split(b"\r\n"):
-            if line[:15].lower() == b"content-length:":
-                length = int(line[15:])
-        if length:
-            await self.reader.readexactly(length)
-        return status
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
 async def closed_loop(
-    port: int, make: Callable[[int], bytes], *, connections: int, duration_s: float
+    client: KeepAlive,
+    path: str,
+    make: Callable[[int], bytes],
+    *,
+    connections: int,
+    duration_s: float,
 ) -> tuple[int, int, float]:
-    """Each connection sends back to back for ``duration_s``: (ok, failed, elapsed)."""
+    """``connections`` senders post back to back for ``duration_s``: (ok, failed, elapsed)."""
     counter = iter(range(1 << 62))
     ok = failed = 0
     deadline = time.perf_counter() + duration_s
 
-    async def worker() -> None:
+    async def sender() -> None:
         nonlocal ok, failed
-        connection = Connection(port)
-        try:
-            while time.perf_counter() < deadline:
-                status = await connection.request(make(next(counter)))
-                if status == 200:
-                    ok += 1
-                else:
-                    failed += 1
-        finally:
-            connection.close()
+        while time.perf_counter() < deadline:
+            try:
+                status = await client.post(path, make(next(counter)))
+            except ConnectionError:
+                status = 0
+            if status == 200:
+                ok += 1
+            else:
+                failed += 1
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(connections)))
+    await asyncio.gather(*(sender() for _ in range(connections)))
     return ok, failed, time.perf_counter() - started
 
 
 async def open_loop(
-    port: int, make: Callable[[int], bytes], *, rate: float, duration_s: float, pool: int
+    client: KeepAlive,
+    path: str,
+    make: Callable[[int], bytes],
+    *,
+    rate: float,
+    duration_s: float,
+    pool: int,
 ) -> tuple[list[float], int]:
-    """Requests at ``rate``/s for ``duration_s``, on up to ``pool`` connections; latency of
+    """Requests at ``rate``/s for ``duration_s``, at most ``pool`` in flight; latency of
     each from its scheduled time. Returns (latencies in s, failures)."""
-    free: asyncio.Queue[Connection] = asyncio.Queue()
-    for _ in range(pool):
-        free.put_nowait(Connection(port))
+    in_flight = asyncio.Semaphore(pool)
     latencies: list[float] = []
     failed = 0
     total = int(rate * duration_s)
@@ -136,11 +108,11 @@ async def open_loop(
 
     async def one(index: int, scheduled: float) -> None:
         nonlocal failed
-        connection = await free.get()
-        try:
-            status = await connection.request(make(index))
-        finally:
-            free.put_nowait(connection)
+        async with in_flight:
+            try:
+                status = await client.post(path, make(index))
+            except ConnectionError:
+                status = 0
         latencies.append(time.perf_counter() - scheduled)
         if status != 200:
             failed += 1
@@ -153,8 +125,6 @@ async def open_loop(
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(index, scheduled)))
     await asyncio.gather(*tasks)
-    while not free.empty():
-        free.get_nowait().close()
     return latencies, failed
 
 
@@ -263,43 +233,41 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         try:
             await service.wait_ready()
             run = os.urandom(4).hex()
-            track_path = "/v1/track"
+            client = KeepAlive(service.url, {})
 
             def track(i: int) -> bytes:
-                return http_request(track_path, track_body(key, f"{run}-t-{i}"))
+                return track_body(key, f"{run}-t-{i}")
 
             # Warm up (connections, caches, producer metadata), not counted.
-            await closed_loop(service.port, track, connections=8, duration_s=1.0)
+            await closed_loop(client, "/v1/track", track, connections=8, duration_s=1.0)
 
             ok, failed, elapsed = await closed_loop(
-                service.port, track, connections=args.connections, duration_s=args.duration
+                client, "/v1/track", track, connections=args.connections, duration_s=args.duration
             )
             track_rps = ok / elapsed
             track_failed = failed
 
             def track_at(i: int) -> bytes:
-                return http_request(track_path, track_body(key, f"{run}-o-{i}"))
+                return track_body(key, f"{run}-o-{i}")
 
             latencies, open_failed = await open_loop(
-                service.port, track_at, rate=args.rate, duration_s=args.duration, pool=64
+                client, "/v1/track", track_at, rate=args.rate, duration_s=args.duration, pool=64
             )
 
-            def batch(i: int) -> bytes:
-                return http_request("/v1/batch", batch_body(key, f"{run}-b-{i}"))
+            # Batch bodies built ahead of time (the generator must not be the bottleneck).
+            bodies = [batch_body(key, f"{run}-b-{i}") for i in range(200)]
 
-            # Build batch bodies ahead of time (the generator must not be the bottleneck).
-            bodies = [batch(i) for i in range(200)]
-            counter = iter(range(1 << 62))
-
-            def next_batch(_: int) -> bytes:
-                return bodies[next(counter) % len(bodies)]
+            def next_batch(i: int) -> bytes:
+                return bodies[i % len(bodies)]
 
             ok_b, failed_b, elapsed_b = await closed_loop(
-                service.port,
+                client,
+                "/v1/batch",
                 next_batch,
                 connections=args.batch_connections,
                 duration_s=args.duration,
             )
+            client.close()
             batch_events_per_s = ok_b * BATCH_SIZE / elapsed_b
         finally:
             await service.stop()
