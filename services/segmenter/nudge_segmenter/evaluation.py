@@ -80,21 +80,27 @@ class Workspace:
 
 
 _S = store.SCHEMA
-_HEAD = sa.text(
-    f"SELECT (SELECT count(*) FROM {_S}.segments WHERE workspace_id = :ws),"
+_HEAD_COLUMNS = (
+    f"(SELECT count(*) FROM {_S}.segments WHERE workspace_id = :ws),"
     f" (SELECT max(updated_at) FROM {_S}.segments WHERE workspace_id = :ws),"
     f" (SELECT rfm_cuts FROM {_S}.value_models WHERE workspace_id = :ws),"
     f" ARRAY(SELECT contact_id FROM {_S}.merged_contacts"
     " WHERE :skip_merged AND contact_id = ANY(CAST(:ids AS uuid[])))"
 )
-"""A batch's first query: the workspace's segments fingerprint, its RFM cut points and
-(if asked) which of the contacts were merged away."""
+_HEAD = sa.text(f"SELECT {_HEAD_COLUMNS}")
+"""The workspace's segments fingerprint, its RFM cut points and (if asked) which of the
+contacts were merged away."""
 _LOAD_CONTACTS = sa.text(
-    "SELECT contact_id, user_id, traits, scores, tags, stages, consents, last_seen_at, orders,"
-    " revenue, first_order_at, last_order_at, rfm_recency, rfm_frequency, rfm_monetary, clv,"
-    f" p_alive, expected_purchases FROM {_S}.contacts WHERE contact_id = ANY(CAST(:ids AS uuid[]))"
-    " ORDER BY contact_id FOR UPDATE"
+    f"SELECT {_HEAD_COLUMNS}, contact_id, user_id, traits, scores, tags, stages, consents,"
+    " last_seen_at, orders, revenue, first_order_at, last_order_at, rfm_recency,"
+    " rfm_frequency, rfm_monetary, clv, p_alive, expected_purchases"
+    f" FROM {_S}.contacts AS c WHERE contact_id = ANY(CAST(:ids AS uuid[]))"
+    f" AND NOT (:skip_merged AND EXISTS (SELECT FROM {_S}.merged_contacts AS m"
+    " WHERE m.contact_id = c.contact_id))"
+    " ORDER BY contact_id FOR UPDATE OF c"
 )
+"""The contacts, locked in id order, each row with :data:`_HEAD` in front (one round trip;
+:data:`_HEAD` alone when none of them is known yet)."""
 _LOAD_STATE = sa.text(
     "SELECT 0, contact_id, array_agg(segment_id), NULL::text[], NULL::timestamptz[],"
     f" NULL::jsonb[] FROM {_S}.memberships WHERE contact_id = ANY(CAST(:ids AS uuid[]))"
@@ -264,19 +270,17 @@ class ContactBatch:
         evaluating after such changes reads (all of them for a contact new to the table).
         With ``skip_merged``, contacts merged into another are left out, in ``stale``."""
         ids = sorted(set(contact_ids))
-        head = (
-            await session.execute(
-                _HEAD, {"ws": workspace_id, "ids": ids, "skip_merged": skip_merged}
-            )
-        ).one()
+        given = {"ws": workspace_id, "ids": ids, "skip_merged": skip_merged}
+        rows = (await session.execute(_LOAD_CONTACTS, given)).all()
+        head = rows[0][:4] if rows else (await session.execute(_HEAD, given)).one()
         stale = set(head[3])
         if stale:
             ids = [cid for cid in ids if cid not in stale]
         workspace = await segment_cache.get(session, workspace_id, (int(head[0]), head[1]))
         loaded = {cid: Contact(cid, exists=False) for cid in ids}
-        for row in await session.execute(_LOAD_CONTACTS, {"ids": ids}):
-            (cid, user_id, traits, scores, tags, stages, consents, last_seen_at, orders) = row[:9]
-            (revenue, first_order_at, last_order_at, recency, frequency, monetary) = row[9:15]
+        for row in rows:
+            (cid, user_id, traits, scores, tags, stages, consents, last_seen_at, orders) = row[4:13]
+            (revenue, first_order_at, last_order_at, recency, frequency, monetary) = row[13:19]
             cid = loaded[cid].contact_id  # the caller's object
             loaded[cid] = Contact(
                 contact_id=cid,
@@ -295,9 +299,9 @@ class ContactBatch:
                 rfm=None
                 if recency is None
                 else {"recency": recency, "frequency": frequency, "monetary": monetary},
-                clv=row[15],
-                p_alive=row[16],
-                expected_purchases=row[17],
+                clv=row[19],
+                p_alive=row[20],
+                expected_purchases=row[21],
             )
         # A contact new to this table may already have memberships and events: a merge
         # moves them to a survivor not seen yet, a list takes anyone.
@@ -306,7 +310,7 @@ class ContactBatch:
         new = [cid for cid, c in loaded.items() if not c.exists]
         batch = cls(workspace_id, workspace, loaded, head[2])
         batch.stale = stale
-        rows = await session.execute(
+        state = await session.execute(
             _LOAD_STATE,
             {
                 "ids": ids,
@@ -320,7 +324,7 @@ class ContactBatch:
             },
         )
         canonical = workspace.canonical  # ids hashed and compared from now on: one object
-        for kind, cid, segment_ids, names, ats, properties in rows:
+        for kind, cid, segment_ids, names, ats, properties in state:
             contact = loaded[cid]
             if kind == 0:
                 contact.segments.update(canonical.get(s, s) for s in segment_ids)
