@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -122,6 +123,22 @@ class BatchHandler(Protocol):
     savepoint back and applies the messages one by one, each in its own savepoint, so a bad
     message is still dead-lettered alone."""
 
+    async def handle_batch(
+        self, session: AsyncSession, envelopes: Sequence[Envelope]
+    ) -> Sequence[OutgoingMessage]: ...
+
+
+class BatchFirstHandler(ABC):
+    """A handler written for batches (:class:`BatchHandler`): one message, as the runner
+    applies it when its batch failed, is a batch of one, so each message has one way to be
+    applied whatever the batch size."""
+
+    async def __call__(
+        self, session: AsyncSession, envelope: Envelope
+    ) -> Sequence[OutgoingMessage]:
+        return await self.handle_batch(session, [envelope])
+
+    @abstractmethod
     async def handle_batch(
         self, session: AsyncSession, envelopes: Sequence[Envelope]
     ) -> Sequence[OutgoingMessage]: ...

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from nudge_common.consumer import BatchFirstHandler
 from nudge_common.events import DELIVERY_REPORTED, TEMPLATE_DEFINED, Envelope
 from nudge_common.kafka import OutgoingMessage
 from nudge_notifier import feedback, store
@@ -17,15 +18,10 @@ from nudge_notifier.domain.templates import Template
 ENGAGEMENT = frozenset({"opened", "clicked"})
 
 
-class EngagementHandler:
+class EngagementHandler(BatchFirstHandler):
     """An open or a click of a delivery, not by a bot or a prefetch, engages the address
     it was sent to (looked up in the ledger by its idempotency key). Every other report
     on the topic (the notifier's own) is passed over."""
-
-    async def __call__(
-        self, session: AsyncSession, envelope: Envelope
-    ) -> Sequence[OutgoingMessage]:
-        return await self.handle_batch(session, [envelope])
 
     async def handle_batch(
         self, session: AsyncSession, envelopes: Sequence[Envelope]

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from nudge_common.clock import Clock, clock_from
 from nudge_common.conditions import Profile, matches
-from nudge_common.consumer import ConsumerRunner, MessageHandler
+from nudge_common.consumer import BatchFirstHandler, ConsumerRunner, MessageHandler
 from nudge_common.events import (
     CONTACT_STAGE_CHANGED,
     CONTACT_UPDATED,
@@ -50,18 +50,13 @@ from nudge_orchestrator.settings import OrchestratorSettings
 from nudge_orchestrator.worker import BroadcastWorker, TimerWorker, WebhookWorker
 
 
-class MembershipHandler:
+class MembershipHandler(BatchFirstHandler):
     """Segment entries and exits start the workflows they trigger. A whole batch (a segment
     that many contacts enter at once) goes through :meth:`handle_batch`: one lookup of the
     workflows per segment, one entry check and one insert of runs per workflow."""
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
-
-    async def __call__(
-        self, session: AsyncSession, envelope: Envelope
-    ) -> Sequence[OutgoingMessage]:
-        return await self.handle_batch(session, [envelope])
 
     async def handle_batch(
         self, session: AsyncSession, envelopes: Sequence[Envelope]
@@ -138,7 +133,7 @@ def contact_of(
     return stable_id(workspace_id, "contact", "anonymous_id", event.anonymous_id or "")
 
 
-class EventHandler:
+class EventHandler(BatchFirstHandler):
     """Track events start the workflows they trigger and reach the active runs of their
     contact (what it performed, goals, waits for an event). A batch costs three queries
     whatever its size; only the events of contacts in a run, or of a name a workflow
@@ -146,11 +141,6 @@ class EventHandler:
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
-
-    async def __call__(
-        self, session: AsyncSession, envelope: Envelope
-    ) -> Sequence[OutgoingMessage]:
-        return await self.handle_batch(session, [envelope])
 
     async def handle_batch(
         self, session: AsyncSession, envelopes: Sequence[Envelope]
@@ -243,7 +233,7 @@ class _Entry:
     cause: str
 
 
-class ContactHandler:
+class ContactHandler(BatchFirstHandler):
     """Keeps the orchestrator's copy of each contact, and starts what a contact's change
     triggers: a score crossing a threshold, a lifecycle stage change; a date trait learned
     or changed (re)schedules its date-trait workflows for that contact.
@@ -255,11 +245,6 @@ class ContactHandler:
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
-
-    async def __call__(
-        self, session: AsyncSession, envelope: Envelope
-    ) -> Sequence[OutgoingMessage]:
-        return await self.handle_batch(session, [envelope])
 
     async def handle_batch(
         self, session: AsyncSession, envelopes: Sequence[Envelope]
@@ -412,14 +397,9 @@ async def _stage_changed(
     return out.messages
 
 
-class DeliveryHandler:
+class DeliveryHandler(BatchFirstHandler):
     """What became of a message a run requested (its idempotency key is ``<run>:<step>``),
     counted once per status for analytics; other deliveries (not from a run) are ignored."""
-
-    async def __call__(
-        self, session: AsyncSession, envelope: Envelope
-    ) -> Sequence[OutgoingMessage]:
-        return await self.handle_batch(session, [envelope])
 
     async def handle_batch(
         self, session: AsyncSession, envelopes: Sequence[Envelope]
