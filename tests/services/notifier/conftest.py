@@ -27,6 +27,7 @@ from nudge_common.events import (
     Topic,
 )
 from nudge_common.kafka import OutgoingMessage, create_producer, publish
+from nudge_common.topics import delete_topics, ensure_topics
 from nudge_devtools.pipeline import eventually, read_topic
 from nudge_notifier import store
 from nudge_notifier.app import create_app
@@ -125,7 +126,7 @@ class Notifier:
 
         await publish(
             self.producer,
-            self.stack.settings,
+            self.settings,
             [
                 OutgoingMessage(
                     Topic.NOTIFICATIONS,
@@ -174,6 +175,9 @@ async def notifier(
 ) -> AsyncIterator[Notifier]:
     env = {
         **stack.env,
+        # topics of its own: other modules' tests leave notification requests for templates
+        # this notifier does not know, whose dead letters would stop it
+        "NUDGE_TOPIC_PREFIX": f"{stack.settings.topic_prefix}notifier-{uuid.uuid4().hex[:6]}.",
         "NUDGE_SMTP_PORT": str(smtp.port),
         "NUDGE_SMTP_MAX_CONNECTIONS": "4",
         "NUDGE_SMS_API_URL": providers.url,
@@ -197,6 +201,7 @@ async def notifier(
         for name, value in env.items():
             patch.setenv(name, value)
         settings = NotifierSettings()
+        await ensure_topics(settings)
         app = create_app()
         producer = create_producer(settings)
         await producer.start()
@@ -209,3 +214,4 @@ async def notifier(
                     yield Notifier(stack, settings, client, producer, sessionmaker)
         finally:
             await producer.stop()
+            await delete_topics(settings)

@@ -234,7 +234,7 @@ async def test_templates_announced_on_the_config_topic_are_created_replaced_and_
         )
         await publish(
             notifier.producer,
-            notifier.stack.settings,
+            notifier.settings,
             [OutgoingMessage(Topic.CONFIG, key=str(template_id), envelope=envelope)],
         )
 

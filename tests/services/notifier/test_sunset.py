@@ -60,7 +60,7 @@ async def report(
     )
     await publish(
         notifier.producer,
-        notifier.stack.settings,
+        notifier.settings,
         [OutgoingMessage(Topic.DELIVERIES, key=str(contact_id), envelope=envelope)],
     )
 
