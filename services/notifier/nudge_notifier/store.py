@@ -10,11 +10,11 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import ARRAY, UUID
+from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from nudge_common.db import processed_messages_table
+from nudge_common.db import array_rows, processed_messages_table
 from nudge_common.events import Channel, ConsentStatus, DeliveryStatus
 from nudge_notifier.domain.hygiene import Health
 from nudge_notifier.domain.templates import Template
@@ -227,29 +227,20 @@ class Claim:
     recipient: str
 
 
-def _rows(*columns: tuple[str, sa.types.TypeEngine[Any], Sequence[Any]]) -> sa.TableValuedAlias:
-    """Rows given as one array per column (``unnest``): a statement's SQL is the same
-    whatever the number of rows, so SQLAlchemy compiles it once, and PostgreSQL gets one
-    parameter per column instead of one per value."""
-    return (
-        sa.func.unnest(*(sa.cast(list(values), ARRAY(type_)) for _, type_, values in columns))
-        .table_valued(*(sa.column(name, type_) for name, type_, _ in columns))
-        .render_derived(with_types=False)
-    )
-
-
 async def claim_many(session: AsyncSession, claims: list[Claim]) -> dict[str, int]:
     """Take the keys for sending: a new key, or one whose last attempt failed in a way
     that is safe to retry (status ``retry``). Returns the keys taken with their attempt
     count. The keys must be distinct. Commit before sending."""
     if not claims:
         return {}
-    given = _rows(
-        ("k", sa.Text(), [c.idempotency_key for c in claims]),
-        ("w", sa.Text(), [c.workspace_id for c in claims]),
-        ("ch", sa.Text(), [c.channel for c in claims]),
-        ("c", UUID(as_uuid=True), [c.contact_id for c in claims]),
-        ("r", sa.Text(), [c.recipient for c in claims]),
+    given = array_rows(
+        [
+            ("k", sa.Text(), [c.idempotency_key for c in claims]),
+            ("w", sa.Text(), [c.workspace_id for c in claims]),
+            ("ch", sa.Text(), [c.channel for c in claims]),
+            ("c", UUID(as_uuid=True), [c.contact_id for c in claims]),
+            ("r", sa.Text(), [c.recipient for c in claims]),
+        ]
     )
     statement = pg_insert(deliveries).from_select(
         ["idempotency_key", "workspace_id", "channel", "contact_id", "recipient", "status"],
@@ -283,12 +274,14 @@ async def record_skipped_many(session: AsyncSession, skipped: list[Skipped]) -> 
     keeps its first record)."""
     if not skipped:
         return
-    given = _rows(
-        ("k", sa.Text(), [s.idempotency_key for s in skipped]),
-        ("w", sa.Text(), [s.workspace_id for s in skipped]),
-        ("ch", sa.Text(), [s.channel for s in skipped]),
-        ("c", UUID(as_uuid=True), [s.contact_id for s in skipped]),
-        ("r", sa.Text(), [s.reason for s in skipped]),
+    given = array_rows(
+        [
+            ("k", sa.Text(), [s.idempotency_key for s in skipped]),
+            ("w", sa.Text(), [s.workspace_id for s in skipped]),
+            ("ch", sa.Text(), [s.channel for s in skipped]),
+            ("c", UUID(as_uuid=True), [s.contact_id for s in skipped]),
+            ("r", sa.Text(), [s.reason for s in skipped]),
+        ]
     )
     await session.execute(
         pg_insert(deliveries)
@@ -318,11 +311,13 @@ class Outcome:
 async def record_outcomes(session: AsyncSession, outcomes: list[Outcome]) -> None:
     if not outcomes:
         return
-    given = _rows(
-        ("k", sa.Text(), [o.idempotency_key for o in outcomes]),
-        ("s", sa.Text(), [o.status for o in outcomes]),
-        ("m", sa.Text(), [o.provider_message_id for o in outcomes]),
-        ("r", sa.Text(), [o.reason for o in outcomes]),
+    given = array_rows(
+        [
+            ("k", sa.Text(), [o.idempotency_key for o in outcomes]),
+            ("s", sa.Text(), [o.status for o in outcomes]),
+            ("m", sa.Text(), [o.provider_message_id for o in outcomes]),
+            ("r", sa.Text(), [o.reason for o in outcomes]),
+        ]
     )
     await session.execute(
         sa.update(deliveries)
@@ -362,7 +357,9 @@ async def recipients(
     a recipient."""
     if not keys:
         return {}
-    given = _rows(("w", sa.Text(), [w for w, _ in keys]), ("k", sa.Text(), [k for _, k in keys]))
+    given = array_rows(
+        [("w", sa.Text(), [w for w, _ in keys]), ("k", sa.Text(), [k for _, k in keys])]
+    )
     d = deliveries.c
     rows = await session.execute(
         sa.select(d.workspace_id, d.idempotency_key, d.channel, d.recipient).join(
@@ -532,13 +529,15 @@ async def note_sends(
         counts[key] = counts.get(key, 0) + 1
         last[key] = s
     keys = sorted(counts)
-    given = _rows(
-        ("w", sa.Text(), [w for w, _, _ in keys]),
-        ("ch", sa.Text(), [ch for _, ch, _ in keys]),
-        ("a", sa.Text(), [a for _, _, a in keys]),
-        ("c", UUID(as_uuid=True), [last[k].contact_id for k in keys]),
-        ("u", sa.Text(), [last[k].user_id for k in keys]),
-        ("n", sa.Integer(), [counts[k] for k in keys]),
+    given = array_rows(
+        [
+            ("w", sa.Text(), [w for w, _, _ in keys]),
+            ("ch", sa.Text(), [ch for _, ch, _ in keys]),
+            ("a", sa.Text(), [a for _, _, a in keys]),
+            ("c", UUID(as_uuid=True), [last[k].contact_id for k in keys]),
+            ("u", sa.Text(), [last[k].user_id for k in keys]),
+            ("n", sa.Integer(), [counts[k] for k in keys]),
+        ]
     )
     h = address_health.c
     minimum = sa.cast(min_sends, sa.Integer)
@@ -633,11 +632,13 @@ async def note_engagements(session: AsyncSession, engaged: Sequence[Engaged]) ->
         key = (e.workspace_id, e.channel, e.address)
         latest[key] = max(e.at, latest.get(key, e.at))
     keys = sorted(latest)
-    given = _rows(
-        ("w", sa.Text(), [w for w, _, _ in keys]),
-        ("ch", sa.Text(), [ch for _, ch, _ in keys]),
-        ("a", sa.Text(), [a for _, _, a in keys]),
-        ("at", TIMESTAMP, [latest[k] for k in keys]),
+    given = array_rows(
+        [
+            ("w", sa.Text(), [w for w, _, _ in keys]),
+            ("ch", sa.Text(), [ch for _, ch, _ in keys]),
+            ("a", sa.Text(), [a for _, _, a in keys]),
+            ("at", TIMESTAMP, [latest[k] for k in keys]),
+        ]
     )
     h = address_health.c
     match = sa.and_(h.workspace_id == given.c.w, h.channel == given.c.ch, h.address == given.c.a)
