@@ -20,11 +20,13 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 from fastapi import APIRouter, Depends, FastAPI, Request
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from nudge_common.consumer import ConsumerRunner
 from nudge_common.db import SessionMaker, create_engine, create_sessionmaker
 from nudge_common.http import JsonResponse
 from nudge_common.kafka import create_producer
 from nudge_common.logging import configure_logging
 from nudge_common.metrics import HttpMetricsMiddleware, metrics_router
+from nudge_common.retention import processed_messages_trimmer
 from nudge_common.settings import NudgeSettings
 
 log = structlog.get_logger(__name__)
@@ -89,6 +91,14 @@ def create_service_app(
                 await on_startup(runtime)
             freeze_startup_heap()
             runtime.runners = list(consumers(runtime)) if consumers else []
+            runtime.runners.extend(
+                processed_messages_trimmer(settings, runtime.sessionmaker, table)
+                for table in {
+                    runner.processed_messages
+                    for runner in runtime.runners
+                    if isinstance(runner, ConsumerRunner)
+                }
+            )
             for runner in runtime.runners:
                 task = asyncio.create_task(runner.run(), name=runner.name)
                 task.add_done_callback(_terminate_process_if_crashed)

@@ -38,6 +38,10 @@ class NudgeSettings(BaseSettings):
     dead_letters_per_minute_limit: int = Field(default=1000, ge=1)
     """Above this many dead letters in a minute the consumer stops: a bad deploy must not
     quietly dead-letter the whole stream."""
+    processed_messages_retention_s: float = Field(default=14 * 86400, gt=0)
+    """How long a consumer remembers the ids of the messages it applied. Longer than the
+    topics keep messages (7 days), so any replay Kafka can still serve finds them."""
+    processed_messages_trim_every_s: float = Field(default=300.0, gt=0)
 
     @model_validator(mode="after")
     def refuse_development_defaults_in_production(self) -> Self:
