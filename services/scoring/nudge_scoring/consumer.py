@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from nudge_common.consumer import ConsumerRunner
+from nudge_common.consumer import BatchFirstHandler, ConsumerRunner
 from nudge_common.errors import InvalidMessage, RetryLater
 from nudge_common.events import (
     CONTACT_ACTIVITY,
@@ -392,7 +392,7 @@ class Pending:
     merged: bool = False
 
 
-class ScoringHandler:
+class ScoringHandler(BatchFirstHandler):
     """Scoring's consumer handler. A batch (``handle_batch``) is applied with a few
     set-based statements: identities are looked up at once, contacts are created and
     claimed at once, the contacts' rows are locked and read at once (in id order), each
@@ -405,11 +405,6 @@ class ScoringHandler:
 
     def __init__(self) -> None:
         self.rulebooks = RulebookCache()
-
-    async def __call__(
-        self, session: AsyncSession, envelope: Envelope
-    ) -> Sequence[OutgoingMessage]:
-        return await self.handle_batch(session, [envelope])
 
     async def handle_batch(
         self, session: AsyncSession, envelopes: Sequence[Envelope]
