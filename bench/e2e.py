@@ -99,6 +99,7 @@ class Step:
             "p99_ms": ms(percentile(self.latencies_s, 99)),
             "max_ms": ms(max(self.latencies_s, default=math.nan)),
             "non_200_answers": sum(v for k, v in self.load.statuses.items() if k != "200"),
+            "answers": dict(self.load.statuses),
             "generator_late_max_ms": round(self.load.send_lag_max_s * 1000, 1),
             "aborted_overloaded": self.aborted,
             "notifier_histogram": self.notifier_histogram,

@@ -201,11 +201,24 @@ class KeepAlive:
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
     async def post(self, path: str, body: bytes) -> int:
-        """The answer's status; raises OSError (or asyncio.IncompleteReadError) when the
-        connection failed, after dropping it."""
-        reader, writer = (
-            self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
-        )
+        """The answer's status; raises ConnectionError when the connection failed, after
+        dropping it. A kept-alive connection the server closed meanwhile (its idle
+        timeout) is replaced by a new one once, as HTTP clients do."""
+        if self.idle:
+            try:
+                return await self._post(self.idle.pop(), path, body)
+            except ConnectionError:
+                pass
+        try:
+            connection = await asyncio.open_connection(self.host, self.port)
+        except OSError as error:
+            raise ConnectionError(f"cannot connect to {self.host}:{self.port}") from error
+        return await self._post(connection, path, body)
+
+    async def _post(
+        self, connection: tuple[asyncio.StreamReader, asyncio.StreamWriter], path: str, body: bytes
+    ) -> int:
+        reader, writer = connection
         try:
             writer.write(
                 f"POST {path} HTTP/1.1\r\n{self.head}Content-Type: application/json\r\n"
