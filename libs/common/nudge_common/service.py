@@ -65,7 +65,6 @@ def get_runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 ConsumersFactory = Callable[[Runtime], Sequence[Worker]]
-StartupHook = Callable[[Runtime], Awaitable[None]]
 
 
 def create_service_app(
@@ -73,7 +72,6 @@ def create_service_app(
     settings: NudgeSettings,
     routers: Sequence[APIRouter] = (),
     consumers: ConsumersFactory | None = None,
-    on_startup: StartupHook | None = None,
     title: str | None = None,
 ) -> FastAPI:
     @asynccontextmanager
@@ -87,8 +85,6 @@ def create_service_app(
         runtime = Runtime(settings, engine, create_sessionmaker(engine), producer)
         app.state.runtime = runtime
         try:
-            if on_startup:
-                await on_startup(runtime)
             freeze_startup_heap()
             runtime.runners = list(consumers(runtime)) if consumers else []
             runtime.runners.extend(

@@ -20,7 +20,7 @@ from datetime import datetime
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from nudge_common.clock import Clock, clock_from, system_clock
-from nudge_common.consumer import ConsumerRunner
+from nudge_common.consumer import BatchFirstHandler, ConsumerRunner
 from nudge_common.events import (
     CONSENT_CHANGED,
     CONTACT_ACTIVITY,
@@ -56,18 +56,13 @@ def touched(payloads: Sequence[ContactUpdated | ContactActivity]) -> set[str] | 
     return facts
 
 
-class ContactsHandler:
+class ContactsHandler(BatchFirstHandler):
     """Scoring's updates and activities go through :class:`ContactBatch` a run at a time
     (a few queries per run, whatever its size); merges, erasures and list changes, rarer,
     one by one in their place."""
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
-
-    async def __call__(
-        self, session: AsyncSession, envelope: Envelope
-    ) -> Sequence[OutgoingMessage]:
-        return await self.handle_batch(session, [envelope])
 
     async def handle_batch(
         self, session: AsyncSession, envelopes: Sequence[Envelope]
