@@ -28,6 +28,7 @@ from aiokafka.structs import ConsumerRecord
 from bench.harness import (
     LoadReport,
     contacts_for,
+    freeze_heap,
     new_workspace,
     percentile,
     process_tree_cpu_s,
@@ -260,6 +261,7 @@ async def _measure(
 ) -> Step:
     workspace = await new_workspace(settings, f"e2e{int(rate)}")
     contacts = contacts_for(rate, duration_s, f"r{int(rate)}")
+    freeze_heap()
     by_email = {c.email: c for c in contacts}
     arrivals: dict[str, float] = {}
     seen = 0
