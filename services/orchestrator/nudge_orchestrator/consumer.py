@@ -115,10 +115,6 @@ class MembershipHandler(BatchFirstHandler):
         return out.messages
 
 
-def membership_handler(clock: Clock) -> MembershipHandler:
-    return MembershipHandler(clock)
-
-
 def contact_of(
     workspace_id: str,
     event: SegmentEvent,
@@ -218,10 +214,6 @@ class EventHandler(BatchFirstHandler):
                 cause=str(envelope.id),
                 now=now,
             )
-
-
-def event_handler(clock: Clock) -> EventHandler:
-    return EventHandler(clock)
 
 
 @dataclass
@@ -345,10 +337,6 @@ class ContactHandler(BatchFirstHandler):
         return [message for out in outs for message in out.messages]
 
 
-def contact_handler(clock: Clock) -> ContactHandler:
-    return ContactHandler(clock)
-
-
 async def schedule_date(
     session: AsyncSession,
     workflow: store.Published,
@@ -436,9 +424,9 @@ def consumers(runtime: Runtime) -> list[Worker]:
         )
 
     return [
-        runner("orchestrator-contacts", Topic.CONTACTS, contact_handler(clock)),
-        runner("orchestrator", Topic.MEMBERSHIPS, membership_handler(clock)),
-        runner("orchestrator-events", Topic.EVENTS, event_handler(clock)),
+        runner("orchestrator-contacts", Topic.CONTACTS, ContactHandler(clock)),
+        runner("orchestrator", Topic.MEMBERSHIPS, MembershipHandler(clock)),
+        runner("orchestrator-events", Topic.EVENTS, EventHandler(clock)),
         runner("orchestrator-deliveries", Topic.DELIVERIES, DeliveryHandler()),
         TimerWorker(
             settings=settings,

@@ -41,7 +41,7 @@ from nudge_common.settings import NudgeSettings
 from nudge_devtools.pipeline import read_topic
 from nudge_orchestrator import store
 from nudge_orchestrator.app import ROUTERS, TITLE
-from nudge_orchestrator.consumer import contact_handler, event_handler, membership_handler
+from nudge_orchestrator.consumer import ContactHandler, EventHandler, MembershipHandler
 from nudge_orchestrator.domain.workflows import WorkflowDefinition
 from nudge_orchestrator.settings import OrchestratorSettings
 from nudge_orchestrator.worker import fire_due_timers, send_due_broadcasts
@@ -108,7 +108,7 @@ class Engine:
         """Scoring's ``contact.updated`` for this contact: these traits and scores (and
         tags and stages when given)."""
         envelope = self.updated(user_id, scores, tags=tags, stages=stages, **traits)
-        await self.apply(contact_handler(self.clock), envelope)
+        await self.apply(ContactHandler(self.clock), envelope)
         return self.contact_id(user_id)
 
     def contact_id(self, user_id: str) -> uuid.UUID:
@@ -145,7 +145,7 @@ class Engine:
         )
 
     async def track(self, user_id: str, event: str, **properties: Any) -> None:
-        await self.apply(event_handler(self.clock), self.tracked(user_id, event, **properties))
+        await self.apply(EventHandler(self.clock), self.tracked(user_id, event, **properties))
 
     def tracked(self, user_id: str, event: str, **properties: Any) -> Envelope:
         message_id = f"m-{next(_sequence)}-{uuid.uuid4().hex[:6]}"
@@ -178,7 +178,7 @@ class Engine:
             ),
             occurred_at=self.now,
         )
-        await self.apply(membership_handler(self.clock), envelope)
+        await self.apply(MembershipHandler(self.clock), envelope)
         return envelope
 
     async def fire(self) -> int:

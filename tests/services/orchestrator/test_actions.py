@@ -38,7 +38,7 @@ from nudge_devtools.smtp_sink import SmtpSink
 from nudge_notifier.consumer import NotificationHandler, Providers
 from nudge_notifier.settings import NotifierSettings
 from nudge_orchestrator import execution, store
-from nudge_orchestrator.consumer import event_handler
+from nudge_orchestrator.consumer import EventHandler
 from nudge_orchestrator.settings import OrchestratorSettings
 from nudge_orchestrator.worker import deliver_due_webhooks
 from nudge_scoring import store as scoring_store
@@ -154,7 +154,7 @@ async def test_adjust_score_reaches_scoring_once_for_a_contact_without_user_id(
     event = segment(ws, event="Webinar Attended", anonymousId="anon-7")
     async with transaction(engine.sessionmaker) as session:
         await scoring_handler(session, event)
-    await engine.apply(event_handler(engine.clock), event)
+    await engine.apply(EventHandler(engine.clock), event)
     contact_id = stable_id(ws, "contact", "anonymous_id", "anon-7")
     [adjusted] = [e for e in engine.published if e.type == SCORE_ADJUSTED.name]
     for _ in range(2):  # the second is a replay of the same message

@@ -16,7 +16,7 @@ from nudge_common.events import (
     MembershipChanged,
 )
 from nudge_orchestrator import store
-from nudge_orchestrator.consumer import DeliveryHandler, membership_handler
+from nudge_orchestrator.consumer import DeliveryHandler, MembershipHandler
 from nudge_orchestrator.domain.analytics import (
     ab_winner,
     grouped_report,
@@ -222,7 +222,7 @@ async def test_analytics_per_segment_count_the_runs_the_segment_started(engine: 
         await engine.enter_segment(other, contact)
     for contact in contacts[:2]:
         await engine.apply(
-            membership_handler(engine.clock),
+            MembershipHandler(engine.clock),
             SEGMENT_EXITED.envelope(
                 workspace_id=engine.workspace_id,
                 payload=MembershipChanged(

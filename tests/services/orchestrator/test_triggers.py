@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from nudge_common.db import transaction
 from nudge_common.events import CONTACT_STAGE_CHANGED, ContactStageChanged
 from nudge_orchestrator import store
-from nudge_orchestrator.consumer import contact_handler
+from nudge_orchestrator.consumer import ContactHandler
 from nudge_orchestrator.domain.workflows import WorkflowDefinition
 from tests.services.orchestrator.conftest import Engine
 
@@ -71,7 +71,7 @@ async def test_a_lifecycle_stage_change_starts_the_workflow_for_its_stage(engine
 
     async def stage(previous: str | None, new: str) -> None:
         await engine.apply(
-            contact_handler(engine.clock),
+            ContactHandler(engine.clock),
             CONTACT_STAGE_CHANGED.envelope(
                 workspace_id=engine.workspace_id,
                 payload=ContactStageChanged(
