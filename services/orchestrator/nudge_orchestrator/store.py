@@ -1083,11 +1083,8 @@ async def contacts_by_user_id(
     """The copy's contact for each (workspace id, user id) known to it."""
     if not user_ids:
         return {}
-    workspace_ids, ids = zip(*sorted(user_ids), strict=True)
-    given = sa.select(
-        sa.func.unnest(sa.cast(list(workspace_ids), ARRAY(sa.Text))).label("workspace_id"),
-        sa.func.unnest(sa.cast(list(ids), ARRAY(sa.Text))).label("user_id"),
-    ).subquery()
+    workspace_ids, ids = zip(*user_ids, strict=True)
+    given = array_rows([("workspace_id", sa.Text(), workspace_ids), ("user_id", sa.Text(), ids)])
     rows = await session.execute(
         sa.select(contacts.c.workspace_id, contacts.c.user_id, contacts.c.contact_id)
         .join(

@@ -147,9 +147,20 @@ async def test_track_events_in_one_batch_reach_the_run_an_earlier_one_started(
             ],
         }
     )
+    merged = uuid.uuid4()  # a contact scoring merged: its id is not the user id's own
+    async with transaction(engine.sessionmaker) as session:
+        await store.upsert_contacts(
+            session,
+            [
+                store.ContactCopy(
+                    merged, engine.workspace_id, "batch-merged", {}, {}, tags=None, stages=None
+                )
+            ],
+        )
     await engine.apply_batch(
         EventHandler(engine.clock),
         [
+            engine.tracked("batch-merged", "Product Added", sku="C3"),
             engine.tracked("batch-buyer", "Page Viewed"),
             engine.tracked("batch-buyer", "Product Added", sku="A1"),
             engine.tracked("batch-browser", "Product Added", sku="B2"),
@@ -158,7 +169,11 @@ async def test_track_events_in_one_batch_reach_the_run_an_earlier_one_started(
         ],
     )
     runs = {run.contact_id: run for run in await engine.runs(workflow)}
-    assert set(runs) == {engine.contact_id("batch-buyer"), engine.contact_id("batch-browser")}
+    assert set(runs) == {
+        engine.contact_id("batch-buyer"),
+        engine.contact_id("batch-browser"),
+        merged,
+    }
     assert runs[engine.contact_id("batch-buyer")].status == "converted"
     assert runs[engine.contact_id("batch-buyer")].performed == ["Order Completed"]
     assert runs[engine.contact_id("batch-browser")].status == "active"
