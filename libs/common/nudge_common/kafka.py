@@ -149,14 +149,17 @@ async def publish(
     producer: Producer, settings: NudgeSettings, messages: Sequence[OutgoingMessage]
 ) -> None:
     """Send all messages and return once the broker acknowledged every one of them."""
-    if not messages:
-        return
-    acks = [
-        await producer.send(
-            settings.topic(message.topic),
-            value=message.envelope.encode(),
-            key=message.key.encode(),
-        )
-        for message in messages
-    ]
+    await send_all(
+        producer,
+        [
+            (settings.topic(message.topic), message.key.encode(), message.envelope.encode())
+            for message in messages
+        ],
+    )
+
+
+async def send_all(producer: Producer, records: Sequence[tuple[str, bytes, bytes]]) -> None:
+    """Send encoded records (topic, key, value), all queued before any is awaited, and
+    return once the broker acknowledged every one of them."""
+    acks = [await producer.send(topic, value=value, key=key) for topic, key, value in records]
     await asyncio.gather(*acks)

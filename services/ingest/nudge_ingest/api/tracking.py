@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from nudge_common import codec
 from nudge_common.events import SegmentType, Topic, encode_segment_event
+from nudge_common.kafka import send_all
 from nudge_common.service import Runtime, get_runtime
 from nudge_ingest.api.auth import authenticate
 from nudge_ingest.api.deps import IngestState, get_ingest_state
@@ -265,10 +266,7 @@ async def publish_records(runtime: Runtime, records: Records) -> None:
     producer = runtime.producer
     try:
         async with asyncio.timeout(settings.produce_timeout_s):
-            acks = [
-                await producer.send(topic, value=value, key=key) for key, value in records.pairs
-            ]
-            await asyncio.gather(*acks)
+            await send_all(producer, [(topic, key, value) for key, value in records.pairs])
     except (TimeoutError, KafkaError) as error:
         KAFKA_UNAVAILABLE.inc()
         raise IngestError(
