@@ -624,9 +624,9 @@ async def create_realtime_segments(
     runtime: Runtime, workspace_id: str, count: int, pool: range, now: datetime
 ) -> tuple[dict[str, uuid.UUID], float]:
     """``count`` active segments, ten of them the triggers (``performed <name> within 1
-    day``, one per name); the memberships of the contacts in ``pool`` are computed
-    set-based as a backfill would. Returns the trigger of each name, and the seconds the
-    memberships took."""
+    day``, one per name); the memberships and rechecks of the contacts in ``pool`` are
+    computed set-based as a backfill leaves them. Returns the trigger of each name, and the
+    seconds the memberships took."""
     triggers = {name: uuid.uuid4() for name in NAMES}
     ids = [uuid.uuid4() for _ in range(count - len(triggers))]
     definitions = realtime_conditions(ids)
@@ -659,6 +659,27 @@ async def create_realtime_segments(
             )
             columns = ["segment_id", "contact_id", "workspace_id", "entered_at"]
             await session.execute(sa.insert(store.memberships).from_select(columns, matching))
+            if compiled.recheck_at is not None:
+                # as a backfill leaves them: each contact's next time-driven recheck
+                scheduled = (
+                    sa.select(
+                        sa.literal(segment_id),
+                        store.contacts.c.contact_id,
+                        sa.literal(workspace_id),
+                        compiled.recheck_at.label("due_at"),
+                    )
+                    .where(
+                        store.contacts.c.workspace_id == workspace_id,
+                        store.contacts.c.contact_id.between(low, high),
+                    )
+                    .subquery()
+                )
+                await session.execute(
+                    sa.insert(store.rechecks).from_select(
+                        ["segment_id", "contact_id", "workspace_id", "due_at"],
+                        sa.select(scheduled).where(scheduled.c.due_at.is_not(None)),
+                    )
+                )
             await session.execute(
                 sa.insert(store.membership_history).from_select(
                     columns,
