@@ -7,12 +7,13 @@ consumer runner for a batch, a route for a request) opens it with :func:`transac
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import ARRAY, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, UUID, Insert
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -97,6 +98,18 @@ def array_rows(
         .table_valued(*(sa.column(name, type_) for name, type_, _ in columns))
         .render_derived(with_types=False)
     )
+
+
+def insert_columns(table: sa.Table, columns: Mapping[str, Sequence[Any]]) -> Insert:
+    """``INSERT INTO table (columns) SELECT * FROM unnest(arrays)``: one array parameter per
+    column (:func:`array_rows`), compiled once whatever the number of rows."""
+    given = array_rows([(name, table.c[name].type, values) for name, values in columns.items()])
+    return pg_insert(table).from_select(list(columns), sa.select(*given.c))
+
+
+def column_lists(rows: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Rows with the same keys as one list per column, for :func:`insert_columns`."""
+    return {name: [row[name] for row in rows] for name in rows[0]}
 
 
 def _array(type_: sa.types.TypeEngine[Any], values: Sequence[Any]) -> sa.ColumnElement[Any]:

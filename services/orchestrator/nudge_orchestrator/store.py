@@ -22,11 +22,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID, Insert
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from nudge_common.db import array_rows, processed_messages_table
+from nudge_common.db import array_rows, column_lists, insert_columns, processed_messages_table
 from nudge_orchestrator.domain.broadcasts import (
     ABTest,
     BroadcastGoal,
@@ -618,20 +618,12 @@ async def entry_states(
     return {row[0]: (row[1], bool(row[2])) for row in rows}
 
 
-def insert_rows(table: sa.Table, rows: Sequence[dict[str, Any]]) -> Insert:
-    """``INSERT`` of ``rows`` (dicts with the same columns of ``table``) from one array
-    parameter per column: one statement whatever the number of rows, compiled once."""
-    names = list(rows[0])
-    given = array_rows([(name, table.c[name].type, [row[name] for row in rows]) for name in names])
-    return pg_insert(table).from_select(names, sa.select(*(given.c[name] for name in names)))
-
-
 async def start_runs(session: AsyncSession, rows: list[dict[str, Any]]) -> set[uuid.UUID]:
     """Insert runs (the columns of ``runs``); returns the ids inserted. A run that exists
     (a replayed trigger) or a second active exclusive run (the partial unique index) is
     not inserted."""
     result = await session.execute(
-        insert_rows(runs, rows).on_conflict_do_nothing().returning(runs.c.id)
+        insert_columns(runs, column_lists(rows)).on_conflict_do_nothing().returning(runs.c.id)
     )
     return set(result.scalars())
 
@@ -670,9 +662,13 @@ class Writes:
 
 async def flush(session: AsyncSession, writes: Writes, *, at: datetime) -> None:
     if writes.steps:
-        await session.execute(insert_rows(step_executions, writes.steps).on_conflict_do_nothing())
+        await session.execute(
+            insert_columns(step_executions, column_lists(writes.steps)).on_conflict_do_nothing()
+        )
     if writes.sends:
-        await session.execute(insert_rows(sends, writes.sends).on_conflict_do_nothing())
+        await session.execute(
+            insert_columns(sends, column_lists(writes.sends)).on_conflict_do_nothing()
+        )
     for variant, ids in writes.variants.items():
         await session.execute(sa.update(runs).where(runs.c.id.in_(ids)).values(variant=variant))
     for status, ids in writes.finished.items():
@@ -683,9 +679,13 @@ async def flush(session: AsyncSession, writes: Writes, *, at: datetime) -> None:
         )
         await session.execute(sa.delete(timers).where(timers.c.run_id.in_(ids)))
     if writes.timers:
-        await session.execute(insert_rows(timers, writes.timers).on_conflict_do_nothing())
+        await session.execute(
+            insert_columns(timers, column_lists(writes.timers)).on_conflict_do_nothing()
+        )
     if writes.webhooks:
-        await session.execute(insert_rows(webhooks, writes.webhooks).on_conflict_do_nothing())
+        await session.execute(
+            insert_columns(webhooks, column_lists(writes.webhooks)).on_conflict_do_nothing()
+        )
 
 
 @dataclass(frozen=True)
@@ -1014,19 +1014,16 @@ async def apply_memberships(session: AsyncSession, changes: list[Membership]) ->
     entries = [c for c in changes if c.entered]
     exits = [c for c in changes if not c.entered]
     if entries:
-        statement = insert_rows(
+        statement = insert_columns(
             contacts,
-            [
-                {
-                    "contact_id": c.contact_id,
-                    "workspace_id": c.workspace_id,
-                    "user_id": c.user_id,
-                    "traits": c.traits,
-                    "scores": c.scores,
-                    "segments": {str(c.segment_id): c.segment_name},
-                }
-                for c in entries
-            ],
+            {
+                "contact_id": [c.contact_id for c in entries],
+                "workspace_id": [c.workspace_id for c in entries],
+                "user_id": [c.user_id for c in entries],
+                "traits": [c.traits for c in entries],
+                "scores": [c.scores for c in entries],
+                "segments": [{str(c.segment_id): c.segment_name} for c in entries],
+            },
         )
         await session.execute(
             statement.on_conflict_do_update(

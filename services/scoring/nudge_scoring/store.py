@@ -11,18 +11,17 @@ history take the contact and every contact merged into it.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB, UUID
-from sqlalchemy.dialects.postgresql import Insert as PgInsert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from nudge_common.db import array_rows, processed_messages_table
+from nudge_common.db import array_rows, column_lists, insert_columns, processed_messages_table
 from nudge_common.events import SegmentEvent
 from nudge_scoring.domain.rules import (
     DecaySpec,
@@ -1168,7 +1167,7 @@ async def create_contacts(
         return
     ordered = sorted(rows, key=lambda row: row[0])
     await session.execute(
-        insert_rows(
+        insert_columns(
             contacts,
             {
                 "id": [contact_id for contact_id, _, _ in ordered],
@@ -1190,7 +1189,7 @@ async def claim_identities_many(
         return
     ordered = sorted(claims.items())
     await session.execute(
-        insert_rows(
+        insert_columns(
             identities,
             {
                 "workspace_id": [workspace_id] * len(ordered),
@@ -1283,7 +1282,7 @@ async def claim_event_ids(
     if not rows:
         return set()
     statement = (
-        insert_rows(
+        insert_columns(
             event_ids,
             {
                 "workspace_id": [workspace_id] * len(rows),
@@ -1296,18 +1295,6 @@ async def claim_event_ids(
         .returning(event_ids.c.message_id)
     )
     return set((await session.execute(statement)).scalars())
-
-
-def insert_rows(table: sa.Table, columns: Mapping[str, Sequence[Any]]) -> PgInsert:
-    """``INSERT INTO table (columns) SELECT * FROM unnest(arrays)``: one array parameter
-    per column, compiled once whatever the number of rows (``array_rows``)."""
-    given = array_rows([(name, table.c[name].type, values) for name, values in columns.items()])
-    return pg_insert(table).from_select(list(columns), sa.select(*given.c))
-
-
-def column_lists(rows: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
-    """Rows of the same keys as one list per column, for ``insert_rows``."""
-    return {name: [row[name] for row in rows] for name in rows[0]}
 
 
 def event_row(workspace_id: str, contact_id: uuid.UUID, event: SegmentEvent) -> dict[str, Any]:
@@ -1471,10 +1458,10 @@ TYPED_COLUMNS = (
 async def write_batch(session: AsyncSession, writes: BatchWrites) -> None:
     """Write what ``writes`` gathered: one statement per table (many rows each)."""
     if writes.events:
-        await session.execute(insert_rows(events, column_lists(writes.events)))
+        await session.execute(insert_columns(events, column_lists(writes.events)))
     if writes.transactions:
         await session.execute(
-            insert_rows(transactions, column_lists(writes.transactions)).on_conflict_do_nothing()
+            insert_columns(transactions, column_lists(writes.transactions)).on_conflict_do_nothing()
         )
     if writes.touches:
         touched = sorted(writes.touches.values(), key=lambda t: t["cid"])
@@ -1535,7 +1522,7 @@ async def write_batch(session: AsyncSession, writes: BatchWrites) -> None:
     await _write_points(session, writes)
     if writes.stages:
         staged = sorted(writes.stages.items())
-        upsert = insert_rows(
+        upsert = insert_columns(
             stages,
             {
                 "contact_id": [contact_id for (contact_id, _), _ in staged],
@@ -1551,10 +1538,10 @@ async def write_batch(session: AsyncSession, writes: BatchWrites) -> None:
                 set_={"stage": upsert.excluded.stage, "since": upsert.excluded.since},
             )
         )
-        await session.execute(insert_rows(stage_history, column_lists(writes.stage_history)))
+        await session.execute(insert_columns(stage_history, column_lists(writes.stage_history)))
     if writes.timers:
         timed = sorted(writes.timers.items())
-        upsert = insert_rows(
+        upsert = insert_columns(
             timers,
             {
                 "contact_id": [contact_id for (contact_id, _), _ in timed],
@@ -1609,7 +1596,7 @@ async def _write_tags(session: AsyncSession, writes: BatchWrites) -> None:
 async def _write_points(session: AsyncSession, writes: BatchWrites) -> None:
     if writes.scores:
         scored = sorted(writes.scores.items())
-        upsert = insert_rows(
+        upsert = insert_columns(
             scores,
             {
                 "contact_id": [contact_id for (contact_id, _), _ in scored],
@@ -1625,10 +1612,10 @@ async def _write_points(session: AsyncSession, writes: BatchWrites) -> None:
             )
         )
     if writes.score_changes:
-        await session.execute(insert_rows(score_changes, column_lists(writes.score_changes)))
+        await session.execute(insert_columns(score_changes, column_lists(writes.score_changes)))
     if writes.spending:
         spent = sorted(writes.spending.items())
-        upsert = insert_rows(
+        upsert = insert_columns(
             rule_spending,
             {
                 "contact_id": [contact_id for (contact_id, _, _), _ in spent],
