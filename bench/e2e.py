@@ -28,7 +28,6 @@ from aiokafka.structs import ConsumerRecord
 from bench.harness import (
     LoadReport,
     contacts_for,
-    freeze_heap,
     new_workspace,
     percentile,
     process_tree_cpu_s,
@@ -38,6 +37,7 @@ from bench.harness import (
 )
 from nudge_common import codec
 from nudge_common.events import Topic
+from nudge_common.service import freeze_startup_heap
 from nudge_common.settings import NudgeSettings
 from nudge_devtools.pipeline import read_topic
 from nudge_devtools.services import Fleet, free_port
@@ -261,7 +261,7 @@ async def _measure(
 ) -> Step:
     workspace = await new_workspace(settings, f"e2e{int(rate)}")
     contacts = contacts_for(rate, duration_s, f"r{int(rate)}")
-    freeze_heap()
+    freeze_startup_heap()
     by_email = {c.email: c for c in contacts}
     arrivals: dict[str, float] = {}
     seen = 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import gc
 import math
 import os
 import shutil
@@ -187,14 +186,6 @@ def batch_size_for(rate: float, max_requests_per_s: float) -> int:
     """Events per request: one per call up to ``max_requests_per_s``, then batches, as a
     server-side SDK that flushes its queue every ``1 / max_requests_per_s`` seconds."""
     return max(1, math.ceil(rate / max_requests_per_s))
-
-
-def freeze_heap() -> None:
-    """Move what the load generator has built so far out of the garbage collector's sight,
-    before it measures: a full collection of its heap (hundreds of milliseconds, every few
-    seconds of load) stalls its event loop and shows up as the server's latency."""
-    gc.collect()
-    gc.freeze()
 
 
 class KeepAlive:

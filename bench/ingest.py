@@ -23,10 +23,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.harness import KeepAlive, freeze_heap, new_workspace, sandbox
+from bench.harness import KeepAlive, new_workspace, sandbox
 from nudge_common import codec
 from nudge_common.events import EVENT_RECEIVED, SegmentType, Topic, segment_event_id
 from nudge_common.kafka import create_producer
+from nudge_common.service import freeze_startup_heap
 from nudge_common.settings import NudgeSettings
 from nudge_devtools.services import ServiceProcess, free_port
 from nudge_ingest.domain.calls import SegmentCall, normalise
@@ -238,7 +239,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             def track(i: int) -> bytes:
                 return track_body(key, f"{run}-t-{i}")
 
-            freeze_heap()
+            freeze_startup_heap()
             # Warm up (connections, caches, producer metadata), not counted.
             await closed_loop(client, "/v1/track", track, connections=8, duration_s=1.0)
 

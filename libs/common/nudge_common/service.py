@@ -123,10 +123,11 @@ def create_service_app(
 
 
 def freeze_startup_heap() -> None:
-    """Move what startup built (modules, models, routes, clients) out of the garbage
-    collector's sight. Under load, full collections came every few dozen batches or
+    """Move what the process built so far (modules, models, routes, clients) out of the
+    garbage collector's sight. Under load, full collections came every few dozen batches or
     requests and each walked that whole heap: about 40% of the CPU of an ingest batch
-    request and of a segmenter batch before this."""
+    request and of a segmenter batch before this. The benches' load generators call it too
+    before they measure: a collection of their heap stalled them for ~150 ms."""
     gc.collect()
     gc.freeze()
 
