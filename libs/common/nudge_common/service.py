@@ -122,14 +122,26 @@ def create_service_app(
     return app
 
 
+YOUNG_GENERATION_THRESHOLD = 50_000
+"""Container allocations (net of deallocations) between two young-generation collections;
+CPython's default is 700."""
+
+
 def freeze_startup_heap() -> None:
     """Move what the process built so far (modules, models, routes, clients) out of the
-    garbage collector's sight. Under load, full collections came every few dozen batches or
-    requests and each walked that whole heap: about 40% of the CPU of an ingest batch
-    request and of a segmenter batch before this. The benches' load generators call it too
-    before they measure: a collection of their heap stalled them for ~150 ms."""
+    garbage collector's sight, and collect the young generation less often. Under load,
+    full collections came every few dozen batches or requests and each walked that whole
+    heap: about 40% of the CPU of an ingest batch request and of a segmenter batch before
+    the freeze. After it, young collections at the default threshold still took 4-14% of
+    each consumer's CPU (measured with ``gc.callbacks`` in ``make bench-e2e`` at 600
+    events/s): every 700 allocations they walked the batch in hand, which is alive until
+    the batch ends and is freed by reference counting, not by the collector. At
+    ``YOUNG_GENERATION_THRESHOLD`` they took 0-3%. The benches' load generators call this
+    too before they measure: a collection of their heap stalled them for ~150 ms."""
     gc.collect()
     gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(YOUNG_GENERATION_THRESHOLD, middle, old)
 
 
 async def start_producer(producer: AIOKafkaProducer, *, deadline_s: float = 60.0) -> None:
