@@ -3,7 +3,8 @@
 A batch moves through small steps, in this order, and offsets are always committed last:
 
 1. **poll** a batch of records;
-2. **decode** each into an :class:`Envelope` (undecodable records become dead letters);
+2. **decode** each into an :class:`Envelope` (undecodable records become dead letters),
+   passing over the types the handler does not read (:class:`SelectiveHandler`);
 3. **apply**, in one PostgreSQL transaction: record the message ids in the service's
    ``processed_messages`` table (ids already there are duplicates and are skipped), then hand
    each new message to the service's handler inside a savepoint, so one bad message is
@@ -30,7 +31,7 @@ import asyncio
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -47,7 +48,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from nudge_common import metrics
 from nudge_common.db import SessionMaker, transaction
 from nudge_common.errors import DeadLetterLimitExceeded, InvalidMessage, RetryLater
-from nudge_common.events import Envelope, Topic
+from nudge_common.events import TYPE_HEADER, Envelope, Topic
 from nudge_common.kafka import OutgoingMessage, publish
 from nudge_common.settings import NudgeSettings
 
@@ -144,6 +145,17 @@ class BatchFirstHandler(ABC):
     ) -> Sequence[OutgoingMessage]: ...
 
 
+@runtime_checkable
+class SelectiveHandler(Protocol):
+    """Optional: a handler that names the envelope types it reads. The runner passes over
+    the others before decoding them (by the record's ``TYPE_HEADER``; a record without it
+    is decoded and passed over by its envelope's type) and before recording them in
+    ``processed_messages``: contacts and deliveries topics carry several types, and most
+    consumers read one or two of them."""
+
+    message_types: frozenset[str]
+
+
 @dataclass(frozen=True)
 class Decoded:
     record: Record
@@ -196,6 +208,9 @@ class ConsumerRunner:
         self.producer = producer
         self.processed_messages = processed_messages
         self.dead_letter_budget = DeadLetterBudget(settings.dead_letters_per_minute_limit)
+        self.message_types = (
+            handler.message_types if isinstance(handler, SelectiveHandler) else None
+        )
         self._stopping = asyncio.Event()
         self._committed: dict[TopicPartition, int] = {}
 
@@ -265,7 +280,9 @@ class ConsumerRunner:
                 delay = min(delay * 2, 10.0)
 
     async def _apply(self, records: list[Record]) -> None:
-        decoded, dead_letters = decode(records)
+        decoded, dead_letters, passed_over = decode(records, self.message_types)
+        for topic, count in passed_over.items():
+            metrics.CONSUMER_MESSAGES.labels(self.name, topic, "passed_over").inc(count)
         if isinstance(self.handler, BatchPreparer):
             await self.handler.prepare([item.envelope for item in decoded])
         outgoing: list[OutgoingMessage] = []
@@ -407,18 +424,35 @@ class ConsumerRunner:
         return True
 
 
-def decode(records: list[Record]) -> tuple[list[Decoded], list[DeadLetter]]:
+def decode(
+    records: list[Record], message_types: frozenset[str] | None = None
+) -> tuple[list[Decoded], list[DeadLetter], Counter[str]]:
+    """The records' envelopes, the dead letters of those that do not decode, and how many
+    records of each topic were passed over because their type is not in ``message_types``
+    (``None``: every type is read)."""
     decoded: list[Decoded] = []
     dead_letters: list[DeadLetter] = []
+    passed_over: Counter[str] = Counter()
+    wanted = None if message_types is None else {name.encode() for name in message_types}
     for record in records:
+        if wanted is not None:
+            declared = next((v for k, v in record.headers if k == TYPE_HEADER), None)
+            if declared is not None and declared not in wanted:
+                passed_over[record.topic] += 1
+                continue
         if not record.value:
             dead_letters.append(DeadLetter(record, "EmptyValue", "record has no value"))
             continue
         try:
-            decoded.append(Decoded(record, Envelope.decode(record.value)))
+            envelope = Envelope.decode(record.value)
         except ValidationError as error:
             dead_letters.append(dead_letter_for(record, error))
-    return decoded, dead_letters
+            continue
+        if message_types is not None and envelope.type not in message_types:
+            passed_over[record.topic] += 1
+            continue
+        decoded.append(Decoded(record, envelope))
+    return decoded, dead_letters, passed_over
 
 
 def dead_letter_for(record: Record, error: Exception) -> DeadLetter:

@@ -33,6 +33,11 @@ class Topic(StrEnum):
     DEAD_LETTER = "deadletter"
 
 
+TYPE_HEADER = "nudge.type"
+"""The record header that repeats the envelope's ``type``: a consumer passes over the types
+it does not read without decoding them (``ConsumerRunner``)."""
+
+
 class Envelope(BaseModel):
     """Versioned wrapper of every internal event."""
 

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 from aiokafka import AIOKafkaProducer
@@ -18,7 +18,7 @@ from aiokafka.errors import (
     UnknownProducerId,
 )
 
-from nudge_common.events import Envelope, Topic
+from nudge_common.events import TYPE_HEADER, Envelope, Topic
 from nudge_common.settings import NudgeSettings
 
 log = structlog.get_logger(__name__)
@@ -152,14 +152,33 @@ async def publish(
     await send_all(
         producer,
         [
-            (settings.topic(message.topic), message.key.encode(), message.envelope.encode())
+            EncodedRecord(
+                settings.topic(message.topic),
+                message.key.encode(),
+                message.envelope.encode(),
+                message.envelope.type,
+            )
             for message in messages
         ],
     )
 
 
-async def send_all(producer: Producer, records: Sequence[tuple[str, bytes, bytes]]) -> None:
-    """Send encoded records (topic, key, value), all queued before any is awaited, and
-    return once the broker acknowledged every one of them."""
-    acks = [await producer.send(topic, value=value, key=key) for topic, key, value in records]
+class EncodedRecord(NamedTuple):
+    topic: str
+    key: bytes
+    value: bytes
+    type: str
+    """The envelope's type, sent as the ``TYPE_HEADER`` header."""
+
+
+async def send_all(producer: Producer, records: Sequence[EncodedRecord]) -> None:
+    """Send encoded records, all queued before any is awaited, and return once the broker
+    acknowledged every one of them."""
+    headers: dict[str, list[tuple[str, bytes]]] = {}
+    acks = []
+    for topic, key, value, type_ in records:
+        header = headers.get(type_)
+        if header is None:
+            header = headers[type_] = [(TYPE_HEADER, type_.encode())]
+        acks.append(await producer.send(topic, value=value, key=key, headers=header))
     await asyncio.gather(*acks)

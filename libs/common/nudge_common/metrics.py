@@ -42,7 +42,7 @@ HTTP_REQUEST_DURATION = Histogram(
 CONSUMER_MESSAGES = Counter(
     "nudge_consumer_messages_total",
     "Messages a consumer handled, by outcome: applied, duplicate (already applied before), "
-    "dead_lettered.",
+    "dead_lettered, passed_over (a type the consumer does not read).",
     ["consumer", "topic", "outcome"],
 )
 CONSUMER_BATCH_SIZE = Histogram(

@@ -61,6 +61,16 @@ class ContactsHandler(BatchFirstHandler):
     (a few queries per run, whatever its size); merges, erasures and list changes, rarer,
     one by one in their place."""
 
+    message_types = frozenset(
+        {
+            CONTACT_UPDATED.name,
+            CONTACT_ACTIVITY.name,
+            CONTACT_MERGED.name,
+            CONTACT_ERASED.name,
+            LIST_CHANGED.name,
+        }
+    )
+
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
 
@@ -182,6 +192,8 @@ async def apply_list_change(
 
 
 class ConsentHandler:
+    message_types = frozenset({CONSENT_CHANGED.name})
+
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
 

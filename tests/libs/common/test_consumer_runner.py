@@ -185,3 +185,63 @@ async def test_batch_handler_applies_whole_batches_and_isolates_a_bad_message(
         runner.stop()
         await asyncio.wait_for(task, 30)
         await producer.stop()
+
+
+OTHER = EventType("test.other", Thing, Topic.EVENTS)
+
+
+class SelectiveHandler(Handler):
+    message_types = frozenset({THING.name})
+
+
+async def test_a_selective_handler_never_sees_nor_records_the_types_it_does_not_read(
+    settings: NudgeSettings, sessionmaker: SessionMaker
+) -> None:
+    now = datetime.now(UTC)
+    things = [THING.envelope(workspace_id="ws", payload=Thing(), occurred_at=now) for _ in range(5)]
+    # "bad" would be dead-lettered if the handler saw it
+    others = [
+        OTHER.envelope(workspace_id="ws", payload=Thing(behaviour="bad"), occurred_at=now)
+        for _ in range(6)
+    ]
+    producer: AIOKafkaProducer = create_producer(settings)
+    await producer.start()
+    runner = ConsumerRunner(
+        name="runner-selective-test",
+        topics=[Topic.EVENTS],
+        handler=SelectiveHandler(),
+        settings=settings,
+        sessionmaker=sessionmaker,
+        producer=producer,
+        processed_messages=processed,
+    )
+    task = asyncio.create_task(runner.run())
+    try:
+        await publish(
+            producer, settings, [OutgoingMessage(Topic.EVENTS, "k", e) for e in things + others]
+        )
+        # a record from a producer that sets no type header is passed over once decoded
+        unlabelled = others[0].model_copy(update={"id": uuid.uuid4()})
+        await producer.send_and_wait(settings.topic(Topic.EVENTS), unlabelled.encode(), b"k")
+        await wait_until_idle(settings, consumers={"runner-selective-test": (Topic.EVENTS,)})
+
+        records = await read_topic(settings, Topic.EVENTS, expected=len(things) + len(others) + 1)
+        labelled = [dict(r.headers).get("nudge.type") for r in records]
+        assert sorted(labelled, key=str) == sorted(
+            [b"test.thing"] * len(things) + [b"test.other"] * len(others) + [None], key=str
+        )
+        assert await count_effects(sessionmaker) == len(things)
+        async with transaction(sessionmaker) as session:
+            recorded = set(
+                await session.scalars(
+                    sa.select(processed.c.message_id).where(
+                        processed.c.consumer == "runner-selective-test"
+                    )
+                )
+            )
+        assert recorded == {e.id for e in things}
+        assert await read_topic(settings, Topic.DEAD_LETTER) == []
+    finally:
+        runner.stop()
+        await asyncio.wait_for(task, 30)
+        await producer.stop()

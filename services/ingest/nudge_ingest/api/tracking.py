@@ -15,8 +15,8 @@ from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 
 from nudge_common import codec
-from nudge_common.events import SegmentType, Topic, encode_segment_event
-from nudge_common.kafka import send_all
+from nudge_common.events import EVENT_RECEIVED, SegmentType, Topic, encode_segment_event
+from nudge_common.kafka import EncodedRecord, send_all
 from nudge_common.service import Runtime, get_runtime
 from nudge_ingest.api.auth import authenticate
 from nudge_ingest.api.deps import IngestState, get_ingest_state
@@ -266,7 +266,13 @@ async def publish_records(runtime: Runtime, records: Records) -> None:
     producer = runtime.producer
     try:
         async with asyncio.timeout(settings.produce_timeout_s):
-            await send_all(producer, [(topic, key, value) for key, value in records.pairs])
+            await send_all(
+                producer,
+                [
+                    EncodedRecord(topic, key, value, EVENT_RECEIVED.name)
+                    for key, value in records.pairs
+                ],
+            )
     except (TimeoutError, KafkaError) as error:
         KAFKA_UNAVAILABLE.inc()
         raise IngestError(
