@@ -115,12 +115,58 @@ def column_lists(rows: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
 def _array(type_: sa.types.TypeEngine[Any], values: Sequence[Any]) -> sa.ColumnElement[Any]:
     if not isinstance(type_, sa.JSON):
         return sa.cast(list(values), ARRAY(type_))
-    # JSON values go as text: a list value would read as one more array dimension
-    texts = [
-        None if value is None and type_.none_as_null else codec.dumps(value).decode()
-        for value in values
-    ]
-    return sa.cast(sa.cast(texts, ARRAY(sa.Text())), ARRAY(type_))
+    return sa.literal(list(values), JSONArray(type_))
+
+
+class JSONArray(sa.types.TypeDecorator[list[Any]]):
+    """An array of JSON values as a bind parameter: sent as text (a list value would read
+    as one more array dimension) and cast to the JSON type's array in the statement."""
+
+    impl = ARRAY(sa.Text())
+    cache_ok = True
+
+    def __init__(self, json_type: sa.JSON) -> None:
+        super().__init__()
+        self.json_type = json_type
+
+    def process_bind_param(self, value: Any, dialect: sa.Dialect) -> list[str | None] | None:
+        if value is None:
+            return None
+        return [
+            None if item is None and self.json_type.none_as_null else codec.dumps(item).decode()
+            for item in value
+        ]
+
+    def bind_expression(self, bindvalue: Any) -> sa.ColumnElement[Any]:
+        return sa.cast(bindvalue, ARRAY(self.json_type))
+
+
+def array_param(name: str, type_: sa.types.TypeEngine[Any]) -> sa.BindParameter[Any]:
+    """A bind parameter holding an array of ``type_`` values (JSON ones through
+    :class:`JSONArray`), for statements built once, at import, and executed with plain
+    lists: ``column == sa.any_(array_param("ids", column.type))`` instead of an ``IN`` list,
+    whose statement is built, keyed and expanded again on every call (and its SQL differs
+    with every length, so PostgreSQL prepares it again)."""
+    if isinstance(type_, sa.JSON):
+        return sa.bindparam(name, type_=JSONArray(type_))
+    return sa.bindparam(name, type_=ARRAY(type_))
+
+
+def array_rows_of(columns: Sequence[tuple[str, sa.types.TypeEngine[Any]]]) -> sa.TableValuedAlias:
+    """:func:`array_rows` for a statement built once: each column's array is the bind
+    parameter named after it (:func:`array_param`)."""
+    return (
+        sa.func.unnest(*(array_param(name, type_) for name, type_ in columns))
+        .table_valued(*(sa.column(name, type_) for name, type_ in columns))
+        .render_derived(with_types=False)
+    )
+
+
+def insert_arrays(table: sa.Table, names: Sequence[str]) -> Insert:
+    """:func:`insert_columns` for a statement built once: executed with one list per column
+    (:func:`column_lists`), named after the columns."""
+    given = array_rows_of([(name, table.c[name].type) for name in names])
+    return pg_insert(table).from_select(list(names), sa.select(*given.c))
 
 
 def create_sessionmaker(engine: AsyncEngine) -> SessionMaker:
