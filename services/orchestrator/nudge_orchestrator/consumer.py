@@ -61,21 +61,22 @@ class MembershipHandler(BatchFirstHandler):
     async def handle_batch(
         self, session: AsyncSession, envelopes: Sequence[Envelope]
     ) -> Sequence[OutgoingMessage]:
-        changes = [e for e in envelopes if e.type in (SEGMENT_ENTERED.name, SEGMENT_EXITED.name)]
-        if len(
-            {(e.workspace_id, SEGMENT_ENTERED.parse(e).contact.contact_id) for e in changes}
-        ) < len(changes):
+        parsed = [
+            (envelope, SEGMENT_ENTERED.parse(envelope))
+            for envelope in envelopes
+            if envelope.type in (SEGMENT_ENTERED.name, SEGMENT_EXITED.name)
+        ]
+        if len({(e.workspace_id, change.contact.contact_id) for e, change in parsed}) < len(parsed):
             # One contact twice in the batch: in order, one at a time (the second entry
             # depends on the first).
             messages: list[OutgoingMessage] = []
-            for envelope in changes:
+            for envelope, _ in parsed:
                 messages.extend(await self.handle_batch(session, [envelope]))
             return messages
         now = self.clock()
         out = execution.Outputs()
         entrants: dict[uuid.UUID, tuple[store.Published, list[execution.Entrant]]] = {}
         triggered: dict[tuple[str, str, str], list[store.Published]] = {}
-        parsed = [(envelope, SEGMENT_ENTERED.parse(envelope)) for envelope in changes]
         # The copy first, so what the entries send already sees the new membership.
         await store.apply_memberships(
             session,

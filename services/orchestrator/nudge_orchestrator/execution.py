@@ -293,7 +293,7 @@ async def advance_many(
             now,
             names.get(run.workflow_id),
         )
-    await store.flush(session, writes, at=now)
+    await store.flush(session, writes, at=now, fresh=fresh)
 
 
 def _walk(

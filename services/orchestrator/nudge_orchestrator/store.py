@@ -26,7 +26,13 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from nudge_common.db import array_rows, column_lists, insert_columns, processed_messages_table
+from nudge_common.db import (
+    array_param,
+    array_rows_of,
+    column_lists,
+    insert_arrays,
+    processed_messages_table,
+)
 from nudge_orchestrator.domain.broadcasts import (
     ABTest,
     BroadcastGoal,
@@ -453,10 +459,16 @@ async def publish_workflow(
 async def workflow_names(
     session: AsyncSession, *, workflow_ids: list[uuid.UUID]
 ) -> dict[uuid.UUID, str]:
-    rows = await session.execute(
-        sa.select(workflows.c.id, workflows.c.name).where(workflows.c.id.in_(workflow_ids))
-    )
+    rows = await session.execute(_WORKFLOW_NAMES, {"ids": workflow_ids})
     return {row.id: row.name for row in rows}
+
+
+# The statements of the consumers' and the timer worker's paths are built once, here: a
+# statement built per call is coerced, keyed and (with an IN list) expanded again each
+# time, which cost more CPU than running it.
+_WORKFLOW_NAMES = sa.select(workflows.c.id, workflows.c.name).where(
+    workflows.c.id == sa.any_(array_param("ids", workflows.c.id.type))
+)
 
 
 @dataclass(frozen=True)
@@ -511,18 +523,7 @@ async def workflows_triggered_by(
     """Every active workflow of these workspaces whose trigger is of one of ``kinds``, by
     what its trigger listens to: one query for a whole batch of messages."""
     rows = await session.execute(
-        sa.select(
-            workflows.c.id,
-            workflows.c.workspace_id,
-            workflows.c.version,
-            workflows.c.trigger_kind,
-            workflows.c.trigger_key,
-        ).where(
-            workflows.c.workspace_id.in_(workspace_ids),
-            workflows.c.trigger_kind.in_(kinds),
-            workflows.c.status == "active",
-            workflows.c.version > 0,
-        )
+        _TRIGGERED_BY, {"workspace_ids": list(workspace_ids), "kinds": list(kinds)}
     )
     found: dict[TriggerKey, list[Published]] = {}
     for row in rows.all():
@@ -531,6 +532,20 @@ async def workflows_triggered_by(
             Published(row.id, row.workspace_id, row.version, definition)
         )
     return found
+
+
+_TRIGGERED_BY = sa.select(
+    workflows.c.id,
+    workflows.c.workspace_id,
+    workflows.c.version,
+    workflows.c.trigger_kind,
+    workflows.c.trigger_key,
+).where(
+    workflows.c.workspace_id == sa.any_(array_param("workspace_ids", sa.Text())),
+    workflows.c.trigger_kind == sa.any_(array_param("kinds", sa.Text())),
+    workflows.c.status == "active",
+    workflows.c.version > 0,
+)
 
 
 async def cancel_runs(session: AsyncSession, *, workflow_id: uuid.UUID, at: datetime) -> int:
@@ -607,45 +622,76 @@ async def entry_states(
     """For each contact that ever entered the workflow: (latest start, any run active), in
     one query on the index (workflow, contact, started_at)."""
     rows = await session.execute(
-        sa.select(
-            runs.c.contact_id,
-            sa.func.max(runs.c.started_at),
-            sa.func.bool_or(runs.c.status == ACTIVE),
-        )
-        .where(runs.c.workflow_id == workflow_id, runs.c.contact_id.in_(contact_ids))
-        .group_by(runs.c.contact_id)
+        _ENTRY_STATES, {"workflow_id": workflow_id, "contact_ids": contact_ids}
     )
     return {row[0]: (row[1], bool(row[2])) for row in rows}
+
+
+_ENTRY_STATES = (
+    sa.select(
+        runs.c.contact_id,
+        sa.func.max(runs.c.started_at),
+        sa.func.bool_or(runs.c.status == ACTIVE),
+    )
+    .where(
+        runs.c.workflow_id == sa.bindparam("workflow_id"),
+        runs.c.contact_id == sa.any_(array_param("contact_ids", runs.c.contact_id.type)),
+    )
+    .group_by(runs.c.contact_id)
+)
 
 
 async def start_runs(session: AsyncSession, rows: list[dict[str, Any]]) -> set[uuid.UUID]:
     """Insert runs (the columns of ``runs``); returns the ids inserted. A run that exists
     (a replayed trigger) or a second active exclusive run (the partial unique index) is
     not inserted."""
-    result = await session.execute(
-        insert_columns(runs, column_lists(rows)).on_conflict_do_nothing().returning(runs.c.id)
-    )
+    result = await session.execute(_START_RUNS, column_lists(rows))
     return set(result.scalars())
+
+
+_START_RUNS = (
+    insert_arrays(
+        runs,
+        [
+            "id",
+            "workflow_id",
+            "version",
+            "workspace_id",
+            "contact_id",
+            "status",
+            "exclusive",
+            "goal_event",
+            "contact",
+            "segment_id",
+            "started_at",
+        ],
+    )
+    .on_conflict_do_nothing()
+    .returning(runs.c.id)
+)
 
 
 async def get_runs(
     session: AsyncSession, *, run_ids: list[uuid.UUID], lock: bool = False
 ) -> dict[uuid.UUID, Run]:
-    query = sa.select(runs).where(runs.c.id.in_(run_ids))
-    if lock:
-        query = query.with_for_update()
-    return {row.id: _run(row) for row in await session.execute(query)}
+    query = _RUNS_LOCKED if lock else _RUNS
+    return {row.id: _run(row) for row in await session.execute(query, {"run_ids": run_ids})}
+
+
+_RUNS = sa.select(runs).where(runs.c.id == sa.any_(array_param("run_ids", runs.c.id.type)))
+_RUNS_LOCKED = _RUNS.with_for_update()
 
 
 async def executed_steps(
     session: AsyncSession, *, run_ids: list[uuid.UUID]
 ) -> set[tuple[uuid.UUID, int]]:
-    rows = await session.execute(
-        sa.select(step_executions.c.run_id, step_executions.c.step).where(
-            step_executions.c.run_id.in_(run_ids)
-        )
-    )
+    rows = await session.execute(_EXECUTED_STEPS, {"run_ids": run_ids})
     return {(row.run_id, row.step) for row in rows}
+
+
+_EXECUTED_STEPS = sa.select(step_executions.c.run_id, step_executions.c.step).where(
+    step_executions.c.run_id == sa.any_(array_param("run_ids", step_executions.c.run_id.type))
+)
 
 
 @dataclass
@@ -660,32 +706,72 @@ class Writes:
     webhooks: list[dict[str, Any]] = field(default_factory=list)
 
 
-async def flush(session: AsyncSession, writes: Writes, *, at: datetime) -> None:
+async def flush(
+    session: AsyncSession, writes: Writes, *, at: datetime, fresh: bool = False
+) -> None:
+    """``fresh``: the runs were started in this transaction, so none has a timer to drop."""
     if writes.steps:
-        await session.execute(
-            insert_columns(step_executions, column_lists(writes.steps)).on_conflict_do_nothing()
-        )
+        await session.execute(_INSERT_STEPS, column_lists(writes.steps))
     if writes.sends:
-        await session.execute(
-            insert_columns(sends, column_lists(writes.sends)).on_conflict_do_nothing()
-        )
+        await session.execute(_INSERT_SENDS, column_lists(writes.sends))
     for variant, ids in writes.variants.items():
-        await session.execute(sa.update(runs).where(runs.c.id.in_(ids)).values(variant=variant))
+        await session.execute(_SET_VARIANT, {"run_ids": ids, "to_variant": variant})
     for status, ids in writes.finished.items():
-        await session.execute(
-            sa.update(runs)
-            .where(runs.c.id.in_(ids), runs.c.status == ACTIVE)
-            .values(status=status, finished_at=at)
-        )
-        await session.execute(sa.delete(timers).where(timers.c.run_id.in_(ids)))
+        await session.execute(_FINISH_RUNS, {"run_ids": ids, "to_status": status, "at": at})
+        if not fresh:
+            await session.execute(_DROP_TIMERS, {"run_ids": ids})
     if writes.timers:
-        await session.execute(
-            insert_columns(timers, column_lists(writes.timers)).on_conflict_do_nothing()
-        )
+        await session.execute(_INSERT_TIMERS, column_lists(writes.timers))
     if writes.webhooks:
-        await session.execute(
-            insert_columns(webhooks, column_lists(writes.webhooks)).on_conflict_do_nothing()
-        )
+        await session.execute(_INSERT_WEBHOOKS, column_lists(writes.webhooks))
+
+
+def _insert_new(table: sa.Table, names: list[str]) -> sa.Insert:
+    return insert_arrays(table, names).on_conflict_do_nothing()
+
+
+_INSERT_STEPS = _insert_new(step_executions, ["run_id", "step", "executed_at", "outcome"])
+_INSERT_SENDS = _insert_new(
+    sends,
+    [
+        "run_id",
+        "step",
+        "workspace_id",
+        "workflow_id",
+        "contact_id",
+        "channel",
+        "variant",
+        "idempotency_key",
+        "at",
+    ],
+)
+_INSERT_TIMERS = _insert_new(
+    timers,
+    [
+        "run_id",
+        "workspace_id",
+        "contact_id",
+        "step",
+        "due_at",
+        "resume_step",
+        "event",
+        "event_step",
+        "kind",
+    ],
+)
+_INSERT_WEBHOOKS = _insert_new(
+    webhooks, ["run_id", "step", "workspace_id", "url", "body", "next_at"]
+)
+_ANY_RUN = runs.c.id == sa.any_(array_param("run_ids", runs.c.id.type))
+_SET_VARIANT = sa.update(runs).where(_ANY_RUN).values(variant=sa.bindparam("to_variant"))
+_FINISH_RUNS = (
+    sa.update(runs)
+    .where(_ANY_RUN, runs.c.status == ACTIVE)
+    .values(status=sa.bindparam("to_status"), finished_at=sa.bindparam("at"))
+)
+_DROP_TIMERS = sa.delete(timers).where(
+    timers.c.run_id == sa.any_(array_param("run_ids", timers.c.run_id.type))
+)
 
 
 @dataclass(frozen=True)
@@ -795,18 +881,24 @@ async def claim_due_timers(session: AsyncSession, *, now: datetime, limit: int) 
     """Due timers, deleted and locked by this transaction: a timer another replica holds is
     skipped, and a crash before the commit brings the timer back. The index on ``due_at``
     finds them without scanning."""
-    due = (
-        sa.select(timers.c.run_id)
-        .where(timers.c.due_at <= now)
-        .order_by(timers.c.due_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
-    )
-    rows = await session.execute(
-        sa.delete(timers).where(timers.c.run_id.in_(due)).returning(timers)
-    )
+    rows = await session.execute(_CLAIM_TIMERS, {"now": now, "limit": limit})
     return sorted((_timer(row) for row in rows), key=lambda t: t.due_at)
+
+
+_CLAIM_TIMERS = (
+    sa.delete(timers)
+    .where(
+        timers.c.run_id.in_(
+            sa.select(timers.c.run_id)
+            .where(timers.c.due_at <= sa.bindparam("now"))
+            .order_by(timers.c.due_at)
+            .limit(sa.bindparam("limit", type_=sa.Integer))
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+    )
+    .returning(timers)
+)
 
 
 async def claim_event_waits(
@@ -870,19 +962,23 @@ async def claim_due_date_triggers(
     session: AsyncSession, *, now: datetime, limit: int
 ) -> list[DateTrigger]:
     """Due date triggers, deleted and locked by this transaction (as timers are)."""
-    due = (
-        sa.select(date_triggers.c.workflow_id, date_triggers.c.contact_id)
-        .where(date_triggers.c.due_at <= now)
-        .order_by(date_triggers.c.due_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-    rows = await session.execute(
-        sa.delete(date_triggers)
-        .where(sa.tuple_(date_triggers.c.workflow_id, date_triggers.c.contact_id).in_(due))
-        .returning(date_triggers)
-    )
+    rows = await session.execute(_CLAIM_DATE_TRIGGERS, {"now": now, "limit": limit})
     return [DateTrigger(r.workflow_id, r.contact_id, r.workspace_id, r.due_at) for r in rows]
+
+
+_CLAIM_DATE_TRIGGERS = (
+    sa.delete(date_triggers)
+    .where(
+        sa.tuple_(date_triggers.c.workflow_id, date_triggers.c.contact_id).in_(
+            sa.select(date_triggers.c.workflow_id, date_triggers.c.contact_id)
+            .where(date_triggers.c.due_at <= sa.bindparam("now"))
+            .order_by(date_triggers.c.due_at)
+            .limit(sa.bindparam("limit", type_=sa.Integer))
+            .with_for_update(skip_locked=True)
+        )
+    )
+    .returning(date_triggers)
+)
 
 
 async def contacts_with_trait(
@@ -931,23 +1027,26 @@ async def recent_sends(
     session: AsyncSession, *, contact_ids: list[uuid.UUID], since: datetime
 ) -> list[tuple[uuid.UUID, str, datetime]]:
     """(contact, channel, at) of every send to these contacts since ``since`` (caps)."""
-    rows = await session.execute(
-        sa.select(sends.c.contact_id, sends.c.channel, sends.c.at).where(
-            sends.c.contact_id.in_(contact_ids), sends.c.at > since
-        )
-    )
+    rows = await session.execute(_RECENT_SENDS, {"contact_ids": contact_ids, "since": since})
     return [(row.contact_id, row.channel, row.at) for row in rows]
+
+
+_RECENT_SENDS = sa.select(sends.c.contact_id, sends.c.channel, sends.c.at).where(
+    sends.c.contact_id == sa.any_(array_param("contact_ids", sends.c.contact_id.type)),
+    sends.c.at > sa.bindparam("since"),
+)
 
 
 async def get_messaging_settings(
     session: AsyncSession, *, workspace_id: str
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    row = (
-        await session.execute(
-            sa.select(messaging_settings).where(messaging_settings.c.workspace_id == workspace_id)
-        )
-    ).first()
+    row = (await session.execute(_MESSAGING_SETTINGS, {"workspace_id": workspace_id})).first()
     return (row.caps, row.quiet_hours) if row else ({}, None)
+
+
+_MESSAGING_SETTINGS = sa.select(messaging_settings.c.caps, messaging_settings.c.quiet_hours).where(
+    messaging_settings.c.workspace_id == sa.bindparam("workspace_id")
+)
 
 
 async def put_messaging_settings(
@@ -1014,8 +1113,8 @@ async def apply_memberships(session: AsyncSession, changes: list[Membership]) ->
     entries = [c for c in changes if c.entered]
     exits = [c for c in changes if not c.entered]
     if entries:
-        statement = insert_columns(
-            contacts,
+        await session.execute(
+            _ENTER_SEGMENTS,
             {
                 "contact_id": [c.contact_id for c in entries],
                 "workspace_id": [c.workspace_id for c in entries],
@@ -1025,28 +1124,36 @@ async def apply_memberships(session: AsyncSession, changes: list[Membership]) ->
                 "segments": [{str(c.segment_id): c.segment_name} for c in entries],
             },
         )
-        await session.execute(
-            statement.on_conflict_do_update(
-                index_elements=[contacts.c.contact_id],
-                set_={
-                    "segments": contacts.c.segments.op("||")(statement.excluded.segments),
-                    "updated_at": sa.func.now(),
-                },
-            )
-        )
     if exits:
-        gone = sa.values(
-            sa.column("contact_id", UUID(as_uuid=True)),
-            sa.column("segment_id", sa.Text),
-            name="gone",
-        ).data([(c.contact_id, str(c.segment_id)) for c in exits])
         await session.execute(
-            sa.update(contacts)
-            .where(contacts.c.contact_id == gone.c.contact_id)
-            .values(
-                segments=contacts.c.segments.op("-")(gone.c.segment_id), updated_at=sa.func.now()
-            )
+            _EXIT_SEGMENTS,
+            {
+                "contact": [c.contact_id for c in exits],
+                "segment": [str(c.segment_id) for c in exits],
+            },
         )
+
+
+def _enter_segments() -> sa.Insert:
+    statement = insert_arrays(
+        contacts, ["contact_id", "workspace_id", "user_id", "traits", "scores", "segments"]
+    )
+    return statement.on_conflict_do_update(
+        index_elements=[contacts.c.contact_id],
+        set_={
+            "segments": contacts.c.segments.op("||")(statement.excluded.segments),
+            "updated_at": sa.func.now(),
+        },
+    )
+
+
+_ENTER_SEGMENTS = _enter_segments()
+_GONE = array_rows_of([("contact", UUID(as_uuid=True)), ("segment", sa.Text())])
+_EXIT_SEGMENTS = (
+    sa.update(contacts)
+    .where(contacts.c.contact_id == _GONE.c.contact)
+    .values(segments=contacts.c.segments.op("-")(_GONE.c.segment), updated_at=sa.func.now())
+)
 
 
 def _contact(row: Any) -> dict[str, Any]:
@@ -1061,17 +1168,30 @@ def _contact(row: Any) -> dict[str, Any]:
 
 
 async def get_contact(session: AsyncSession, *, contact_id: uuid.UUID) -> dict[str, Any] | None:
-    row = (
-        await session.execute(sa.select(contacts).where(contacts.c.contact_id == contact_id))
-    ).first()
+    row = (await session.execute(_CONTACT, {"contact_id": contact_id})).first()
     return _contact(row) if row else None
 
 
 async def get_contacts(
     session: AsyncSession, *, contact_ids: list[uuid.UUID]
 ) -> dict[uuid.UUID, dict[str, Any]]:
-    rows = await session.execute(sa.select(contacts).where(contacts.c.contact_id.in_(contact_ids)))
+    rows = await session.execute(_CONTACTS, {"contact_ids": contact_ids})
     return {row.contact_id: _contact(row) for row in rows}
+
+
+_COPY = sa.select(
+    contacts.c.contact_id,
+    contacts.c.user_id,
+    contacts.c.traits,
+    contacts.c.scores,
+    contacts.c.tags,
+    contacts.c.stages,
+    contacts.c.segments,
+)
+_CONTACT = _COPY.where(contacts.c.contact_id == sa.bindparam("contact_id"))
+_CONTACTS = _COPY.where(
+    contacts.c.contact_id == sa.any_(array_param("contact_ids", contacts.c.contact_id.type))
+)
 
 
 async def contacts_by_user_id(
@@ -1081,17 +1201,8 @@ async def contacts_by_user_id(
     if not user_ids:
         return {}
     workspace_ids, ids = zip(*user_ids, strict=True)
-    given = array_rows([("workspace_id", sa.Text(), workspace_ids), ("user_id", sa.Text(), ids)])
     rows = await session.execute(
-        sa.select(contacts.c.workspace_id, contacts.c.user_id, contacts.c.contact_id)
-        .join(
-            given,
-            sa.and_(
-                contacts.c.workspace_id == given.c.workspace_id,
-                contacts.c.user_id == given.c.user_id,
-            ),
-        )
-        .order_by(contacts.c.contact_id)
+        _BY_USER_ID, {"workspace_id": list(workspace_ids), "user_id": list(ids)}
     )
     found: dict[tuple[str, str], uuid.UUID] = {}
     for row in rows:
@@ -1099,35 +1210,27 @@ async def contacts_by_user_id(
     return found
 
 
+_GIVEN_USERS = array_rows_of([("workspace_id", sa.Text()), ("user_id", sa.Text())])
+_BY_USER_ID = (
+    sa.select(contacts.c.workspace_id, contacts.c.user_id, contacts.c.contact_id)
+    .join(
+        _GIVEN_USERS,
+        sa.and_(
+            contacts.c.workspace_id == _GIVEN_USERS.c.workspace_id,
+            contacts.c.user_id == _GIVEN_USERS.c.user_id,
+        ),
+    )
+    .order_by(contacts.c.contact_id)
+)
+
+
 async def upsert_contacts(session: AsyncSession, copies: Sequence[ContactCopy]) -> None:
     """Each copy's traits and scores replace the stored ones; its ``tags`` and ``stages``
     too, unless None (not announced: the stored ones are kept). One statement for all."""
     if not copies:
         return
-    tags_given = sa.bindparam("tags_given", type_=JSONB)
-    stages_given = sa.bindparam("stages_given", type_=JSONB)
-    statement = pg_insert(contacts).values(
-        contact_id=sa.bindparam("contact_id"),
-        workspace_id=sa.bindparam("workspace_id"),
-        user_id=sa.bindparam("user_id"),
-        traits=sa.bindparam("traits", type_=JSONB),
-        scores=sa.bindparam("scores", type_=JSONB),
-        tags=sa.func.coalesce(tags_given, sa.cast({}, JSONB)),
-        stages=sa.func.coalesce(stages_given, sa.cast({}, JSONB)),
-    )
-    statement = statement.on_conflict_do_update(
-        index_elements=[contacts.c.contact_id],
-        set_={
-            "user_id": sa.func.coalesce(statement.excluded.user_id, contacts.c.user_id),
-            "traits": statement.excluded.traits,
-            "scores": statement.excluded.scores,
-            "tags": sa.func.coalesce(tags_given, contacts.c.tags),
-            "stages": sa.func.coalesce(stages_given, contacts.c.stages),
-            "updated_at": sa.func.now(),
-        },
-    )
     await session.execute(
-        statement,
+        _UPSERT_CONTACT,
         [
             {
                 "contact_id": copy.contact_id,
@@ -1143,6 +1246,34 @@ async def upsert_contacts(session: AsyncSession, copies: Sequence[ContactCopy]) 
     )
 
 
+def _upsert_contact() -> sa.Insert:
+    tags_given = sa.bindparam("tags_given", type_=JSONB)
+    stages_given = sa.bindparam("stages_given", type_=JSONB)
+    statement = pg_insert(contacts).values(
+        contact_id=sa.bindparam("contact_id"),
+        workspace_id=sa.bindparam("workspace_id"),
+        user_id=sa.bindparam("user_id"),
+        traits=sa.bindparam("traits", type_=JSONB),
+        scores=sa.bindparam("scores", type_=JSONB),
+        tags=sa.func.coalesce(tags_given, sa.cast({}, JSONB)),
+        stages=sa.func.coalesce(stages_given, sa.cast({}, JSONB)),
+    )
+    return statement.on_conflict_do_update(
+        index_elements=[contacts.c.contact_id],
+        set_={
+            "user_id": sa.func.coalesce(statement.excluded.user_id, contacts.c.user_id),
+            "traits": statement.excluded.traits,
+            "scores": statement.excluded.scores,
+            "tags": sa.func.coalesce(tags_given, contacts.c.tags),
+            "stages": sa.func.coalesce(stages_given, contacts.c.stages),
+            "updated_at": sa.func.now(),
+        },
+    )
+
+
+_UPSERT_CONTACT = _upsert_contact()
+
+
 async def contacts_in_runs(
     session: AsyncSession, *, workspace_ids: set[str], contact_ids: set[uuid.UUID]
 ) -> set[uuid.UUID]:
@@ -1150,15 +1281,20 @@ async def contacts_in_runs(
     if not contact_ids:
         return set()
     rows = await session.execute(
-        sa.select(runs.c.contact_id)
-        .distinct()
-        .where(
-            runs.c.workspace_id.in_(workspace_ids),
-            runs.c.contact_id == sa.any_(sa.cast(list(contact_ids), ARRAY(UUID(as_uuid=True)))),
-            runs.c.status == ACTIVE,
-        )
+        _IN_RUNS, {"workspace_ids": list(workspace_ids), "contact_ids": list(contact_ids)}
     )
     return set(rows.scalars())
+
+
+_IN_RUNS = (
+    sa.select(runs.c.contact_id)
+    .distinct()
+    .where(
+        runs.c.workspace_id == sa.any_(array_param("workspace_ids", sa.Text())),
+        runs.c.contact_id == sa.any_(array_param("contact_ids", runs.c.contact_id.type)),
+        runs.c.status == ACTIVE,
+    )
+)
 
 
 # --- templates ----------------------------------------------------------------------------
@@ -1435,9 +1571,20 @@ async def record_deliveries(session: AsyncSession, reports: Sequence[Delivery]) 
     if not reports:
         return
     await session.execute(
-        pg_insert(deliveries).on_conflict_do_nothing(),
-        [{"run_id": r.run_id, "step": r.step, "status": r.status, "at": r.at} for r in reports],
+        _RECORD_DELIVERIES,
+        {
+            "run_id": [r.run_id for r in reports],
+            "step": [r.step for r in reports],
+            "status": [r.status for r in reports],
+            "at": [r.at for r in reports],
+        },
     )
+
+
+# In the arrays' order, so the first report of a status is the one kept.
+_RECORD_DELIVERIES = insert_arrays(
+    deliveries, ["run_id", "step", "status", "at"]
+).on_conflict_do_nothing()
 
 
 @dataclass(frozen=True)
