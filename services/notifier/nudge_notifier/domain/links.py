@@ -10,6 +10,7 @@ from urllib.parse import quote
 from nudge_common.tracking import sign
 
 HREF = re.compile(r"""href=(["'])(https?://[^"']+)\1""", re.IGNORECASE)
+BODY_END = re.compile(r"</body>", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -81,9 +82,8 @@ def track_html(html: str, ctx: LinkContext, *, opens: bool, clicks: bool) -> str
         pixel = (
             f'<img src="{base}/t/o/{token}.gif" width="1" height="1" alt="" style="display:none">'
         )
-        html = (
-            re.sub(r"(</body>)", pixel + r"\1", html, count=1, flags=re.IGNORECASE)
-            if re.search(r"</body>", html, re.IGNORECASE)
-            else html + pixel
-        )
+        # Spliced in rather than substituted: a replacement string is parsed as a
+        # template, and the pixel is new for every message (its parse was most of a render).
+        end = BODY_END.search(html)
+        html = html + pixel if end is None else html[: end.start()] + pixel + html[end.start() :]
     return html
