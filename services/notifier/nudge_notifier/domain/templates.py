@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +24,17 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from nudge_common.events import CONTACT_SUMMARY_TEMPLATE_ID, Channel, NotificationRequested
 
-_html = ImmutableSandboxedEnvironment(autoescape=True, undefined=jinja2.StrictUndefined)
-_text = ImmutableSandboxedEnvironment(autoescape=False, undefined=jinja2.StrictUndefined)
+
+class _Environment(ImmutableSandboxedEnvironment):
+    def make_globals(self, d: MutableMapping[str, Any] | None) -> MutableMapping[str, Any]:
+        """A plain dict rather than Jinja's ChainMap: every render copies its template's
+        globals into a new context, and copying a ChainMap took most of a render's time.
+        Neither environment's globals change after start."""
+        return {**self.globals, **(d or {})}
+
+
+_html = _Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+_text = _Environment(autoescape=False, undefined=jinja2.StrictUndefined)
 
 
 @dataclass(frozen=True)
