@@ -382,21 +382,34 @@ async def sending_policy(
     """For many (channel, address): the suppression reasons and the consents by topic."""
     if not pairs:
         return {}, {}
-    key = sa.tuple_(suppressions.c.channel, suppressions.c.address)
+    ordered = list(pairs)
+    given = array_rows(
+        [
+            ("ch", sa.Text(), [channel for channel, _ in ordered]),
+            ("a", sa.Text(), [address for _, address in ordered]),
+        ]
+    )
+    s = suppressions.c
     suppressed = {
         (row.channel, row.address): row.reason
         for row in await session.execute(
-            sa.select(suppressions.c.channel, suppressions.c.address, suppressions.c.reason).where(
-                suppressions.c.workspace_id == workspace_id, key.in_(list(pairs))
+            sa.select(s.channel, s.address, s.reason).join(
+                given,
+                sa.and_(
+                    s.workspace_id == workspace_id, s.channel == given.c.ch, s.address == given.c.a
+                ),
             )
         )
     }
-    consent_key = sa.tuple_(consents.c.channel, consents.c.address)
+    c = consents.c
     found: dict[tuple[str, str], dict[str, ConsentStatus]] = {}
     for row in await session.execute(
-        sa.select(
-            consents.c.channel, consents.c.address, consents.c.topic, consents.c.status
-        ).where(consents.c.workspace_id == workspace_id, consent_key.in_(list(pairs)))
+        sa.select(c.channel, c.address, c.topic, c.status).join(
+            given,
+            sa.and_(
+                c.workspace_id == workspace_id, c.channel == given.c.ch, c.address == given.c.a
+            ),
+        )
     ):
         found.setdefault((row.channel, row.address), {})[row.topic] = row.status
     return suppressed, found
