@@ -55,17 +55,15 @@ class MembershipHandler(BatchFirstHandler):
     that many contacts enter at once) goes through :meth:`handle_batch`: one lookup of the
     workflows per segment, one entry check and one insert of runs per workflow."""
 
+    message_types = frozenset({SEGMENT_ENTERED.name, SEGMENT_EXITED.name})
+
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
 
     async def handle_batch(
         self, session: AsyncSession, envelopes: Sequence[Envelope]
     ) -> Sequence[OutgoingMessage]:
-        parsed = [
-            (envelope, SEGMENT_ENTERED.parse(envelope))
-            for envelope in envelopes
-            if envelope.type in (SEGMENT_ENTERED.name, SEGMENT_EXITED.name)
-        ]
+        parsed = [(envelope, SEGMENT_ENTERED.parse(envelope)) for envelope in envelopes]
         if len({(e.workspace_id, change.contact.contact_id) for e, change in parsed}) < len(parsed):
             # One contact twice in the batch: in order, one at a time (the second entry
             # depends on the first).
@@ -136,6 +134,8 @@ class EventHandler(BatchFirstHandler):
     whatever its size; only the events of contacts in a run, or of a name a workflow
     listens to, are then applied one at a time, in order."""
 
+    message_types = frozenset({EVENT_RECEIVED.name})  # not score.adjusted, for scoring
+
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
 
@@ -144,8 +144,6 @@ class EventHandler(BatchFirstHandler):
     ) -> Sequence[OutgoingMessage]:
         tracks: list[tuple[Envelope, SegmentEvent, str]] = []
         for envelope in envelopes:
-            if envelope.type != EVENT_RECEIVED.name:
-                continue  # score.adjusted, for scoring
             event = EVENT_RECEIVED.parse(envelope)
             if event.type is SegmentType.TRACK and event.event:
                 tracks.append((envelope, event, event.event))
@@ -235,6 +233,8 @@ class ContactHandler(BatchFirstHandler):
     for a contact's first), the copies are written in one statement, and only then do the
     triggered workflows start: a run started by a contact's first update of a batch already
     sees the copy of its last. A stage change is applied where it stands in the batch."""
+
+    message_types = frozenset({CONTACT_UPDATED.name, CONTACT_STAGE_CHANGED.name})
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
@@ -390,13 +390,13 @@ class DeliveryHandler(BatchFirstHandler):
     """What became of a message a run requested (its idempotency key is ``<run>:<step>``),
     counted once per status for analytics; other deliveries (not from a run) are ignored."""
 
+    message_types = frozenset({DELIVERY_REPORTED.name})
+
     async def handle_batch(
         self, session: AsyncSession, envelopes: Sequence[Envelope]
     ) -> Sequence[OutgoingMessage]:
         reports: list[store.Delivery] = []
         for envelope in envelopes:
-            if envelope.type != DELIVERY_REPORTED.name:
-                continue
             report = DELIVERY_REPORTED.parse(envelope)
             run, _, step = report.idempotency_key.partition(":")
             try:
