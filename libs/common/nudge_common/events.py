@@ -15,7 +15,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from nudge_common import codec
 from nudge_common.ids import stable_id, stable_id_str
@@ -366,6 +366,39 @@ def encode_segment_event(workspace_id: str, payload: dict[str, Any]) -> bytes:
             "origin_received_at": payload["receivedAt"],
             "payload": payload,
         }
+    )
+
+
+_DATETIME: TypeAdapter[datetime] = TypeAdapter(datetime)
+
+
+def json_datetime(value: datetime) -> str:
+    """A datetime as payload models dump it in JSON mode (UTC as ``Z``)."""
+    return _DATETIME.dump_python(value, mode="json")  # type: ignore[no-any-return]
+
+
+def derived_envelope(
+    event_type: EventType[Any],
+    *,
+    workspace_id: str,
+    payload: dict[str, Any],
+    occurred_at: datetime,
+    caused_by: Envelope,
+    scope: str = "",
+) -> Envelope:
+    """``event_type.envelope(...)`` caused by ``caused_by`` for a payload already in its JSON
+    form, built without the payload model (hot paths): the same envelope when ``payload``
+    is what ``model_dump(mode="json", by_alias=True)`` gives for the payload, key order
+    included. Nothing here validates it; a test holds each hand-built payload equal to
+    its model's."""
+    return Envelope(
+        type=event_type.name,
+        version=event_type.version,
+        id=stable_id_str(str(caused_by.id), event_type.name, scope),  # validated to a UUID
+        occurred_at=occurred_at,
+        workspace_id=workspace_id,
+        origin_received_at=caused_by.origin_received_at,
+        payload=payload,
     )
 
 

@@ -31,15 +31,16 @@ from nudge_common.events import (
     CONTACT_UPDATED,
     EVENT_RECEIVED,
     SCORE_ADJUSTED,
-    ContactActivity,
     ContactMerged,
-    ContactStageChanged,
     ContactUpdated,
     Envelope,
+    EventType,
     ScoreAdjusted,
     SegmentEvent,
     SegmentType,
     Topic,
+    derived_envelope,
+    json_datetime,
 )
 from nudge_common.ids import stable_id
 from nudge_common.kafka import OutgoingMessage
@@ -69,70 +70,120 @@ ACTIVITY_NAMES = {SegmentType.PAGE: "Page Viewed", SegmentType.SCREEN: "Screen V
 
 @dataclass
 class Outputs:
-    """The messages one cause produces, each with an id derived from that cause."""
+    """The messages one cause produces, each with an id derived from that cause. The
+    messages of every event (activity, stage changes, updates) are built from their JSON
+    form directly, without the payload models: ``tests/services/scoring/test_outputs.py``
+    holds each equal to its model's."""
 
     workspace_id: str
     cause: Envelope
     occurred_at: datetime
     messages: list[OutgoingMessage] = field(default_factory=list)
 
+    def _add(
+        self, event_type: EventType[Any], key: str, payload: dict[str, Any], scope: str = ""
+    ) -> None:
+        self.messages.append(
+            OutgoingMessage(
+                Topic.CONTACTS,
+                key=key,
+                envelope=derived_envelope(
+                    event_type,
+                    workspace_id=self.workspace_id,
+                    payload=payload,
+                    occurred_at=self.occurred_at,
+                    caused_by=self.cause,
+                    scope=scope,
+                ),
+            )
+        )
+
     def merged(self, change: ContactMerged) -> None:
-        self.messages.append(
-            OutgoingMessage(
-                Topic.CONTACTS,
-                key=str(change.survivor_id),
-                envelope=CONTACT_MERGED.envelope(
-                    workspace_id=self.workspace_id,
-                    payload=change,
-                    occurred_at=self.occurred_at,
-                    caused_by=self.cause,
-                    scope=str(change.merged_id),
-                ),
-            )
+        self._add(
+            CONTACT_MERGED,
+            str(change.survivor_id),
+            change.model_dump(mode="json", by_alias=True),
+            scope=str(change.merged_id),
         )
 
-    def activity(self, activity: ContactActivity) -> None:
-        self.messages.append(
-            OutgoingMessage(
-                Topic.CONTACTS,
-                key=str(activity.contact_id),
-                envelope=CONTACT_ACTIVITY.envelope(
-                    workspace_id=self.workspace_id,
-                    payload=activity,
-                    occurred_at=self.occurred_at,
-                    caused_by=self.cause,
-                ),
-            )
+    def activity(
+        self, contact_id: uuid.UUID, event: SegmentEvent, name: str, revenue: float | None
+    ) -> None:
+        """``contact.activity`` (a :class:`ContactActivity`) of a track, page or screen call."""
+        properties = event.properties
+        if event.type is not SegmentType.TRACK and event.name and "name" not in properties:
+            properties = {"name": event.name, **properties}
+        key = str(contact_id)
+        self._add(
+            CONTACT_ACTIVITY,
+            key,
+            {
+                "contact_id": key,
+                "message_id": event.message_id,
+                "kind": event.type.value,
+                "event": name,
+                "properties": properties,
+                "revenue": None if revenue is None else float(revenue),
+                "at": json_datetime(event.timestamp),
+            },
         )
 
-    def stage_changed(self, change: ContactStageChanged) -> None:
-        self.messages.append(
-            OutgoingMessage(
-                Topic.CONTACTS,
-                key=str(change.contact_id),
-                envelope=CONTACT_STAGE_CHANGED.envelope(
-                    workspace_id=self.workspace_id,
-                    payload=change,
-                    occurred_at=self.occurred_at,
-                    caused_by=self.cause,
-                    scope=change.model,
-                ),
-            )
+    def stage_changed(
+        self,
+        contact_id: uuid.UUID,
+        model: str,
+        previous: str | None,
+        stage: str,
+        score: int,
+        at: datetime,
+    ) -> None:
+        """``contact.stage_changed`` (a :class:`ContactStageChanged`)."""
+        key = str(contact_id)
+        self._add(
+            CONTACT_STAGE_CHANGED,
+            key,
+            {
+                "contact_id": key,
+                "model": model,
+                "previous_stage": previous,
+                "stage": stage,
+                "score": score,
+                "at": json_datetime(at),
+            },
+            scope=model,
+        )
+
+    def updated_state(
+        self,
+        contact: store.ContactState,
+        changed: list[Changed],
+        cause_message_id: str | None,
+    ) -> None:
+        """``contact.updated``: what :func:`contact_updated` gives, in its JSON form."""
+        key = str(contact.id)
+        self._add(
+            CONTACT_UPDATED,
+            key,
+            {
+                "contact_id": key,
+                "user_id": contact.user_id,
+                "traits": contact.traits,
+                "scores": dict(contact.scores),
+                "tags": contact.tags,
+                "stages": dict(contact.stages),
+                "changed": list(changed),
+                "cause_message_id": cause_message_id,
+            },
+            scope=key,
         )
 
     def updated(self, update: ContactUpdated) -> None:
-        self.messages.append(
-            OutgoingMessage(
-                Topic.CONTACTS,
-                key=str(update.contact_id),
-                envelope=CONTACT_UPDATED.envelope(
-                    workspace_id=self.workspace_id,
-                    payload=update,
-                    occurred_at=self.occurred_at,
-                    caused_by=self.cause,
-                    scope=str(update.contact_id),
-                ),
-            )
+        """``contact.updated`` from its model (the timer worker's)."""
+        self._add(
+            CONTACT_UPDATED,
+            str(update.contact_id),
+            update.model_dump(mode="json", by_alias=True),
+            scope=str(update.contact_id),
         )
 
 
@@ -601,7 +652,7 @@ class WorkspaceBatch:
             metrics.SCORE_CHANGES.labels(model).inc()
             changed = self.move_stages(writes, contact, out, before, at=adjustment.at)
             if changed:
-                out.updated(contact_updated(contact, changed, key))
+                out.updated_state(contact, changed, key)
             messages.extend(out.messages)
         await store.write_batch(session, writes)
         return messages
@@ -670,9 +721,9 @@ class WorkspaceBatch:
                 touch["first_order"] = min(touch["first_order"] or at, at)
                 touch["last_order"] = max(touch["last_order"] or at, at)
         if event.type is SegmentType.TRACK:
-            out.activity(self.activity_of(contact.id, event, event.event or "", revenue))
+            out.activity(contact.id, event, event.event or "", revenue)
         elif event.type in ACTIVITY_NAMES:
-            out.activity(self.activity_of(contact.id, event, ACTIVITY_NAMES[event.type], None))
+            out.activity(contact.id, event, ACTIVITY_NAMES[event.type], None)
 
         # counts cap spending in state.spent
         deltas = score_event(book.index.candidates(event), event, state)
@@ -694,24 +745,7 @@ class WorkspaceBatch:
             moved = self.move_stages(writes, contact, out, before, at=at)
             changed.extend(m for m in moved if m not in changed)
         if changed:
-            out.updated(contact_updated(contact, changed, event.message_id))
-
-    @staticmethod
-    def activity_of(
-        contact_id: uuid.UUID, event: SegmentEvent, name: str, revenue: float | None
-    ) -> ContactActivity:
-        properties = event.properties
-        if event.type is not SegmentType.TRACK and event.name and "name" not in properties:
-            properties = {"name": event.name, **properties}
-        return ContactActivity(
-            contact_id=contact_id,
-            message_id=event.message_id,
-            kind=event.type.value,
-            event=name,
-            properties=properties,
-            revenue=revenue,
-            at=event.timestamp,
-        )
+            out.updated_state(contact, changed, event.message_id)
 
     def move_stages(
         self,
@@ -749,16 +783,7 @@ class WorkspaceBatch:
                 }
             )
             metrics.STAGE_CHANGES.labels(model, stage).inc()
-            out.stage_changed(
-                ContactStageChanged(
-                    contact_id=contact.id,
-                    model=model,
-                    previous_stage=previous,
-                    stage=stage,
-                    score=score,
-                    at=at,
-                )
-            )
+            out.stage_changed(contact.id, model, previous, stage, score, at)
         return changed
 
 
@@ -799,16 +824,7 @@ async def after_points(
         if "stages" not in changed:
             changed.append("stages")
         metrics.STAGE_CHANGES.labels(model, stage).inc()
-        out.stage_changed(
-            ContactStageChanged(
-                contact_id=contact_id,
-                model=model,
-                previous_stage=previous,
-                stage=stage,
-                score=now.get(model, 0),
-                at=at,
-            )
-        )
+        out.stage_changed(contact_id, model, previous, stage, now.get(model, 0), at)
     return changed
 
 
