@@ -21,7 +21,12 @@ from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from nudge_common.db import array_rows, column_lists, insert_columns, processed_messages_table
+from nudge_common.db import (
+    array_rows_of,
+    column_lists,
+    insert_arrays,
+    processed_messages_table,
+)
 from nudge_common.events import SegmentEvent
 from nudge_scoring.domain.rules import (
     DecaySpec,
@@ -297,28 +302,37 @@ async def identities_of(
         return {}
     named = [uuid.UUID(value) for kind, value in keys if kind == CONTACT_KEY]
     stored = [key for key in keys if key[0] != CONTACT_KEY]
-    given = array_rows(
-        [
-            ("kind", sa.Text(), [kind for kind, _ in stored]),
-            ("value", sa.Text(), [value for _, value in stored]),
-        ]
-    )
-    held = sa.select(identities.c.kind, identities.c.value, identities.c.contact_id).where(
-        identities.c.workspace_id == workspace_id,
-        identities.c.kind == given.c.kind,
-        identities.c.value == given.c.value,
-    )
-    query: sa.Executable = held
+    parameters: dict[str, Any] = {
+        "workspace_id": workspace_id,
+        "kind": [kind for kind, _ in stored],
+        "value": [value for _, value in stored],
+    }
     if named:
-        query = held.union_all(
-            sa.select(
-                sa.literal(CONTACT_KEY, sa.Text),
-                sa.cast(contacts.c.id, sa.Text),
-                sa.func.coalesce(contacts.c.merged_into, contacts.c.id),
-            ).where(contacts.c.workspace_id == workspace_id, contacts.c.id.in_(named))
-        )
-    rows = await session.execute(query)
+        rows = await session.execute(_IDENTITIES_AND_CONTACTS, {**parameters, "named": named})
+    else:
+        rows = await session.execute(_IDENTITIES, parameters)
     return {(row.kind, row.value): row.contact_id for row in rows}
+
+
+# The statements of the consumer's path are built once, here: a statement built per call is
+# coerced and keyed again every time, which cost more CPU than running it.
+_KEYS = array_rows_of([("kind", sa.Text()), ("value", sa.Text())])
+_IDENTITIES = sa.select(identities.c.kind, identities.c.value, identities.c.contact_id).where(
+    identities.c.workspace_id == sa.bindparam("workspace_id"),
+    identities.c.kind == _KEYS.c.kind,
+    identities.c.value == _KEYS.c.value,
+)
+_NAMED = array_rows_of([("named", UUID(as_uuid=True))])
+_IDENTITIES_AND_CONTACTS = _IDENTITIES.union_all(
+    sa.select(
+        sa.literal(CONTACT_KEY, sa.Text),
+        sa.cast(contacts.c.id, sa.Text),
+        sa.func.coalesce(contacts.c.merged_into, contacts.c.id),
+    ).where(
+        contacts.c.workspace_id == sa.bindparam("workspace_id"),
+        contacts.c.id == _NAMED.c.named,
+    )
+)
 
 
 async def claim_identities(
@@ -429,12 +443,13 @@ async def set_first_touch(
 
 
 async def merge_on_email(session: AsyncSession, *, workspace_id: str) -> bool:
-    value = await session.scalar(
-        sa.select(workspace_settings.c.merge_on_email).where(
-            workspace_settings.c.workspace_id == workspace_id
-        )
-    )
+    value = await session.scalar(_MERGE_ON_EMAIL, {"workspace_id": workspace_id})
     return bool(value)
+
+
+_MERGE_ON_EMAIL = sa.select(workspace_settings.c.merge_on_email).where(
+    workspace_settings.c.workspace_id == sa.bindparam("workspace_id")
+)
 
 
 async def put_workspace_settings(
@@ -786,15 +801,22 @@ async def delete_rule(session: AsyncSession, *, workspace_id: str, rule_id: uuid
 
 async def rules_version(session: AsyncSession, *, workspace_id: str) -> tuple[Any, ...]:
     """Changes whenever a rule or model of the workspace is created, changed or deleted."""
-    rule_stats = sa.select(sa.func.count(), sa.func.max(rules.c.updated_at)).where(
-        rules.c.workspace_id == workspace_id
-    )
-    model_stats = sa.select(sa.func.count(), sa.func.max(models.c.updated_at)).where(
-        models.c.workspace_id == workspace_id
-    )
-    first = (await session.execute(rule_stats)).one()
-    second = (await session.execute(model_stats)).one()
-    return (*first, *second)
+    return tuple((await session.execute(_RULES_VERSION, {"workspace_id": workspace_id})).one())
+
+
+_RULE_STATS = (
+    sa.select(sa.func.count(), sa.func.max(rules.c.updated_at))
+    .where(rules.c.workspace_id == sa.bindparam("workspace_id"))
+    .subquery()
+)
+_MODEL_STATS = (
+    sa.select(sa.func.count(), sa.func.max(models.c.updated_at))
+    .where(models.c.workspace_id == sa.bindparam("workspace_id"))
+    .subquery()
+)
+_RULES_VERSION = sa.select(_RULE_STATS, _MODEL_STATS).join_from(
+    _RULE_STATS, _MODEL_STATS, sa.true()
+)
 
 
 # --- scores, spending, stages, tags --------------------------------------------------------
@@ -1167,17 +1189,20 @@ async def create_contacts(
         return
     ordered = sorted(rows, key=lambda row: row[0])
     await session.execute(
-        insert_columns(
-            contacts,
-            {
-                "id": [contact_id for contact_id, _, _ in ordered],
-                "workspace_id": [workspace_id] * len(ordered),
-                "user_id": [user_id for _, user_id, _ in ordered],
-                "first_seen_at": [at for _, _, at in ordered],
-                "last_seen_at": [at for _, _, at in ordered],
-            },
-        ).on_conflict_do_nothing()
+        _CREATE_CONTACTS,
+        {
+            "id": [contact_id for contact_id, _, _ in ordered],
+            "workspace_id": [workspace_id] * len(ordered),
+            "user_id": [user_id for _, user_id, _ in ordered],
+            "first_seen_at": [at for _, _, at in ordered],
+            "last_seen_at": [at for _, _, at in ordered],
+        },
     )
+
+
+_CREATE_CONTACTS = insert_arrays(
+    contacts, ["id", "workspace_id", "user_id", "first_seen_at", "last_seen_at"]
+).on_conflict_do_nothing()
 
 
 async def claim_identities_many(
@@ -1189,16 +1214,19 @@ async def claim_identities_many(
         return
     ordered = sorted(claims.items())
     await session.execute(
-        insert_columns(
-            identities,
-            {
-                "workspace_id": [workspace_id] * len(ordered),
-                "kind": [kind for (kind, _), _ in ordered],
-                "value": [value for (_, value), _ in ordered],
-                "contact_id": [owner for _, owner in ordered],
-            },
-        ).on_conflict_do_nothing()
+        _CLAIM_IDENTITIES,
+        {
+            "workspace_id": [workspace_id] * len(ordered),
+            "kind": [kind for (kind, _), _ in ordered],
+            "value": [value for (_, value), _ in ordered],
+            "contact_id": [owner for _, owner in ordered],
+        },
     )
+
+
+_CLAIM_IDENTITIES = insert_arrays(
+    identities, ["workspace_id", "kind", "value", "contact_id"]
+).on_conflict_do_nothing()
 
 
 async def lock_states(
@@ -1210,23 +1238,8 @@ async def lock_states(
     wanted = sorted(set(ids))
     if not wanted:
         return {}
-    # joined to an array, not ``IN`` (compiled again per count) nor ``= ANY`` (whose
-    # generic plan can scan the whole table): one index probe per contact
-    given = array_rows([("id", UUID(as_uuid=True), wanted)])
-    rows = await session.execute(
-        sa.select(
-            contacts.c.id,
-            contacts.c.user_id,
-            contacts.c.traits,
-            contacts.c.trait_sources,
-            contacts.c.first_touch.is_not(None).label("has_first_touch"),
-            contacts.c.orders_count,
-            contacts.c.merged_into,
-        )
-        .join(given, contacts.c.id == given.c.id)
-        .order_by(contacts.c.id)
-        .with_for_update(of=contacts)
-    )
+    given = {"id": wanted}
+    rows = await session.execute(_LOCK_CONTACTS, given)
     states = {
         row.id: ContactState(
             row.id,
@@ -1242,32 +1255,47 @@ async def lock_states(
         )
         for row in rows
     }
-    for row in await session.execute(
-        sa.select(scores.c.contact_id, scores.c.model, scores.c.points).join(
-            given, scores.c.contact_id == given.c.id
-        )
-    ):
+    for row in await session.execute(_STATE_SCORES, given):
         states[row.contact_id].scores[row.model] = row.points
-    for row in await session.execute(
-        sa.select(stages.c.contact_id, stages.c.model, stages.c.stage).join(
-            given, stages.c.contact_id == given.c.id
-        )
-    ):
+    for row in await session.execute(_STATE_STAGES, given):
         states[row.contact_id].stages[row.model] = row.stage
-    for tag in await session.execute(
-        sa.select(tags.c.contact_id, tags.c.tag, tags.c.assignments, tags.c.active).join(
-            given, tags.c.contact_id == given.c.id
-        )
-    ):
+    for tag in await session.execute(_STATE_TAGS, given):
         states[tag.contact_id].tag_scores[tag.tag] = tag.assignments
         if tag.active:
             states[tag.contact_id].active_tags.add(tag.tag)
     if with_spent:
-        for row in await session.execute(
-            sa.select(rule_spending).join(given, rule_spending.c.contact_id == given.c.id)
-        ):
+        for row in await session.execute(_STATE_SPENT, given):
             states[row.contact_id].spent[(row.rule_id, row.period)] = row.points
     return states
+
+
+# joined to an array, not ``IN`` (compiled again per count) nor ``= ANY`` (whose generic
+# plan can scan the whole table): one index probe per contact
+_IDS = array_rows_of([("id", UUID(as_uuid=True))])
+_LOCK_CONTACTS = (
+    sa.select(
+        contacts.c.id,
+        contacts.c.user_id,
+        contacts.c.traits,
+        contacts.c.trait_sources,
+        contacts.c.first_touch.is_not(None).label("has_first_touch"),
+        contacts.c.orders_count,
+        contacts.c.merged_into,
+    )
+    .join(_IDS, contacts.c.id == _IDS.c.id)
+    .order_by(contacts.c.id)
+    .with_for_update(of=contacts)
+)
+_STATE_SCORES = sa.select(scores.c.contact_id, scores.c.model, scores.c.points).join(
+    _IDS, scores.c.contact_id == _IDS.c.id
+)
+_STATE_STAGES = sa.select(stages.c.contact_id, stages.c.model, stages.c.stage).join(
+    _IDS, stages.c.contact_id == _IDS.c.id
+)
+_STATE_TAGS = sa.select(tags.c.contact_id, tags.c.tag, tags.c.assignments, tags.c.active).join(
+    _IDS, tags.c.contact_id == _IDS.c.id
+)
+_STATE_SPENT = sa.select(rule_spending).join(_IDS, rule_spending.c.contact_id == _IDS.c.id)
 
 
 async def claim_event_ids(
@@ -1281,20 +1309,23 @@ async def claim_event_ids(
     ``adjustment:<id>``). Message ids must be distinct."""
     if not rows:
         return set()
-    statement = (
-        insert_columns(
-            event_ids,
-            {
-                "workspace_id": [workspace_id] * len(rows),
-                "message_id": [message_id for message_id, _, _ in rows],
-                "occurred_at": [at for _, at, _ in rows],
-                "contact_id": [contact_id for _, _, contact_id in rows],
-            },
-        )
-        .on_conflict_do_nothing()
-        .returning(event_ids.c.message_id)
+    claimed = await session.execute(
+        _CLAIM_EVENT_IDS,
+        {
+            "workspace_id": [workspace_id] * len(rows),
+            "message_id": [message_id for message_id, _, _ in rows],
+            "occurred_at": [at for _, at, _ in rows],
+            "contact_id": [contact_id for _, _, contact_id in rows],
+        },
     )
-    return set((await session.execute(statement)).scalars())
+    return set(claimed.scalars())
+
+
+_CLAIM_EVENT_IDS = (
+    insert_arrays(event_ids, ["workspace_id", "message_id", "occurred_at", "contact_id"])
+    .on_conflict_do_nothing()
+    .returning(event_ids.c.message_id)
+)
 
 
 def event_row(workspace_id: str, contact_id: uuid.UUID, event: SegmentEvent) -> dict[str, Any]:
@@ -1440,7 +1471,6 @@ class BatchWrites:
         )
 
 
-_PROFILE = sa.update(contacts).where(contacts.c.id == sa.bindparam("cid"))
 TYPED_COLUMNS = (
     "name",
     "email",
@@ -1458,54 +1488,17 @@ TYPED_COLUMNS = (
 async def write_batch(session: AsyncSession, writes: BatchWrites) -> None:
     """Write what ``writes`` gathered: one statement per table (many rows each)."""
     if writes.events:
-        await session.execute(insert_columns(events, column_lists(writes.events)))
+        await session.execute(_INSERT_EVENTS, column_lists(writes.events))
     if writes.transactions:
-        await session.execute(
-            insert_columns(transactions, column_lists(writes.transactions)).on_conflict_do_nothing()
-        )
+        await session.execute(_INSERT_TRANSACTIONS, column_lists(writes.transactions))
     if writes.touches:
         touched = sorted(writes.touches.values(), key=lambda t: t["cid"])
-        given = array_rows(
-            [
-                (name, type_, [touch[name] for touch in touched])
-                for name, type_ in (
-                    ("cid", UUID(as_uuid=True)),
-                    ("first_seen", TIMESTAMP),
-                    ("last_seen", TIMESTAMP),
-                    ("user_id", sa.Text()),
-                    ("first_touch", JSONB(none_as_null=True)),
-                    ("orders", sa.Integer()),
-                    ("revenue", sa.Float()),
-                    ("first_order", TIMESTAMP),
-                    ("last_order", TIMESTAMP),
-                )
-            ]
-        )
         await session.execute(
-            sa.update(contacts)
-            .where(contacts.c.id == given.c.cid)
-            .values(
-                first_seen_at=sa.func.least(contacts.c.first_seen_at, given.c.first_seen),
-                last_seen_at=sa.func.greatest(contacts.c.last_seen_at, given.c.last_seen),
-                user_id=sa.func.coalesce(contacts.c.user_id, given.c.user_id),
-                first_touch=sa.func.coalesce(contacts.c.first_touch, given.c.first_touch),
-                orders_count=contacts.c.orders_count + given.c.orders,
-                revenue_total=contacts.c.revenue_total
-                + sa.cast(given.c.revenue, sa.Numeric(18, 4)),
-                first_order_at=sa.func.least(contacts.c.first_order_at, given.c.first_order),
-                last_order_at=sa.func.greatest(contacts.c.last_order_at, given.c.last_order),
-            )
+            _TOUCH_CONTACTS, {name: [touch[name] for touch in touched] for name in _TOUCH_NAMES}
         )
     if writes.profiles:
         await session.execute(
-            _PROFILE.values(
-                traits=sa.bindparam("p_traits", type_=JSONB),
-                trait_sources=sa.bindparam("p_sources", type_=JSONB),
-                **{
-                    column: sa.bindparam(f"p_{column}", type_=contacts.c[column].type)
-                    for column in TYPED_COLUMNS
-                },
-            ),
+            _SET_PROFILES,
             [
                 {
                     "cid": contact_id,
@@ -1522,8 +1515,8 @@ async def write_batch(session: AsyncSession, writes: BatchWrites) -> None:
     await _write_points(session, writes)
     if writes.stages:
         staged = sorted(writes.stages.items())
-        upsert = insert_columns(
-            stages,
+        await session.execute(
+            _UPSERT_STAGES,
             {
                 "contact_id": [contact_id for (contact_id, _), _ in staged],
                 "model": [model for (_, model), _ in staged],
@@ -1532,17 +1525,11 @@ async def write_batch(session: AsyncSession, writes: BatchWrites) -> None:
                 "since": [since for _, (_, since) in staged],
             },
         )
-        await session.execute(
-            upsert.on_conflict_do_update(
-                index_elements=[stages.c.contact_id, stages.c.model],
-                set_={"stage": upsert.excluded.stage, "since": upsert.excluded.since},
-            )
-        )
-        await session.execute(insert_columns(stage_history, column_lists(writes.stage_history)))
+        await session.execute(_INSERT_STAGE_HISTORY, column_lists(writes.stage_history))
     if writes.timers:
         timed = sorted(writes.timers.items())
-        upsert = insert_columns(
-            timers,
+        await session.execute(
+            _UPSERT_TIMERS,
             {
                 "contact_id": [contact_id for (contact_id, _), _ in timed],
                 "rule_id": [rule_id for (_, rule_id), _ in timed],
@@ -1550,28 +1537,12 @@ async def write_batch(session: AsyncSession, writes: BatchWrites) -> None:
                 "due_at": [due_at for _, due_at in timed],
             },
         )
-        await session.execute(
-            upsert.on_conflict_do_update(
-                index_elements=[timers.c.contact_id, timers.c.rule_id],
-                set_={"due_at": sa.func.greatest(timers.c.due_at, upsert.excluded.due_at)},
-            )
-        )
 
 
 async def _write_tags(session: AsyncSession, writes: BatchWrites) -> None:
     if writes.tag_adds:
-        upsert = pg_insert(tags)
         await session.execute(
-            upsert.on_conflict_do_update(
-                index_elements=[tags.c.contact_id, tags.c.tag],
-                set_={
-                    "assignments": tags.c.assignments + upsert.excluded.assignments,
-                    "active": True,
-                    "last_assigned_at": sa.func.greatest(
-                        tags.c.last_assigned_at, upsert.excluded.last_assigned_at
-                    ),
-                },
-            ),
+            _ADD_TAGS,
             [
                 {
                     "contact_id": contact_id,
@@ -1586,18 +1557,14 @@ async def _write_tags(session: AsyncSession, writes: BatchWrites) -> None:
             ],
         )
     for contact_id, tag in sorted(writes.tag_removals):
-        await session.execute(
-            sa.update(tags)
-            .where(tags.c.contact_id == contact_id, tags.c.tag == tag)
-            .values(active=False)
-        )
+        await session.execute(_REMOVE_TAG, {"r_contact": contact_id, "r_tag": tag})
 
 
 async def _write_points(session: AsyncSession, writes: BatchWrites) -> None:
     if writes.scores:
         scored = sorted(writes.scores.items())
-        upsert = insert_columns(
-            scores,
+        await session.execute(
+            _UPSERT_SCORES,
             {
                 "contact_id": [contact_id for (contact_id, _), _ in scored],
                 "model": [model for (_, model), _ in scored],
@@ -1605,18 +1572,12 @@ async def _write_points(session: AsyncSession, writes: BatchWrites) -> None:
                 "points": [points for _, points in scored],
             },
         )
-        await session.execute(
-            upsert.on_conflict_do_update(
-                index_elements=[scores.c.contact_id, scores.c.model],
-                set_={"points": scores.c.points + upsert.excluded.points},
-            )
-        )
     if writes.score_changes:
-        await session.execute(insert_columns(score_changes, column_lists(writes.score_changes)))
+        await session.execute(_INSERT_SCORE_CHANGES, column_lists(writes.score_changes))
     if writes.spending:
         spent = sorted(writes.spending.items())
-        upsert = insert_columns(
-            rule_spending,
+        await session.execute(
+            _UPSERT_SPENDING,
             {
                 "contact_id": [contact_id for (contact_id, _, _), _ in spent],
                 "rule_id": [rule_id for (_, rule_id, _), _ in spent],
@@ -1624,13 +1585,120 @@ async def _write_points(session: AsyncSession, writes: BatchWrites) -> None:
                 "points": [points for _, points in spent],
             },
         )
-        await session.execute(
-            upsert.on_conflict_do_update(
-                index_elements=[
-                    rule_spending.c.contact_id,
-                    rule_spending.c.rule_id,
-                    rule_spending.c.period,
-                ],
-                set_={"points": rule_spending.c.points + upsert.excluded.points},
-            )
-        )
+
+
+# ``write_batch``'s statements, built once; the row dicts gathered in ``BatchWrites``
+# (``event_row``, ``transaction_row``, ``points``, ``move_stages``) have these keys.
+_INSERT_EVENTS = insert_arrays(
+    events,
+    [
+        "workspace_id",
+        "message_id",
+        "contact_id",
+        "type",
+        "name",
+        "properties",
+        "context",
+        "occurred_at",
+        "received_at",
+    ],
+)
+_INSERT_TRANSACTIONS = insert_arrays(
+    transactions,
+    [
+        "workspace_id",
+        "message_id",
+        "contact_id",
+        "kind",
+        "order_id",
+        "revenue",
+        "currency",
+        "payment_method",
+        "products",
+        "occurred_at",
+    ],
+).on_conflict_do_nothing()
+_TOUCHED = array_rows_of(
+    [
+        ("cid", UUID(as_uuid=True)),
+        ("first_seen", TIMESTAMP),
+        ("last_seen", TIMESTAMP),
+        ("user_id", sa.Text()),
+        ("first_touch", JSONB(none_as_null=True)),
+        ("orders", sa.Integer()),
+        ("revenue", sa.Float()),
+        ("first_order", TIMESTAMP),
+        ("last_order", TIMESTAMP),
+    ]
+)
+_TOUCH_NAMES = [column.name for column in _TOUCHED.c]
+_TOUCH_CONTACTS = (
+    sa.update(contacts)
+    .where(contacts.c.id == _TOUCHED.c.cid)
+    .values(
+        first_seen_at=sa.func.least(contacts.c.first_seen_at, _TOUCHED.c.first_seen),
+        last_seen_at=sa.func.greatest(contacts.c.last_seen_at, _TOUCHED.c.last_seen),
+        user_id=sa.func.coalesce(contacts.c.user_id, _TOUCHED.c.user_id),
+        first_touch=sa.func.coalesce(contacts.c.first_touch, _TOUCHED.c.first_touch),
+        orders_count=contacts.c.orders_count + _TOUCHED.c.orders,
+        revenue_total=contacts.c.revenue_total + sa.cast(_TOUCHED.c.revenue, sa.Numeric(18, 4)),
+        first_order_at=sa.func.least(contacts.c.first_order_at, _TOUCHED.c.first_order),
+        last_order_at=sa.func.greatest(contacts.c.last_order_at, _TOUCHED.c.last_order),
+    )
+)
+_SET_PROFILES = (
+    sa.update(contacts)
+    .where(contacts.c.id == sa.bindparam("cid"))
+    .values(
+        traits=sa.bindparam("p_traits", type_=JSONB),
+        trait_sources=sa.bindparam("p_sources", type_=JSONB),
+        **{
+            column: sa.bindparam(f"p_{column}", type_=contacts.c[column].type)
+            for column in TYPED_COLUMNS
+        },
+    )
+)
+_STAGES_UPSERT = insert_arrays(stages, ["contact_id", "model", "workspace_id", "stage", "since"])
+_UPSERT_STAGES = _STAGES_UPSERT.on_conflict_do_update(
+    index_elements=[stages.c.contact_id, stages.c.model],
+    set_={"stage": _STAGES_UPSERT.excluded.stage, "since": _STAGES_UPSERT.excluded.since},
+)
+_INSERT_STAGE_HISTORY = insert_arrays(
+    stage_history,
+    ["workspace_id", "contact_id", "model", "from_stage", "to_stage", "score", "at"],
+)
+_TIMERS_UPSERT = insert_arrays(timers, ["contact_id", "rule_id", "workspace_id", "due_at"])
+_UPSERT_TIMERS = _TIMERS_UPSERT.on_conflict_do_update(
+    index_elements=[timers.c.contact_id, timers.c.rule_id],
+    set_={"due_at": sa.func.greatest(timers.c.due_at, _TIMERS_UPSERT.excluded.due_at)},
+)
+_TAGS_UPSERT = pg_insert(tags)
+_ADD_TAGS = _TAGS_UPSERT.on_conflict_do_update(
+    index_elements=[tags.c.contact_id, tags.c.tag],
+    set_={
+        "assignments": tags.c.assignments + _TAGS_UPSERT.excluded.assignments,
+        "active": True,
+        "last_assigned_at": sa.func.greatest(
+            tags.c.last_assigned_at, _TAGS_UPSERT.excluded.last_assigned_at
+        ),
+    },
+)
+_REMOVE_TAG = (
+    sa.update(tags)
+    .where(tags.c.contact_id == sa.bindparam("r_contact"), tags.c.tag == sa.bindparam("r_tag"))
+    .values(active=False)
+)
+_SCORES_UPSERT = insert_arrays(scores, ["contact_id", "model", "workspace_id", "points"])
+_UPSERT_SCORES = _SCORES_UPSERT.on_conflict_do_update(
+    index_elements=[scores.c.contact_id, scores.c.model],
+    set_={"points": scores.c.points + _SCORES_UPSERT.excluded.points},
+)
+_INSERT_SCORE_CHANGES = insert_arrays(
+    score_changes,
+    ["workspace_id", "contact_id", "model", "rule_id", "points", "message_id", "at", "reason"],
+)
+_SPENDING_UPSERT = insert_arrays(rule_spending, ["contact_id", "rule_id", "period", "points"])
+_UPSERT_SPENDING = _SPENDING_UPSERT.on_conflict_do_update(
+    index_elements=[rule_spending.c.contact_id, rule_spending.c.rule_id, rule_spending.c.period],
+    set_={"points": rule_spending.c.points + _SPENDING_UPSERT.excluded.points},
+)
