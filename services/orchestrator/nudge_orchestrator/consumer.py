@@ -114,23 +114,17 @@ class MembershipHandler(BatchFirstHandler):
         return out.messages
 
 
-def contact_of(
-    workspace_id: str,
-    event: SegmentEvent,
-    known: dict[tuple[str, str], uuid.UUID],
-) -> uuid.UUID:
-    """The contact an event belongs to: the one known with this user id, else the id
-    scoring gives a contact first seen with this identity."""
+def identity_of(workspace_id: str, event: SegmentEvent) -> store.Identity:
     if event.user_id:
-        return known.get((workspace_id, event.user_id)) or stable_id(
-            workspace_id, "contact", "user_id", event.user_id
-        )
-    return stable_id(workspace_id, "contact", "anonymous_id", event.anonymous_id or "")
+        first_seen_id = stable_id(workspace_id, "contact", "user_id", event.user_id)
+    else:
+        first_seen_id = stable_id(workspace_id, "contact", "anonymous_id", event.anonymous_id or "")
+    return store.Identity(workspace_id, event.user_id or None, first_seen_id)
 
 
 class EventHandler(BatchFirstHandler):
     """Track events start the workflows they trigger and reach the active runs of their
-    contact (what it performed, goals, waits for an event). A batch costs three queries
+    contact (what it performed, goals, waits for an event). A batch costs two queries
     whatever its size; only the events of contacts in a run, or of a name a workflow
     listens to, are then applied one at a time, in order."""
 
@@ -149,20 +143,17 @@ class EventHandler(BatchFirstHandler):
                 tracks.append((envelope, event, event.event))
         if not tracks:
             return []
-        workspace_ids = {envelope.workspace_id for envelope, _, _ in tracks}
-        known = await store.contacts_by_user_id(
-            session,
-            user_ids={(e.workspace_id, event.user_id) for e, event, _ in tracks if event.user_id},
-        )
+        identities = [identity_of(envelope.workspace_id, event) for envelope, event, _ in tracks]
+        contacts = await store.event_contacts(session, identities=set(identities))
         located = [
-            (envelope, event, name, contact_of(envelope.workspace_id, event, known))
-            for envelope, event, name in tracks
+            (envelope, event, name, contacts[identity][0])
+            for (envelope, event, name), identity in zip(tracks, identities, strict=True)
         ]
+        in_runs = {contact_id for contact_id, in_run in contacts.values() if in_run}
         listening = await store.workflows_triggered_by(
-            session, workspace_ids=workspace_ids, kinds={"event"}
-        )
-        in_runs = await store.contacts_in_runs(
-            session, workspace_ids=workspace_ids, contact_ids={c for *_, c in located}
+            session,
+            workspace_ids={envelope.workspace_id for envelope, _, _ in tracks},
+            kinds={"event"},
         )
         now = self.clock()
         messages: list[OutgoingMessage] = []

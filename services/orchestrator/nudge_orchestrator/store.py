@@ -1194,36 +1194,6 @@ _CONTACTS = _COPY.where(
 )
 
 
-async def contacts_by_user_id(
-    session: AsyncSession, *, user_ids: set[tuple[str, str]]
-) -> dict[tuple[str, str], uuid.UUID]:
-    """The copy's contact for each (workspace id, user id) known to it."""
-    if not user_ids:
-        return {}
-    workspace_ids, ids = zip(*user_ids, strict=True)
-    rows = await session.execute(
-        _BY_USER_ID, {"workspace_id": list(workspace_ids), "user_id": list(ids)}
-    )
-    found: dict[tuple[str, str], uuid.UUID] = {}
-    for row in rows:
-        found.setdefault((row.workspace_id, row.user_id), row.contact_id)
-    return found
-
-
-_GIVEN_USERS = array_rows_of([("workspace_id", sa.Text()), ("user_id", sa.Text())])
-_BY_USER_ID = (
-    sa.select(contacts.c.workspace_id, contacts.c.user_id, contacts.c.contact_id)
-    .join(
-        _GIVEN_USERS,
-        sa.and_(
-            contacts.c.workspace_id == _GIVEN_USERS.c.workspace_id,
-            contacts.c.user_id == _GIVEN_USERS.c.user_id,
-        ),
-    )
-    .order_by(contacts.c.contact_id)
-)
-
-
 async def upsert_contacts(session: AsyncSession, copies: Sequence[ContactCopy]) -> None:
     """Each copy's traits and scores replace the stored ones; its ``tags`` and ``stages``
     too, unless None (not announced: the stored ones are kept). One statement for all."""
@@ -1274,27 +1244,75 @@ def _upsert_contact() -> sa.Insert:
 _UPSERT_CONTACT = _upsert_contact()
 
 
-async def contacts_in_runs(
-    session: AsyncSession, *, workspace_ids: set[str], contact_ids: set[uuid.UUID]
-) -> set[uuid.UUID]:
-    """Those of ``contact_ids`` with an active run."""
-    if not contact_ids:
-        return set()
+@dataclass(frozen=True)
+class Identity:
+    """Who performed an event: its workspace, its user id (None if anonymous), and the
+    contact id scoring gives a contact first seen with this identity."""
+
+    workspace_id: str
+    user_id: str | None
+    first_seen_id: uuid.UUID
+
+
+async def event_contacts(
+    session: AsyncSession, *, identities: set[Identity]
+) -> dict[Identity, tuple[uuid.UUID, bool]]:
+    """For each identity: its contact (the copy's with this user id, the lowest id if it
+    has several, else ``first_seen_id``) and whether that contact is in an active run. One
+    query for a batch of events, on the indexes (workspace, user id) of the copy and
+    (workspace, contact) of the active runs."""
+    if not identities:
+        return {}
+    given = list(identities)
     rows = await session.execute(
-        _IN_RUNS, {"workspace_ids": list(workspace_ids), "contact_ids": list(contact_ids)}
+        _EVENT_CONTACTS,
+        {
+            "workspace_id": [i.workspace_id for i in given],
+            "user_id": [i.user_id for i in given],
+            "first_seen_id": [i.first_seen_id for i in given],
+        },
     )
-    return set(rows.scalars())
+    return {
+        Identity(row.workspace_id, row.user_id, row.first_seen_id): (row.contact_id, row.in_run)
+        for row in rows
+    }
 
 
-_IN_RUNS = (
-    sa.select(runs.c.contact_id)
-    .distinct()
-    .where(
-        runs.c.workspace_id == sa.any_(array_param("workspace_ids", sa.Text())),
-        runs.c.contact_id == sa.any_(array_param("contact_ids", runs.c.contact_id.type)),
-        runs.c.status == ACTIVE,
+def _event_contacts() -> sa.Select[Any]:
+    given = array_rows_of(
+        [
+            ("workspace_id", sa.Text()),
+            ("user_id", sa.Text()),
+            ("first_seen_id", UUID(as_uuid=True)),
+        ]
     )
-)
+    known = (
+        sa.select(contacts.c.contact_id)
+        .where(
+            contacts.c.workspace_id == given.c.workspace_id,
+            contacts.c.user_id == given.c.user_id,
+        )
+        .order_by(contacts.c.contact_id)
+        .limit(1)
+        .lateral()
+    )
+    contact_id = sa.func.coalesce(known.c.contact_id, given.c.first_seen_id)
+    in_run = sa.exists().where(
+        runs.c.workspace_id == given.c.workspace_id,
+        runs.c.contact_id == contact_id,
+        # a literal, not a parameter: the index of active runs is partial on it
+        runs.c.status == sa.literal_column(f"'{ACTIVE}'"),
+    )
+    return sa.select(
+        given.c.workspace_id,
+        given.c.user_id,
+        given.c.first_seen_id,
+        contact_id.label("contact_id"),
+        in_run.label("in_run"),
+    ).select_from(given.outerjoin(known, sa.true()))
+
+
+_EVENT_CONTACTS = _event_contacts()
 
 
 # --- templates ----------------------------------------------------------------------------
