@@ -7,11 +7,11 @@ A batch moves through small steps, in this order, and offsets are always committ
    passing over the types the handler does not read (:class:`SelectiveHandler`);
 3. **apply**, in one PostgreSQL transaction: record the message ids in the service's
    ``processed_messages`` table (ids already there are duplicates and are skipped), then hand
-   each new message to the service's handler inside a savepoint, so one bad message is
-   dead-lettered alone while the rest of the batch keeps its effects (a handler that also
-   has ``handle_batch``, see :class:`BatchHandler`, gets all new messages at once in one
-   savepoint instead; if that fails for any reason but a transient one, the savepoint is
-   rolled back and the messages go one by one as above);
+   the new messages to the service's handler (all at once to a handler that also has
+   ``handle_batch``, see :class:`BatchHandler`), with no savepoint. If that fails for any
+   reason but a transient one, the transaction is rolled back and the batch applied again
+   in a new one, each message in its own savepoint, so one bad message is dead-lettered
+   alone while the rest of the batch keeps its effects;
 4. **publish** what the handlers produced and the dead letters, waiting for the broker's
    acknowledgements;
 5. **commit** the database transaction, then the Kafka offsets.
@@ -120,9 +120,9 @@ class BatchHandler(Protocol):
     """Optional: a handler that also has ``handle_batch`` is given all the new messages of a
     batch at once (in order), to apply their effects with a few set-based queries instead
     of several per message. Its effects must equal those of calling the handler on each
-    message in turn. If it raises anything but a transient error, the runner rolls its
-    savepoint back and applies the messages one by one, each in its own savepoint, so a bad
-    message is still dead-lettered alone."""
+    message in turn. If it raises anything but a transient error, the runner rolls the
+    batch's transaction back and applies the messages one by one in a new one, each in its
+    own savepoint, so a bad message is still dead-lettered alone."""
 
     async def handle_batch(
         self, session: AsyncSession, envelopes: Sequence[Envelope]
@@ -154,6 +154,10 @@ class SelectiveHandler(Protocol):
     consumers read one or two of them."""
 
     message_types: frozenset[str]
+
+
+class _BatchFailed(Exception):
+    """The batch applied in one go failed for a reason of its own (``__cause__``)."""
 
 
 @dataclass(frozen=True)
@@ -285,18 +289,57 @@ class ConsumerRunner:
             metrics.CONSUMER_MESSAGES.labels(self.name, topic, "passed_over").inc(count)
         if isinstance(self.handler, BatchPreparer):
             await self.handler.prepare([item.envelope for item in decoded])
-        outgoing: list[OutgoingMessage] = []
+        try:
+            await self._apply_in_one_go(decoded, dead_letters)
+        except _BatchFailed as failed:
+            # a bad message, probably: its transaction is rolled back, and the batch
+            # applied again one message at a time finds it
+            error = failed.__cause__
+            metrics.CONSUMER_BATCH_FALLBACKS.labels(self.name, type(error).__name__).inc()
+            log.warning(
+                "batch failed, applying its messages one by one",
+                consumer=self.name,
+                error=repr(error)[:500],
+            )
+            await self._apply_one_by_one(decoded, dead_letters)
+
+    async def _apply_in_one_go(
+        self, decoded: list[Decoded], dead_letters: list[DeadLetter]
+    ) -> None:
+        """The batch's new messages applied with no savepoint (``handle_batch`` at once when
+        the handler has it); any failure but a transient one is raised as
+        :class:`_BatchFailed`, after the transaction rolled back."""
         async with transaction(self.sessionmaker) as session:
-            unclaimed = await self._claim(session, [item.envelope.id for item in decoded])
-            fresh: list[Decoded] = []
-            for item in decoded:
-                if item.envelope.id not in unclaimed:
-                    self._count(item.record, "duplicate")
-                    continue
-                unclaimed.discard(item.envelope.id)
-                fresh.append(item)
-            if await self._apply_as_batch(session, fresh, outgoing):
-                fresh = []
+            fresh, duplicates = await self._fresh(session, decoded)
+            outgoing: list[OutgoingMessage] = []
+            try:
+                if isinstance(self.handler, BatchHandler):
+                    if fresh:
+                        outgoing.extend(
+                            await self.handler.handle_batch(
+                                session, [item.envelope for item in fresh]
+                            )
+                        )
+                else:
+                    for item in fresh:
+                        outgoing.extend(await self.handler(session, item.envelope))
+            except Exception as error:
+                if is_transient(error):
+                    raise
+                raise _BatchFailed from error
+            for item in fresh:
+                self._count(item.record, "applied")
+            await self._finish(outgoing, dead_letters, duplicates)
+
+    async def _apply_one_by_one(
+        self, decoded: list[Decoded], dead_letters: list[DeadLetter]
+    ) -> None:
+        """Each new message in its own savepoint: a failing one is dead-lettered alone while
+        the others keep their effects."""
+        dead_letters = list(dead_letters)
+        async with transaction(self.sessionmaker) as session:
+            outgoing: list[OutgoingMessage] = []
+            fresh, duplicates = await self._fresh(session, decoded)
             for item in fresh:
                 try:
                     async with session.begin_nested():
@@ -310,37 +353,37 @@ class ConsumerRunner:
                         log.exception("handler failed", consumer=self.name)
                 else:
                     self._count(item.record, "applied")
-            self.dead_letter_budget.spend(len(dead_letters))
-            await publish(self.producer, self.settings, outgoing)
-            await self._publish_dead_letters(dead_letters)
+            await self._finish(outgoing, dead_letters, duplicates)
 
-    async def _apply_as_batch(
-        self, session: AsyncSession, items: list[Decoded], outgoing: list[OutgoingMessage]
-    ) -> bool:
-        """Hand ``items`` to a :class:`BatchHandler` in one savepoint; False (nothing
-        applied) when the handler has no batch form or the batch failed on its own."""
-        if not isinstance(self.handler, BatchHandler) or len(items) < 2:
-            return False
-        try:
-            async with session.begin_nested():
-                produced = await self.handler.handle_batch(
-                    session, [item.envelope for item in items]
-                )
-        except Exception as error:
-            if is_transient(error):
-                raise
-            # a bad message, probably: find it one by one
-            metrics.CONSUMER_BATCH_FALLBACKS.labels(self.name, type(error).__name__).inc()
-            log.warning(
-                "batch failed, applying its messages one by one",
-                consumer=self.name,
-                error=repr(error)[:500],
-            )
-            return False
-        outgoing.extend(produced)
-        for item in items:
-            self._count(item.record, "applied")
-        return True
+    async def _fresh(
+        self, session: AsyncSession, decoded: list[Decoded]
+    ) -> tuple[list[Decoded], list[Decoded]]:
+        """Claim the messages' ids: those not claimed before, and the duplicates (claimed
+        before, or twice in the batch)."""
+        unclaimed = await self._claim(session, [item.envelope.id for item in decoded])
+        fresh: list[Decoded] = []
+        duplicates: list[Decoded] = []
+        for item in decoded:
+            if item.envelope.id in unclaimed:
+                unclaimed.discard(item.envelope.id)
+                fresh.append(item)
+            else:
+                duplicates.append(item)
+        return fresh, duplicates
+
+    async def _finish(
+        self,
+        outgoing: list[OutgoingMessage],
+        dead_letters: list[DeadLetter],
+        duplicates: list[Decoded],
+    ) -> None:
+        """Publish the outputs and dead letters, inside the batch's transaction: it commits
+        only once the broker has them."""
+        for item in duplicates:
+            self._count(item.record, "duplicate")
+        self.dead_letter_budget.spend(len(dead_letters))
+        await publish(self.producer, self.settings, outgoing)
+        await self._publish_dead_letters(dead_letters)
 
     async def _claim(self, session: AsyncSession, ids: list[uuid.UUID]) -> set[uuid.UUID]:
         """Record ``ids`` as processed; returns those that were not recorded before."""

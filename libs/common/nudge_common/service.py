@@ -20,7 +20,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 from fastapi import APIRouter, Depends, FastAPI, Request
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from nudge_common.consumer import ConsumerRunner
+from nudge_common.consumer import ConsumerRunner, is_transient
 from nudge_common.db import SessionMaker, create_engine, create_sessionmaker
 from nudge_common.http import JsonResponse
 from nudge_common.kafka import create_producer
@@ -115,11 +115,26 @@ def create_service_app(
         lifespan=lifespan,
     )
     app.add_middleware(HttpMetricsMiddleware)
+    app.add_exception_handler(sa.exc.DBAPIError, database_unavailable)  # type: ignore[arg-type]
     app.include_router(health_router)
     app.include_router(metrics_router)
     for router in routers:
         app.include_router(router)
     return app
+
+
+async def database_unavailable(request: Request, error: sa.exc.DBAPIError) -> JsonResponse:
+    """503 while PostgreSQL is down, restarting or busy (a deadlock), so a client retries;
+    any other database error is a bug, and stays a 500. Pooled connections are not pinged
+    before use (``nudge_common.db.create_engine``): the first request on a connection the
+    server closed ends here, and the pool replaces its connections."""
+    if not is_transient(error):
+        raise error
+    return JsonResponse(
+        {"detail": "the database is unavailable right now, retry later"},
+        status_code=503,
+        headers={"Retry-After": "1"},
+    )
 
 
 YOUNG_GENERATION_THRESHOLD = 50_000

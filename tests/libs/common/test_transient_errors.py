@@ -1,13 +1,19 @@
 """Which database errors the consumer runner retries (the database is down or busy) and which
-it dead-letters (the message is bad), on errors the real PostgreSQL raises."""
+it dead-letters (the message is bad), on errors the real PostgreSQL raises; and the API's
+answer to the same errors."""
 
 from __future__ import annotations
 
+import asyncpg
+import httpx
 import pytest
 import sqlalchemy as sa
+from fastapi import APIRouter
 
 from nudge_common.consumer import is_transient
 from nudge_common.db import SessionMaker, transaction
+from nudge_common.service import create_service_app
+from tests.conftest import StackHandle
 
 
 async def database_error(sessionmaker: SessionMaker, sqlstate: str) -> sa.exc.DBAPIError:
@@ -44,3 +50,38 @@ def test_errors_outside_the_database() -> None:
     assert is_transient(TimeoutError())
     assert is_transient(ConnectionRefusedError())
     assert not is_transient(ValueError("bad payload"))
+
+
+async def test_a_connection_the_server_closed_fails_one_request_with_503_then_is_replaced(
+    stack: StackHandle, sessionmaker: SessionMaker
+) -> None:
+    """Pooled connections are not pinged before use: the first request on a connection the
+    server closed (as a PostgreSQL restart does) gets a 503 to retry, not a 500, and the
+    pool's next connection works."""
+    router = APIRouter()
+
+    @router.get("/backend")
+    async def backend() -> dict[str, int]:
+        async with transaction(sessionmaker) as session:
+            return {"pid": await session.scalar(sa.text("SELECT pg_backend_pid()")) or 0}
+
+    app = create_service_app(settings=stack.settings, routers=[router])
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://nudge") as client:
+        first = await client.get("/backend")
+        assert first.status_code == 200
+        dsn = sa.make_url(stack.settings.database_url).set(drivername="postgresql")
+        closer = await asyncpg.connect(dsn.render_as_string(hide_password=False))
+        try:
+            assert await closer.fetchval("SELECT pg_terminate_backend($1)", first.json()["pid"])
+        finally:
+            await closer.close()
+
+        refused = await client.get("/backend")
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "1"
+        assert "database" in refused.json()["detail"]
+
+        again = await client.get("/backend")
+        assert again.status_code == 200
+        assert again.json()["pid"] != first.json()["pid"]
