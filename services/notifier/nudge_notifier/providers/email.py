@@ -7,12 +7,15 @@ import asyncio
 import base64
 import functools
 import re
+import time
 import uuid
 from email.header import Header
 from email.utils import formataddr, formatdate, parseaddr
 
 import aiosmtplib
 import dkim
+from aiosmtplib import SMTPStatus
+from aiosmtplib.email import quote_address
 
 from nudge_notifier.providers.base import Outbound, PermanentFailure, TransientFailure
 from nudge_notifier.settings import NotifierSettings
@@ -33,7 +36,8 @@ HARD_BOUNCE_CODES = frozenset({550, 551, 553, 554})
 
 
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]+")
-_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]*")
+_NOT_IN_A_MAILBOX = re.compile(r'[\s<>"]')
+"""What aiosmtplib refuses in an address: it would break the MAIL or RCPT line."""
 LINE_LIMIT = 900
 """Fold header lines longer than this (RFC 5322 allows 998 characters)."""
 
@@ -42,8 +46,10 @@ def _header(name: str, value: str) -> bytes:
     """One header line. Control characters become spaces (no header injection). Printable
     ASCII goes as is, folded at spaces when long (so URLs in List-Unsubscribe stay
     intact); anything else, or what looks like an encoded word, is RFC 2047 encoded."""
-    value = _UNSAFE.sub(" ", value).strip()
-    if not _PRINTABLE_ASCII.fullmatch(value) or "=?" in value:
+    if not _printable_ascii(value):
+        value = _UNSAFE.sub(" ", value)
+    value = value.strip()
+    if not _printable_ascii(value) or "=?" in value:
         value = Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
     elif len(name) + len(value) > LINE_LIMIT:
         lines = [f"{name}:"]
@@ -53,6 +59,17 @@ def _header(name: str, value: str) -> bytes:
             lines[-1] += f" {word}"
         return ("\r\n".join(lines) + "\r\n").encode()
     return f"{name}: {value}\r\n".encode()
+
+
+def _printable_ascii(value: str) -> bool:
+    """Characters 0x20 to 0x7e only (faster than a regular expression over a long URL)."""
+    return value.isascii() and value.isprintable()
+
+
+@functools.lru_cache(maxsize=1)
+def _date_header(second: int) -> bytes:
+    """The Date header changes once a second, not with every message."""
+    return _header("Date", formatdate(second, usegmt=True))
 
 
 @functools.lru_cache(maxsize=16)
@@ -75,13 +92,14 @@ def build_message(settings: NotifierSettings, outbound: Outbound) -> tuple[bytes
     through the ``email`` package, whose generator folds every header and compiles a
     regular expression per boundary (most of a send's CPU time). The boundary starts with
     ``=_``, which base64 never produces, so it cannot occur in a part."""
-    message_id = f"<{uuid.uuid4().hex}@{settings.email_domain}>"
-    boundary = f"=_{uuid.uuid4().hex}"
+    unique = uuid.uuid4().hex
+    message_id = f"<{unique}@{settings.email_domain}>"
+    boundary = f"=_{unique}"
     lines = [
         _from_header(settings.email_from),
         _header("To", outbound.to),
         _header("Subject", outbound.rendered.subject),
-        _header("Date", formatdate(localtime=False, usegmt=True)),
+        _date_header(int(time.time())),
         _header("Message-ID", message_id),
         _header("X-Nudge-Idempotency-Key", outbound.idempotency_key),
         *(_header(name, value) for name, value in outbound.headers.items()),
@@ -180,6 +198,7 @@ class SmtpEmailProvider:
         self.settings = settings
         self.pool = SmtpPool(settings)
         self.sender = parseaddr(settings.email_from)[1]
+        self.mail_from = b"FROM:" + quote_address(self.sender).encode("ascii")
 
     async def send(self, message: Outbound) -> str:
         """Hand the message to the SMTP server; returns its Message-ID.
@@ -198,8 +217,7 @@ class SmtpEmailProvider:
         reuse = False
         try:
             try:
-                await client.mail(self.sender)
-                await client.rcpt(message.to)
+                await self._envelope(client, message.to)
             except aiosmtplib.SMTPResponseException as error:
                 raise _refusal(error) from error
             except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as error:
@@ -216,6 +234,26 @@ class SmtpEmailProvider:
         finally:
             await self.pool.release(client, reuse=reuse)
         return message_id
+
+    async def _envelope(self, client: aiosmtplib.SMTP, to: str) -> None:
+        """MAIL and RCPT as ``client.mail`` and ``client.rcpt`` send them, with the
+        same errors, but without parsing both addresses again for every message: the
+        sender is quoted once, and the recipient was checked and normalised before."""
+        if client.is_ehlo_or_helo_needed:
+            try:
+                await client.ehlo()
+            except aiosmtplib.SMTPHeloError:
+                if not client.is_connected:
+                    raise
+                await client.helo()
+        response = await client.execute_command(b"MAIL", self.mail_from)
+        if response.code != SMTPStatus.completed:
+            raise aiosmtplib.SMTPSenderRefused(response.code, response.message, self.sender)
+        if _NOT_IN_A_MAILBOX.search(to):
+            raise ValueError(f"{to!r} cannot be sent to: not a plain SMTP mailbox")
+        response = await client.execute_command(b"RCPT", b"TO:<" + to.encode("ascii") + b">")
+        if response.code not in (SMTPStatus.completed, SMTPStatus.will_forward):
+            raise aiosmtplib.SMTPRecipientRefused(response.code, response.message, to)
 
     async def close(self) -> None:
         await self.pool.close()
