@@ -14,7 +14,7 @@ from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from nudge_common.db import array_rows, processed_messages_table
+from nudge_common.db import array_rows, array_rows_of, processed_messages_table
 from nudge_common.events import Channel, ConsentStatus, DeliveryStatus
 from nudge_notifier.domain.hygiene import Health
 from nudge_notifier.domain.templates import Template
@@ -227,37 +227,40 @@ class Claim:
     recipient: str
 
 
+_LEDGER_ROWS: list[tuple[str, sa.types.TypeEngine[Any]]] = [
+    ("k", sa.Text()),
+    ("w", sa.Text()),
+    ("ch", sa.Text()),
+    ("c", UUID(as_uuid=True)),
+]
+_claim_rows = array_rows_of([*_LEDGER_ROWS, ("r", sa.Text())])
+_claim_insert = pg_insert(deliveries).from_select(
+    ["idempotency_key", "workspace_id", "channel", "contact_id", "recipient", "status"],
+    sa.select(*_claim_rows.c, sa.literal(SENDING, sa.Text)),
+)
+_CLAIM = _claim_insert.on_conflict_do_update(
+    index_elements=[deliveries.c.idempotency_key],
+    set_={"status": SENDING, "attempts": deliveries.c.attempts + 1, "updated_at": sa.func.now()},
+    where=deliveries.c.status == RETRY,
+).returning(deliveries.c.idempotency_key, deliveries.c.attempts)
+"""The batch's statements are built once, here, and executed with one list per column:
+built per call, SQLAlchemy constructed and keyed them again for every batch."""
+
+
 async def claim_many(session: AsyncSession, claims: list[Claim]) -> dict[str, int]:
     """Take the keys for sending: a new key, or one whose last attempt failed in a way
     that is safe to retry (status ``retry``). Returns the keys taken with their attempt
     count. The keys must be distinct. Commit before sending."""
     if not claims:
         return {}
-    given = array_rows(
-        [
-            ("k", sa.Text(), [c.idempotency_key for c in claims]),
-            ("w", sa.Text(), [c.workspace_id for c in claims]),
-            ("ch", sa.Text(), [c.channel for c in claims]),
-            ("c", UUID(as_uuid=True), [c.contact_id for c in claims]),
-            ("r", sa.Text(), [c.recipient for c in claims]),
-        ]
-    )
-    statement = pg_insert(deliveries).from_select(
-        ["idempotency_key", "workspace_id", "channel", "contact_id", "recipient", "status"],
-        sa.select(
-            given.c.k, given.c.w, given.c.ch, given.c.c, given.c.r, sa.literal(SENDING, sa.Text)
-        ),
-    )
-    returning = statement.on_conflict_do_update(
-        index_elements=[deliveries.c.idempotency_key],
-        set_={
-            "status": SENDING,
-            "attempts": deliveries.c.attempts + 1,
-            "updated_at": sa.func.now(),
-        },
-        where=deliveries.c.status == RETRY,
-    ).returning(deliveries.c.idempotency_key, deliveries.c.attempts)
-    return {row.idempotency_key: row.attempts for row in await session.execute(returning)}
+    columns = {
+        "k": [c.idempotency_key for c in claims],
+        "w": [c.workspace_id for c in claims],
+        "ch": [c.channel for c in claims],
+        "c": [c.contact_id for c in claims],
+        "r": [c.recipient for c in claims],
+    }
+    return {row.idempotency_key: row.attempts for row in await session.execute(_CLAIM, columns)}
 
 
 @dataclass(frozen=True)
@@ -269,35 +272,30 @@ class Skipped:
     reason: str
 
 
+_skipped_rows = array_rows_of([*_LEDGER_ROWS, ("r", sa.Text())])
+_RECORD_SKIPPED = (
+    pg_insert(deliveries)
+    .from_select(
+        ["idempotency_key", "workspace_id", "channel", "contact_id", "reason", "status"],
+        sa.select(*_skipped_rows.c, sa.literal("skipped", sa.Text)),
+    )
+    .on_conflict_do_nothing()
+)
+
+
 async def record_skipped_many(session: AsyncSession, skipped: list[Skipped]) -> None:
     """Record requests that must not be sent, with the reason (a key recorded before
     keeps its first record)."""
     if not skipped:
         return
-    given = array_rows(
-        [
-            ("k", sa.Text(), [s.idempotency_key for s in skipped]),
-            ("w", sa.Text(), [s.workspace_id for s in skipped]),
-            ("ch", sa.Text(), [s.channel for s in skipped]),
-            ("c", UUID(as_uuid=True), [s.contact_id for s in skipped]),
-            ("r", sa.Text(), [s.reason for s in skipped]),
-        ]
-    )
-    await session.execute(
-        pg_insert(deliveries)
-        .from_select(
-            ["idempotency_key", "workspace_id", "channel", "contact_id", "reason", "status"],
-            sa.select(
-                given.c.k,
-                given.c.w,
-                given.c.ch,
-                given.c.c,
-                given.c.r,
-                sa.literal("skipped", sa.Text),
-            ),
-        )
-        .on_conflict_do_nothing()
-    )
+    columns = {
+        "k": [s.idempotency_key for s in skipped],
+        "w": [s.workspace_id for s in skipped],
+        "ch": [s.channel for s in skipped],
+        "c": [s.contact_id for s in skipped],
+        "r": [s.reason for s in skipped],
+    }
+    await session.execute(_RECORD_SKIPPED, columns)
 
 
 @dataclass(frozen=True)
@@ -308,27 +306,31 @@ class Outcome:
     reason: str | None = None
 
 
+_outcome_rows = array_rows_of(
+    [("k", sa.Text()), ("s", sa.Text()), ("m", sa.Text()), ("r", sa.Text())]
+)
+_RECORD_OUTCOMES = (
+    sa.update(deliveries)
+    .where(deliveries.c.idempotency_key == _outcome_rows.c.k)
+    .values(
+        status=_outcome_rows.c.s,
+        provider_message_id=_outcome_rows.c.m,
+        reason=_outcome_rows.c.r,
+        updated_at=sa.func.now(),
+    )
+)
+
+
 async def record_outcomes(session: AsyncSession, outcomes: list[Outcome]) -> None:
     if not outcomes:
         return
-    given = array_rows(
-        [
-            ("k", sa.Text(), [o.idempotency_key for o in outcomes]),
-            ("s", sa.Text(), [o.status for o in outcomes]),
-            ("m", sa.Text(), [o.provider_message_id for o in outcomes]),
-            ("r", sa.Text(), [o.reason for o in outcomes]),
-        ]
-    )
-    await session.execute(
-        sa.update(deliveries)
-        .where(deliveries.c.idempotency_key == given.c.k)
-        .values(
-            status=given.c.s,
-            provider_message_id=given.c.m,
-            reason=given.c.r,
-            updated_at=sa.func.now(),
-        )
-    )
+    columns = {
+        "k": [o.idempotency_key for o in outcomes],
+        "s": [o.status for o in outcomes],
+        "m": [o.provider_message_id for o in outcomes],
+        "r": [o.reason for o in outcomes],
+    }
+    await session.execute(_RECORD_OUTCOMES, columns)
 
 
 async def find_delivery(
@@ -376,6 +378,27 @@ async def recipients(
 # --- consent and suppression ---------------------------------------------------------------
 
 
+_policy_rows = array_rows_of([("ch", sa.Text()), ("a", sa.Text())])
+_SUPPRESSED = sa.select(suppressions.c.channel, suppressions.c.address, suppressions.c.reason).join(
+    _policy_rows,
+    sa.and_(
+        suppressions.c.workspace_id == sa.bindparam("w", type_=sa.Text()),
+        suppressions.c.channel == _policy_rows.c.ch,
+        suppressions.c.address == _policy_rows.c.a,
+    ),
+)
+_CONSENTS = sa.select(
+    consents.c.channel, consents.c.address, consents.c.topic, consents.c.status
+).join(
+    _policy_rows,
+    sa.and_(
+        consents.c.workspace_id == sa.bindparam("w", type_=sa.Text()),
+        consents.c.channel == _policy_rows.c.ch,
+        consents.c.address == _policy_rows.c.a,
+    ),
+)
+
+
 async def sending_policy(
     session: AsyncSession, *, workspace_id: str, pairs: set[tuple[Channel, str]]
 ) -> tuple[dict[tuple[str, str], str], dict[tuple[str, str], dict[str, ConsentStatus]]]:
@@ -383,34 +406,16 @@ async def sending_policy(
     if not pairs:
         return {}, {}
     ordered = list(pairs)
-    given = array_rows(
-        [
-            ("ch", sa.Text(), [channel for channel, _ in ordered]),
-            ("a", sa.Text(), [address for _, address in ordered]),
-        ]
-    )
-    s = suppressions.c
-    suppressed = {
-        (row.channel, row.address): row.reason
-        for row in await session.execute(
-            sa.select(s.channel, s.address, s.reason).join(
-                given,
-                sa.and_(
-                    s.workspace_id == workspace_id, s.channel == given.c.ch, s.address == given.c.a
-                ),
-            )
-        )
+    given = {
+        "w": workspace_id,
+        "ch": [channel for channel, _ in ordered],
+        "a": [address for _, address in ordered],
     }
-    c = consents.c
+    suppressed = {
+        (row.channel, row.address): row.reason for row in await session.execute(_SUPPRESSED, given)
+    }
     found: dict[tuple[str, str], dict[str, ConsentStatus]] = {}
-    for row in await session.execute(
-        sa.select(c.channel, c.address, c.topic, c.status).join(
-            given,
-            sa.and_(
-                c.workspace_id == workspace_id, c.channel == given.c.ch, c.address == given.c.a
-            ),
-        )
-    ):
+    for row in await session.execute(_CONSENTS, given):
         found.setdefault((row.channel, row.address), {})[row.topic] = row.status
     return suppressed, found
 
@@ -522,8 +527,54 @@ class SentTo:
     user_id: str | None
 
 
-def _days(days: int) -> Any:
-    return sa.func.make_interval(0, 0, 0, sa.cast(days, sa.Integer))
+_sent_rows = array_rows_of(
+    [
+        ("w", sa.Text()),
+        ("ch", sa.Text()),
+        ("a", sa.Text()),
+        ("c", UUID(as_uuid=True)),
+        ("u", sa.Text()),
+        ("n", sa.Integer()),
+    ]
+)
+_MIN_SENDS = sa.bindparam("min_sends", type_=sa.Integer())
+_SILENCE = sa.func.make_interval(0, 0, 0, sa.bindparam("unengaged_days", type_=sa.Integer()))
+_sends_insert = pg_insert(address_health).from_select(
+    [
+        "workspace_id",
+        "channel",
+        "address",
+        "contact_id",
+        "user_id",
+        "sends_since_engaged",
+        "first_sent_at",
+        "silence_due_at",
+    ],
+    sa.select(
+        *_sent_rows.c,
+        sa.func.now(),
+        sa.case((_sent_rows.c.n >= _MIN_SENDS, sa.func.now() + _SILENCE)),
+    ),
+)
+_h = address_health.c
+_sends = _h.sends_since_engaged + _sends_insert.excluded.sends_since_engaged
+_NOTE_SENDS = _sends_insert.on_conflict_do_update(
+    index_elements=[_h.workspace_id, _h.channel, _h.address],
+    set_={
+        "sends_since_engaged": _sends,
+        "soft_bounces_in_a_row": 0,
+        "first_sent_at": sa.func.coalesce(_h.first_sent_at, sa.func.now()),
+        "contact_id": _sends_insert.excluded.contact_id,
+        "user_id": sa.func.coalesce(_sends_insert.excluded.user_id, _h.user_id),
+        "silence_due_at": sa.case(
+            (
+                sa.and_(_h.sunset_at.is_(None), _h.silence_due_at.is_(None), _sends >= _MIN_SENDS),
+                sa.func.coalesce(_h.last_engaged_at, _h.first_sent_at, sa.func.now()) + _SILENCE,
+            ),
+            else_=_h.silence_due_at,
+        ),
+    },
+)
 
 
 async def note_sends(
@@ -542,63 +593,17 @@ async def note_sends(
         counts[key] = counts.get(key, 0) + 1
         last[key] = s
     keys = sorted(counts)
-    given = array_rows(
-        [
-            ("w", sa.Text(), [w for w, _, _ in keys]),
-            ("ch", sa.Text(), [ch for _, ch, _ in keys]),
-            ("a", sa.Text(), [a for _, _, a in keys]),
-            ("c", UUID(as_uuid=True), [last[k].contact_id for k in keys]),
-            ("u", sa.Text(), [last[k].user_id for k in keys]),
-            ("n", sa.Integer(), [counts[k] for k in keys]),
-        ]
-    )
-    h = address_health.c
-    minimum = sa.cast(min_sends, sa.Integer)
-    statement = pg_insert(address_health).from_select(
-        [
-            "workspace_id",
-            "channel",
-            "address",
-            "contact_id",
-            "user_id",
-            "sends_since_engaged",
-            "first_sent_at",
-            "silence_due_at",
-        ],
-        sa.select(
-            given.c.w,
-            given.c.ch,
-            given.c.a,
-            given.c.c,
-            given.c.u,
-            given.c.n,
-            sa.func.now(),
-            sa.case((given.c.n >= minimum, sa.func.now() + _days(unengaged_days))),
-        ),
-    )
-    sends = h.sends_since_engaged + statement.excluded.sends_since_engaged
-    since = sa.func.coalesce(h.last_engaged_at, h.first_sent_at, sa.func.now())
-    await session.execute(
-        statement.on_conflict_do_update(
-            index_elements=[h.workspace_id, h.channel, h.address],
-            set_={
-                "sends_since_engaged": sends,
-                "soft_bounces_in_a_row": 0,
-                "first_sent_at": sa.func.coalesce(h.first_sent_at, sa.func.now()),
-                "contact_id": statement.excluded.contact_id,
-                "user_id": sa.func.coalesce(statement.excluded.user_id, h.user_id),
-                "silence_due_at": sa.case(
-                    (
-                        sa.and_(
-                            h.sunset_at.is_(None), h.silence_due_at.is_(None), sends >= minimum
-                        ),
-                        since + _days(unengaged_days),
-                    ),
-                    else_=h.silence_due_at,
-                ),
-            },
-        )
-    )
+    columns = {
+        "w": [w for w, _, _ in keys],
+        "ch": [ch for _, ch, _ in keys],
+        "a": [a for _, _, a in keys],
+        "c": [last[k].contact_id for k in keys],
+        "u": [last[k].user_id for k in keys],
+        "n": [counts[k] for k in keys],
+        "min_sends": min_sends,
+        "unengaged_days": unengaged_days,
+    }
+    await session.execute(_NOTE_SENDS, columns)
 
 
 async def note_hygiene(
