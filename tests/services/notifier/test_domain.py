@@ -7,7 +7,14 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from nudge_common.events import (
+    ContactSnapshot,
+    DeliveryReported,
+    DeliveryStatus,
+    NotificationRequested,
+)
 from nudge_common.tracking import InvalidToken, sign, verify
+from nudge_notifier.consumer import report_payload
 from nudge_notifier.domain.bounces import NotADsn, parse_dsn
 from nudge_notifier.domain.complaints import NotAnArf, parse_arf
 from nudge_notifier.domain.consent import decide, sms_keyword
@@ -187,3 +194,38 @@ def test_the_silence_rule_falls_due_after_the_sends_and_the_days() -> None:
     assert due(Health(0, 5, None, sent)) == sent + timedelta(days=180)
     assert due(Health(0, 5, engaged, sent)) == engaged + timedelta(days=180)
     assert due(Health(2, 9, None, None)) is None
+
+
+@pytest.mark.parametrize(
+    ("status", "recipient", "message_id", "reason"),
+    [
+        ("sent", "ada@example.com", "<abc@nudge.localhost>", None),
+        ("skipped", None, None, "no email address"),
+        ("failed", "+33612345678", None, "550 no such user"),
+    ],
+)
+def test_a_delivery_report_written_directly_is_the_models(
+    status: DeliveryStatus, recipient: str | None, message_id: str | None, reason: str | None
+) -> None:
+    contact = ContactSnapshot(contact_id=uuid.uuid4(), user_id="u-1", traits={"name": "Ada"})
+    request = NotificationRequested(
+        idempotency_key="run:0", channel="email", template_id=uuid.uuid4(), contact=contact
+    )
+    payload = report_payload(
+        request,
+        status,
+        contact_id=str(contact.contact_id),
+        recipient=recipient,
+        message_id=message_id,
+        reason=reason,
+    )
+    model = DeliveryReported(
+        idempotency_key="run:0",
+        channel="email",
+        status=status,
+        contact_id=contact.contact_id,
+        recipient=recipient,
+        provider_message_id=message_id,
+        reason=reason,
+    ).model_dump(mode="json", by_alias=True)
+    assert list(payload.items()) == list(model.items())
