@@ -23,16 +23,15 @@ class EngagementHandler(BatchFirstHandler):
     it was sent to (looked up in the ledger by its idempotency key). Every other report
     on the topic (the notifier's own) is passed over."""
 
+    message_types = frozenset({DELIVERY_REPORTED.name})  # not consent.changed
+
     async def handle_batch(
         self, session: AsyncSession, envelopes: Sequence[Envelope]
     ) -> Sequence[OutgoingMessage]:
         wanted = []
         for envelope in envelopes:
             # a look at the status before validating: most reports are not engagement
-            if (
-                envelope.type != DELIVERY_REPORTED.name
-                or envelope.payload.get("status") not in ENGAGEMENT
-            ):
+            if envelope.payload.get("status") not in ENGAGEMENT:
                 continue
             report = DELIVERY_REPORTED.parse(envelope)
             if report.detail.get("bot") is True:
