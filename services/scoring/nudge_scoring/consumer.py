@@ -416,14 +416,15 @@ async def load_rulebook(session: AsyncSession, *, workspace_id: str) -> Rulebook
 
 class RulebookCache:
     """Each workspace's rulebook, kept between batches and checked against the workspace's
-    rules version (one small query per workspace per batch): a rule or model changed
-    through the API, by any process, is seen by the next batch."""
+    rules version (``store.batch_settings``: one small query per workspace per batch): a
+    rule or model changed through the API, by any process, is seen by the next batch."""
 
     def __init__(self) -> None:
         self._books: dict[str, tuple[tuple[Any, ...], Rulebook]] = {}
 
-    async def get(self, session: AsyncSession, workspace_id: str) -> Rulebook:
-        version = await store.rules_version(session, workspace_id=workspace_id)
+    async def get(
+        self, session: AsyncSession, workspace_id: str, version: tuple[Any, ...]
+    ) -> Rulebook:
         cached = self._books.get(workspace_id)
         if cached is not None and cached[0] == version:
             return cached[1]
@@ -477,10 +478,11 @@ class ScoringHandler(BatchFirstHandler):
         # the consumer runner sees it is transient and retries the batch.
         messages: list[OutgoingMessage] = []
         for workspace_id, items in by_workspace.items():
+            version, merge_on_email = await store.batch_settings(session, workspace_id=workspace_id)
             batch = WorkspaceBatch(
                 workspace_id,
-                book=await self.rulebooks.get(session, workspace_id),
-                merge_on_email=await store.merge_on_email(session, workspace_id=workspace_id),
+                book=await self.rulebooks.get(session, workspace_id, version),
+                merge_on_email=merge_on_email,
             )
             messages.extend(await batch.apply(session, items))
             messages.extend(await batch.adjust(session, adjustments.get(workspace_id, [])))
@@ -544,10 +546,10 @@ class WorkspaceBatch:
             await store.create_contacts(
                 session, workspace_id=self.workspace_id, rows=list(creates.values())
             )
-            await store.claim_identities_many(
+            claimed = await store.claim_identities_many(
                 session, workspace_id=self.workspace_id, claims=claims
             )
-            if claims:
+            if len(claimed) < len(claims):  # somebody holds some: are they ours?
                 owned = await store.identities_in(
                     session, workspace_id=self.workspace_id, keys=claims
                 )

@@ -442,16 +442,6 @@ async def set_first_touch(
     )
 
 
-async def merge_on_email(session: AsyncSession, *, workspace_id: str) -> bool:
-    value = await session.scalar(_MERGE_ON_EMAIL, {"workspace_id": workspace_id})
-    return bool(value)
-
-
-_MERGE_ON_EMAIL = sa.select(workspace_settings.c.merge_on_email).where(
-    workspace_settings.c.workspace_id == sa.bindparam("workspace_id")
-)
-
-
 async def put_workspace_settings(
     session: AsyncSession, *, workspace_id: str, merge_on_email: bool
 ) -> None:
@@ -799,9 +789,14 @@ async def delete_rule(session: AsyncSession, *, workspace_id: str, rule_id: uuid
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-async def rules_version(session: AsyncSession, *, workspace_id: str) -> tuple[Any, ...]:
-    """Changes whenever a rule or model of the workspace is created, changed or deleted."""
-    return tuple((await session.execute(_RULES_VERSION, {"workspace_id": workspace_id})).one())
+async def batch_settings(
+    session: AsyncSession, *, workspace_id: str
+) -> tuple[tuple[Any, ...], bool]:
+    """What a batch of the workspace's events needs to know first, in one statement: the
+    rules version (it changes whenever a rule or model of the workspace is created, changed
+    or deleted) and the ``merge_on_email`` setting."""
+    *version, merge = (await session.execute(_BATCH_SETTINGS, {"workspace_id": workspace_id})).one()
+    return tuple(version), bool(merge)
 
 
 _RULE_STATS = (
@@ -814,9 +809,13 @@ _MODEL_STATS = (
     .where(models.c.workspace_id == sa.bindparam("workspace_id"))
     .subquery()
 )
-_RULES_VERSION = sa.select(_RULE_STATS, _MODEL_STATS).join_from(
-    _RULE_STATS, _MODEL_STATS, sa.true()
-)
+_BATCH_SETTINGS = sa.select(
+    _RULE_STATS,
+    _MODEL_STATS,
+    sa.select(workspace_settings.c.merge_on_email)
+    .where(workspace_settings.c.workspace_id == sa.bindparam("workspace_id"))
+    .scalar_subquery(),
+).join_from(_RULE_STATS, _MODEL_STATS, sa.true())
 
 
 # --- scores, spending, stages, tags --------------------------------------------------------
@@ -1207,13 +1206,13 @@ _CREATE_CONTACTS = insert_arrays(
 
 async def claim_identities_many(
     session: AsyncSession, *, workspace_id: str, claims: dict[tuple[str, str], uuid.UUID]
-) -> None:
+) -> set[tuple[str, str]]:
     """``claim_identities`` for keys of several contacts: each unclaimed key points at its
-    contact; keys somebody holds keep their owner."""
+    contact; keys somebody holds keep their owner. Returns the keys claimed."""
     if not claims:
-        return
+        return set()
     ordered = sorted(claims.items())
-    await session.execute(
+    claimed = await session.execute(
         _CLAIM_IDENTITIES,
         {
             "workspace_id": [workspace_id] * len(ordered),
@@ -1222,11 +1221,14 @@ async def claim_identities_many(
             "contact_id": [owner for _, owner in ordered],
         },
     )
+    return {(kind, value) for kind, value in claimed}
 
 
-_CLAIM_IDENTITIES = insert_arrays(
-    identities, ["workspace_id", "kind", "value", "contact_id"]
-).on_conflict_do_nothing()
+_CLAIM_IDENTITIES = (
+    insert_arrays(identities, ["workspace_id", "kind", "value", "contact_id"])
+    .on_conflict_do_nothing()
+    .returning(identities.c.kind, identities.c.value)
+)
 
 
 async def lock_states(
@@ -1255,17 +1257,20 @@ async def lock_states(
         )
         for row in rows
     }
-    for row in await session.execute(_STATE_SCORES, given):
-        states[row.contact_id].scores[row.model] = row.points
-    for row in await session.execute(_STATE_STAGES, given):
-        states[row.contact_id].stages[row.model] = row.stage
-    for tag in await session.execute(_STATE_TAGS, given):
-        states[tag.contact_id].tag_scores[tag.tag] = tag.assignments
-        if tag.active:
-            states[tag.contact_id].active_tags.add(tag.tag)
-    if with_spent:
-        for row in await session.execute(_STATE_SPENT, given):
-            states[row.contact_id].spent[(row.rule_id, row.period)] = row.points
+    for contact_id, kind, name, stage, rule_id, points, active in await session.execute(
+        _STATE_ROWS_WITH_SPENT if with_spent else _STATE_ROWS, given
+    ):
+        state = states[contact_id]
+        if kind == "score":
+            state.scores[name] = points
+        elif kind == "stage":
+            state.stages[name] = stage
+        elif kind == "tag":
+            state.tag_scores[name] = points
+            if active:
+                state.active_tags.add(name)
+        else:
+            state.spent[(rule_id, name)] = points
     return states
 
 
@@ -1286,16 +1291,47 @@ _LOCK_CONTACTS = (
     .order_by(contacts.c.id)
     .with_for_update(of=contacts)
 )
-_STATE_SCORES = sa.select(scores.c.contact_id, scores.c.model, scores.c.points).join(
-    _IDS, scores.c.contact_id == _IDS.c.id
+
+
+def _state_rows(
+    kind: str,
+    table: sa.Table,
+    name: sa.ColumnElement[str],
+    *,
+    stage: sa.ColumnElement[Any] | None = None,
+    rule_id: sa.ColumnElement[Any] | None = None,
+    points: sa.ColumnElement[Any] | None = None,
+    active: sa.ColumnElement[Any] | None = None,
+) -> sa.Select[Any]:
+    """One table's part of what ``lock_states`` reads, as rows (contact, kind, name, stage,
+    rule, points, active) of one shape, so every table is read with one statement."""
+    return sa.select(
+        table.c.contact_id,
+        sa.literal(kind, sa.Text),
+        name,
+        sa.cast(sa.null(), sa.Text) if stage is None else stage,
+        sa.cast(sa.null(), UUID(as_uuid=True)) if rule_id is None else rule_id,
+        sa.cast(sa.null(), sa.Integer) if points is None else points,
+        sa.cast(sa.null(), sa.Boolean) if active is None else active,
+    ).join(_IDS, table.c.contact_id == _IDS.c.id)
+
+
+_STATE_PARTS = [
+    _state_rows("score", scores, scores.c.model, points=scores.c.points),
+    _state_rows("stage", stages, stages.c.model, stage=stages.c.stage),
+    _state_rows("tag", tags, tags.c.tag, points=tags.c.assignments, active=tags.c.active),
+]
+_STATE_ROWS = sa.union_all(*_STATE_PARTS)
+_STATE_ROWS_WITH_SPENT = sa.union_all(
+    *_STATE_PARTS,
+    _state_rows(
+        "spent",
+        rule_spending,
+        rule_spending.c.period,
+        rule_id=rule_spending.c.rule_id,
+        points=rule_spending.c.points,
+    ),
 )
-_STATE_STAGES = sa.select(stages.c.contact_id, stages.c.model, stages.c.stage).join(
-    _IDS, stages.c.contact_id == _IDS.c.id
-)
-_STATE_TAGS = sa.select(tags.c.contact_id, tags.c.tag, tags.c.assignments, tags.c.active).join(
-    _IDS, tags.c.contact_id == _IDS.c.id
-)
-_STATE_SPENT = sa.select(rule_spending).join(_IDS, rule_spending.c.contact_id == _IDS.c.id)
 
 
 async def claim_event_ids(
