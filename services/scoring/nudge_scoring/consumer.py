@@ -599,10 +599,7 @@ class WorkspaceBatch:
                 self.apply_one(writes, states[pending.contact_id], pending)
             messages.extend(pending.out.messages)
         await store.write_batch(session, writes)
-        for kind, count in Counter(row["type"] for row in writes.events).items():
-            metrics.EVENTS_STORED.labels(kind).inc(count)
-        for model, count in Counter(row["model"] for row in writes.score_changes).items():
-            metrics.SCORE_CHANGES.labels(model).inc(count)
+        count_writes(writes)
         return messages
 
     async def adjust(
@@ -651,12 +648,12 @@ class WorkspaceBatch:
             )
             before = dict(contact.scores)
             contact.scores[model] = contact.scores.get(model, 0) + points
-            metrics.SCORE_CHANGES.labels(model).inc()
             changed = self.move_stages(writes, contact, out, before, at=adjustment.at)
             if changed:
                 out.updated_state(contact, changed, key)
             messages.extend(out.messages)
         await store.write_batch(session, writes)
+        count_writes(writes)
         return messages
 
     def apply_one(
@@ -701,11 +698,10 @@ class WorkspaceBatch:
             if contact.tag(add, remove) and "tags" not in changed:
                 changed.append("tags")
 
-        state = ScoringState(
-            spent=contact.spent,
-            held={rule: p for (rule, period), p in contact.spent.items() if period == "held"},
-            orders_before=contact.orders_count,
-        )
+        state = ScoringState(spent=contact.spent, orders_before=contact.orders_count)
+        if new_traits:  # profile rules are scored: what each holds
+            spent = contact.spent.items()
+            state.held = {rule: points for (rule, period), points in spent if period == "held"}
         revenue: float | None = None
         if event.type is SegmentType.TRACK and event.event in TRANSACTION_EVENTS:
             value = order_value(event.properties) or 0.0
@@ -784,9 +780,19 @@ class WorkspaceBatch:
                     "at": at,
                 }
             )
-            metrics.STAGE_CHANGES.labels(model, stage).inc()
             out.stage_changed(contact.id, model, previous, stage, score, at)
         return changed
+
+
+def count_writes(writes: store.BatchWrites) -> None:
+    """The metrics of what a batch wrote: events stored, score changes, stage changes."""
+    for kind, count in Counter(row["type"] for row in writes.events).items():
+        metrics.EVENTS_STORED.labels(kind).inc(count)
+    for model, count in Counter(row["model"] for row in writes.score_changes).items():
+        metrics.SCORE_CHANGES.labels(model).inc(count)
+    stage_changes = Counter((row["model"], row["to_stage"]) for row in writes.stage_history)
+    for (model, stage), count in stage_changes.items():
+        metrics.STAGE_CHANGES.labels(model, stage).inc(count)
 
 
 async def after_points(
