@@ -1208,37 +1208,30 @@ _CONTACTS = _COPY.where(
 
 async def upsert_contacts(session: AsyncSession, copies: Sequence[ContactCopy]) -> None:
     """Each copy's traits and scores replace the stored ones; its ``tags`` and ``stages``
-    too, unless None (not announced: the stored ones are kept). One statement for all."""
-    if not copies:
-        return
-    await session.execute(
-        _UPSERT_CONTACT,
-        [
-            {
-                "contact_id": copy.contact_id,
-                "workspace_id": copy.workspace_id,
-                "user_id": copy.user_id,
-                "traits": copy.traits,
-                "scores": copy.scores,
-                "tags_given": copy.tags,
-                "stages_given": copy.stages,
-            }
-            for copy in copies
-        ],
-    )
+    too, unless None (not announced: the stored ones are kept). One statement for the
+    copies that announce the same of the two (each contact at most once)."""
+    groups: dict[tuple[bool, bool], list[ContactCopy]] = {}
+    for copy in copies:
+        groups.setdefault((copy.tags is not None, copy.stages is not None), []).append(copy)
+    for (tags, stages), group in groups.items():
+        columns: dict[str, list[Any]] = {
+            "contact_id": [copy.contact_id for copy in group],
+            "workspace_id": [copy.workspace_id for copy in group],
+            "user_id": [copy.user_id for copy in group],
+            "traits": [copy.traits for copy in group],
+            "scores": [copy.scores for copy in group],
+        }
+        if tags:
+            columns["tags"] = [copy.tags for copy in group]
+        if stages:
+            columns["stages"] = [copy.stages for copy in group]
+        await session.execute(_UPSERT_CONTACTS[tags, stages], columns)
 
 
-def _upsert_contact() -> sa.Insert:
-    tags_given = sa.bindparam("tags_given", type_=JSONB)
-    stages_given = sa.bindparam("stages_given", type_=JSONB)
-    statement = pg_insert(contacts).values(
-        contact_id=sa.bindparam("contact_id"),
-        workspace_id=sa.bindparam("workspace_id"),
-        user_id=sa.bindparam("user_id"),
-        traits=sa.bindparam("traits", type_=JSONB),
-        scores=sa.bindparam("scores", type_=JSONB),
-        tags=sa.func.coalesce(tags_given, sa.cast({}, JSONB)),
-        stages=sa.func.coalesce(stages_given, sa.cast({}, JSONB)),
+def _upsert_contacts(tags: bool, stages: bool) -> sa.Insert:
+    announced = [name for name, given in (("tags", tags), ("stages", stages)) if given]
+    statement = insert_arrays(
+        contacts, ["contact_id", "workspace_id", "user_id", "traits", "scores", *announced]
     )
     return statement.on_conflict_do_update(
         index_elements=[contacts.c.contact_id],
@@ -1246,14 +1239,17 @@ def _upsert_contact() -> sa.Insert:
             "user_id": sa.func.coalesce(statement.excluded.user_id, contacts.c.user_id),
             "traits": statement.excluded.traits,
             "scores": statement.excluded.scores,
-            "tags": sa.func.coalesce(tags_given, contacts.c.tags),
-            "stages": sa.func.coalesce(stages_given, contacts.c.stages),
+            **{name: statement.excluded[name] for name in announced},
             "updated_at": sa.func.now(),
         },
     )
 
 
-_UPSERT_CONTACT = _upsert_contact()
+_UPSERT_CONTACTS = {
+    (tags, stages): _upsert_contacts(tags, stages)
+    for tags in (False, True)
+    for stages in (False, True)
+}
 
 
 @dataclass(frozen=True)
