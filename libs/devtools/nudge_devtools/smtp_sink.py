@@ -10,6 +10,7 @@ from email import message_from_bytes, policy
 from email.message import EmailMessage
 from typing import Any
 
+import uvloop
 from aiosmtpd.controller import Controller
 
 
@@ -35,7 +36,11 @@ class SmtpSink:
         in the order accepted: what latency measurements compare with their own clock."""
         self._parsed: list[EmailMessage] = []
         self.lock = threading.Lock()
-        self.controller = Controller(_Collect(self), hostname=host, port=port)
+        # uvloop: the sink shares its process (and the GIL) with load generators, and
+        # answers several SMTP commands per message
+        self.controller = Controller(
+            _Collect(self), hostname=host, port=port, loop=uvloop.new_event_loop()
+        )
         self.port = port
 
     def start(self) -> None:
