@@ -285,8 +285,7 @@ class ConsumerRunner:
 
     async def _apply(self, records: list[Record]) -> None:
         decoded, dead_letters, passed_over = decode(records, self.message_types)
-        for topic, count in passed_over.items():
-            metrics.CONSUMER_MESSAGES.labels(self.name, topic, "passed_over").inc(count)
+        self._count(passed_over, "passed_over")
         if isinstance(self.handler, BatchPreparer):
             await self.handler.prepare([item.envelope for item in decoded])
         try:
@@ -327,8 +326,7 @@ class ConsumerRunner:
                 if is_transient(error):
                     raise
                 raise _BatchFailed from error
-            for item in fresh:
-                self._count(item.record, "applied")
+            self._count([item.record for item in fresh], "applied")
             await self._finish(outgoing, dead_letters, duplicates)
 
     async def _apply_one_by_one(
@@ -339,6 +337,7 @@ class ConsumerRunner:
         dead_letters = list(dead_letters)
         async with transaction(self.sessionmaker) as session:
             outgoing: list[OutgoingMessage] = []
+            applied: list[Record] = []
             fresh, duplicates = await self._fresh(session, decoded)
             for item in fresh:
                 try:
@@ -352,7 +351,8 @@ class ConsumerRunner:
                     if not isinstance(error, InvalidMessage | ValidationError):
                         log.exception("handler failed", consumer=self.name)
                 else:
-                    self._count(item.record, "applied")
+                    applied.append(item.record)
+            self._count(applied, "applied")
             await self._finish(outgoing, dead_letters, duplicates)
 
     async def _fresh(
@@ -379,8 +379,7 @@ class ConsumerRunner:
     ) -> None:
         """Publish the outputs and dead letters, inside the batch's transaction: it commits
         only once the broker has them."""
-        for item in duplicates:
-            self._count(item.record, "duplicate")
+        self._count([item.record for item in duplicates], "duplicate")
         self.dead_letter_budget.spend(len(dead_letters))
         await publish(self.producer, self.settings, outgoing)
         await self._publish_dead_letters(dead_letters)
@@ -421,7 +420,7 @@ class ConsumerRunner:
                     topic, value=record.value or b"", key=record.key, headers=headers
                 )
             )
-            self._count(record, "dead_lettered")
+            self._count([record], "dead_lettered")
             metrics.DEAD_LETTERS.labels(self.name, record.topic, dead.error).inc()
             log.warning(
                 "dead-lettered",
@@ -455,8 +454,9 @@ class ConsumerRunner:
                     max(highwater - committed, 0)
                 )
 
-    def _count(self, record: Record, outcome: str) -> None:
-        metrics.CONSUMER_MESSAGES.labels(self.name, record.topic, outcome).inc()
+    def _count(self, records: Sequence[Record], outcome: str) -> None:
+        for topic, count in Counter(record.topic for record in records).items():
+            metrics.CONSUMER_MESSAGES.labels(self.name, topic, outcome).inc(count)
 
     async def _sleep_unless_stopping(self, seconds: float) -> bool:
         """Sleep, waking early on stop; returns whether a stop was requested."""
@@ -469,19 +469,19 @@ class ConsumerRunner:
 
 def decode(
     records: list[Record], message_types: frozenset[str] | None = None
-) -> tuple[list[Decoded], list[DeadLetter], Counter[str]]:
-    """The records' envelopes, the dead letters of those that do not decode, and how many
-    records of each topic were passed over because their type is not in ``message_types``
-    (``None``: every type is read)."""
+) -> tuple[list[Decoded], list[DeadLetter], list[Record]]:
+    """The records' envelopes, the dead letters of those that do not decode, and the records
+    passed over because their type is not in ``message_types`` (``None``: every type is
+    read)."""
     decoded: list[Decoded] = []
     dead_letters: list[DeadLetter] = []
-    passed_over: Counter[str] = Counter()
+    passed_over: list[Record] = []
     wanted = None if message_types is None else {name.encode() for name in message_types}
     for record in records:
         if wanted is not None:
             declared = next((v for k, v in record.headers if k == TYPE_HEADER), None)
             if declared is not None and declared not in wanted:
-                passed_over[record.topic] += 1
+                passed_over.append(record)
                 continue
         if not record.value:
             dead_letters.append(DeadLetter(record, "EmptyValue", "record has no value"))
@@ -492,7 +492,7 @@ def decode(
             dead_letters.append(dead_letter_for(record, error))
             continue
         if message_types is not None and envelope.type not in message_types:
-            passed_over[record.topic] += 1
+            passed_over.append(record)
             continue
         decoded.append(Decoded(record, envelope))
     return decoded, dead_letters, passed_over
