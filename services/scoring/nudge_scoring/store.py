@@ -17,13 +17,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import JSONB, UUID, Insert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from nudge_common.db import (
     array_rows_of,
-    column_lists,
     insert_arrays,
     processed_messages_table,
 )
@@ -1522,15 +1521,59 @@ TYPED_COLUMNS = (
 
 
 async def write_batch(session: AsyncSession, writes: BatchWrites) -> None:
-    """Write what ``writes`` gathered: one statement per table (many rows each)."""
-    if writes.events:
-        await session.execute(_INSERT_EVENTS, column_lists(writes.events))
-    if writes.transactions:
-        await session.execute(_INSERT_TRANSACTIONS, column_lists(writes.transactions))
-    if writes.touches:
-        touched = sorted(writes.touches.values(), key=lambda t: t["cid"])
+    """Write what ``writes`` gathered: every table in one statement (``_WRITE_BATCH``), but
+    the profiles (the contacts' second update) and tag removals (after the tags' upsert)."""
+    touched = sorted(writes.touches.values(), key=lambda t: t["cid"])
+    tagged = sorted(writes.tag_adds.items())
+    scored = sorted(writes.scores.items())
+    spent = sorted(writes.spending.items())
+    staged = sorted(writes.stages.items())
+    timed = sorted(writes.timers.items())
+    claimed = sorted(writes.claims.items())
+    if (
+        writes.events
+        or writes.transactions
+        or touched
+        or tagged
+        or scored
+        or writes.score_changes
+        or spent
+        or staged
+        or timed
+        or claimed
+    ):
         await session.execute(
-            _TOUCH_CONTACTS, {name: [touch[name] for touch in touched] for name in _TOUCH_NAMES}
+            _WRITE_BATCH,
+            {
+                "w_workspace_id": writes.workspace_id,
+                **_arrays("e_", _EVENT_NAMES, writes.events),
+                **_arrays("t_", _TRANSACTION_NAMES, writes.transactions),
+                **_arrays("u_", _TOUCH_NAMES, touched),
+                "i_kind": [kind for (kind, _), _ in claimed],
+                "i_value": [value for (_, value), _ in claimed],
+                "i_contact_id": [owner for _, owner in claimed],
+                "g_contact_id": [contact_id for (contact_id, _), _ in tagged],
+                "g_tag": [tag for (_, tag), _ in tagged],
+                "g_assignments": [count for _, (count, _, _) in tagged],
+                "g_first_assigned_at": [first for _, (_, first, _) in tagged],
+                "g_last_assigned_at": [last for _, (_, _, last) in tagged],
+                "s_contact_id": [contact_id for (contact_id, _), _ in scored],
+                "s_model": [model for (_, model), _ in scored],
+                "s_points": [points for _, points in scored],
+                **_arrays("c_", _SCORE_CHANGE_NAMES, writes.score_changes),
+                "sp_contact_id": [contact_id for (contact_id, _, _), _ in spent],
+                "sp_rule_id": [rule_id for (_, rule_id, _), _ in spent],
+                "sp_period": [period for (_, _, period), _ in spent],
+                "sp_points": [points for _, points in spent],
+                "st_contact_id": [contact_id for (contact_id, _), _ in staged],
+                "st_model": [model for (_, model), _ in staged],
+                "st_stage": [stage for _, (stage, _) in staged],
+                "st_since": [since for _, (_, since) in staged],
+                **_arrays("h_", _STAGE_HISTORY_NAMES, writes.stage_history),
+                "m_contact_id": [contact_id for (contact_id, _), _ in timed],
+                "m_rule_id": [rule_id for (_, rule_id), _ in timed],
+                "m_due_at": [due_at for _, due_at in timed],
+            },
         )
     if writes.profiles:
         await session.execute(
@@ -1545,142 +1588,135 @@ async def write_batch(session: AsyncSession, writes: BatchWrites) -> None:
                 for contact_id, profile in sorted(writes.profiles.items())
             ],
         )
-    if writes.claims:
-        await claim_identities_many(session, workspace_id=writes.workspace_id, claims=writes.claims)
-    await _write_tags(session, writes)
-    await _write_points(session, writes)
-    if writes.stages:
-        staged = sorted(writes.stages.items())
-        await session.execute(
-            _UPSERT_STAGES,
-            {
-                "contact_id": [contact_id for (contact_id, _), _ in staged],
-                "model": [model for (_, model), _ in staged],
-                "workspace_id": [writes.workspace_id] * len(staged),
-                "stage": [stage for _, (stage, _) in staged],
-                "since": [since for _, (_, since) in staged],
-            },
-        )
-        await session.execute(_INSERT_STAGE_HISTORY, column_lists(writes.stage_history))
-    if writes.timers:
-        timed = sorted(writes.timers.items())
-        await session.execute(
-            _UPSERT_TIMERS,
-            {
-                "contact_id": [contact_id for (contact_id, _), _ in timed],
-                "rule_id": [rule_id for (_, rule_id), _ in timed],
-                "workspace_id": [writes.workspace_id] * len(timed),
-                "due_at": [due_at for _, due_at in timed],
-            },
-        )
-
-
-async def _write_tags(session: AsyncSession, writes: BatchWrites) -> None:
-    if writes.tag_adds:
-        await session.execute(
-            _ADD_TAGS,
-            [
-                {
-                    "contact_id": contact_id,
-                    "tag": tag,
-                    "workspace_id": writes.workspace_id,
-                    "assignments": count,
-                    "active": True,
-                    "first_assigned_at": first,
-                    "last_assigned_at": last,
-                }
-                for (contact_id, tag), (count, first, last) in sorted(writes.tag_adds.items())
-            ],
-        )
     for contact_id, tag in sorted(writes.tag_removals):
         await session.execute(_REMOVE_TAG, {"r_contact": contact_id, "r_tag": tag})
 
 
-async def _write_points(session: AsyncSession, writes: BatchWrites) -> None:
-    if writes.scores:
-        scored = sorted(writes.scores.items())
-        await session.execute(
-            _UPSERT_SCORES,
-            {
-                "contact_id": [contact_id for (contact_id, _), _ in scored],
-                "model": [model for (_, model), _ in scored],
-                "workspace_id": [writes.workspace_id] * len(scored),
-                "points": [points for _, points in scored],
-            },
-        )
-    if writes.score_changes:
-        await session.execute(_INSERT_SCORE_CHANGES, column_lists(writes.score_changes))
-    if writes.spending:
-        spent = sorted(writes.spending.items())
-        await session.execute(
-            _UPSERT_SPENDING,
-            {
-                "contact_id": [contact_id for (contact_id, _, _), _ in spent],
-                "rule_id": [rule_id for (_, rule_id, _), _ in spent],
-                "period": [period for (_, _, period), _ in spent],
-                "points": [points for _, points in spent],
-            },
-        )
+def _arrays(prefix: str, names: Sequence[str], rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Rows (dicts with these keys) as one list per column, named ``<prefix><column>``."""
+    return {prefix + name: [row[name] for row in rows] for name in names}
+
+
+def _written(
+    prefix: str, table: sa.Table, names: Sequence[str], constants: dict[str, Any]
+) -> Insert:
+    """``INSERT INTO table (...) SELECT ... FROM unnest(...)``, a part of ``_WRITE_BATCH``:
+    the columns ``names`` from arrays named ``<prefix><column>`` (the parts' names must
+    differ in one statement, so ``nudge_common.db.insert_arrays`` will not do), and
+    ``constants`` (the workspace id: one parameter, not an array of copies)."""
+    given = array_rows_of([(prefix + name, table.c[name].type) for name in names])
+    columns = [*names, *constants]
+    values = [*given.c, *constants.values()]
+    return pg_insert(table).from_select(columns, sa.select(*values).select_from(given))
 
 
 # ``write_batch``'s statements, built once; the row dicts gathered in ``BatchWrites``
 # (``event_row``, ``transaction_row``, ``points``, ``move_stages``) have these keys.
-_INSERT_EVENTS = insert_arrays(
-    events,
-    [
-        "workspace_id",
-        "message_id",
-        "contact_id",
-        "type",
-        "name",
-        "properties",
-        "context",
-        "occurred_at",
-        "received_at",
-    ],
-)
-_INSERT_TRANSACTIONS = insert_arrays(
-    transactions,
-    [
-        "workspace_id",
-        "message_id",
-        "contact_id",
-        "kind",
-        "order_id",
-        "revenue",
-        "currency",
-        "payment_method",
-        "products",
-        "occurred_at",
-    ],
-).on_conflict_do_nothing()
+_WORKSPACE = {"workspace_id": sa.bindparam("w_workspace_id", type_=sa.Text)}
+_EVENT_NAMES = [
+    "message_id",
+    "contact_id",
+    "type",
+    "name",
+    "properties",
+    "context",
+    "occurred_at",
+    "received_at",
+]
+_TRANSACTION_NAMES = [
+    "message_id",
+    "contact_id",
+    "kind",
+    "order_id",
+    "revenue",
+    "currency",
+    "payment_method",
+    "products",
+    "occurred_at",
+]
+_SCORE_CHANGE_NAMES = ["contact_id", "model", "rule_id", "points", "message_id", "at", "reason"]
+_STAGE_HISTORY_NAMES = ["contact_id", "model", "from_stage", "to_stage", "score", "at"]
 _TOUCHED = array_rows_of(
     [
-        ("cid", UUID(as_uuid=True)),
-        ("first_seen", TIMESTAMP),
-        ("last_seen", TIMESTAMP),
-        ("user_id", sa.Text()),
-        ("first_touch", JSONB(none_as_null=True)),
-        ("orders", sa.Integer()),
-        ("revenue", sa.Float()),
-        ("first_order", TIMESTAMP),
-        ("last_order", TIMESTAMP),
+        ("u_cid", UUID(as_uuid=True)),
+        ("u_first_seen", TIMESTAMP),
+        ("u_last_seen", TIMESTAMP),
+        ("u_user_id", sa.Text()),
+        ("u_first_touch", JSONB(none_as_null=True)),
+        ("u_orders", sa.Integer()),
+        ("u_revenue", sa.Float()),
+        ("u_first_order", TIMESTAMP),
+        ("u_last_order", TIMESTAMP),
     ]
 )
-_TOUCH_NAMES = [column.name for column in _TOUCHED.c]
-_TOUCH_CONTACTS = (
+_TOUCH_NAMES = [column.name.removeprefix("u_") for column in _TOUCHED.c]
+_touch = (
     sa.update(contacts)
-    .where(contacts.c.id == _TOUCHED.c.cid)
+    .where(contacts.c.id == _TOUCHED.c.u_cid)
     .values(
-        first_seen_at=sa.func.least(contacts.c.first_seen_at, _TOUCHED.c.first_seen),
-        last_seen_at=sa.func.greatest(contacts.c.last_seen_at, _TOUCHED.c.last_seen),
-        user_id=sa.func.coalesce(contacts.c.user_id, _TOUCHED.c.user_id),
-        first_touch=sa.func.coalesce(contacts.c.first_touch, _TOUCHED.c.first_touch),
-        orders_count=contacts.c.orders_count + _TOUCHED.c.orders,
-        revenue_total=contacts.c.revenue_total + sa.cast(_TOUCHED.c.revenue, sa.Numeric(18, 4)),
-        first_order_at=sa.func.least(contacts.c.first_order_at, _TOUCHED.c.first_order),
-        last_order_at=sa.func.greatest(contacts.c.last_order_at, _TOUCHED.c.last_order),
+        first_seen_at=sa.func.least(contacts.c.first_seen_at, _TOUCHED.c.u_first_seen),
+        last_seen_at=sa.func.greatest(contacts.c.last_seen_at, _TOUCHED.c.u_last_seen),
+        user_id=sa.func.coalesce(contacts.c.user_id, _TOUCHED.c.u_user_id),
+        first_touch=sa.func.coalesce(contacts.c.first_touch, _TOUCHED.c.u_first_touch),
+        orders_count=contacts.c.orders_count + _TOUCHED.c.u_orders,
+        revenue_total=contacts.c.revenue_total + sa.cast(_TOUCHED.c.u_revenue, sa.Numeric(18, 4)),
+        first_order_at=sa.func.least(contacts.c.first_order_at, _TOUCHED.c.u_first_order),
+        last_order_at=sa.func.greatest(contacts.c.last_order_at, _TOUCHED.c.u_last_order),
     )
+)
+_tags = _written(
+    "g_",
+    tags,
+    ["contact_id", "tag", "assignments", "first_assigned_at", "last_assigned_at"],
+    {**_WORKSPACE, "active": sa.true()},
+)
+_scores = _written("s_", scores, ["contact_id", "model", "points"], _WORKSPACE)
+_spending = _written("sp_", rule_spending, ["contact_id", "rule_id", "period", "points"], {})
+_stages = _written("st_", stages, ["contact_id", "model", "stage", "since"], _WORKSPACE)
+_timers = _written("m_", timers, ["contact_id", "rule_id", "due_at"], _WORKSPACE)
+_WRITE_BATCH: sa.Select[Any] = sa.select(sa.literal_column("1")).add_cte(
+    # Data-modifying CTEs all run, to completion, whether read or not; each table is
+    # written once (the contacts' profiles, a second update of their rows, go apart).
+    _written("e_", events, _EVENT_NAMES, _WORKSPACE).cte("written_events"),
+    _written("t_", transactions, _TRANSACTION_NAMES, _WORKSPACE)
+    .on_conflict_do_nothing()
+    .cte("written_transactions"),
+    _touch.cte("touched_contacts"),
+    _written("i_", identities, ["kind", "value", "contact_id"], _WORKSPACE)
+    .on_conflict_do_nothing()
+    .cte("claimed_identities"),
+    _tags.on_conflict_do_update(
+        index_elements=[tags.c.contact_id, tags.c.tag],
+        set_={
+            "assignments": tags.c.assignments + _tags.excluded.assignments,
+            "active": sa.true(),
+            "last_assigned_at": sa.func.greatest(
+                tags.c.last_assigned_at, _tags.excluded.last_assigned_at
+            ),
+        },
+    ).cte("tagged"),
+    _scores.on_conflict_do_update(
+        index_elements=[scores.c.contact_id, scores.c.model],
+        set_={"points": scores.c.points + _scores.excluded.points},
+    ).cte("scored"),
+    _written("c_", score_changes, _SCORE_CHANGE_NAMES, _WORKSPACE).cte("score_changed"),
+    _spending.on_conflict_do_update(
+        index_elements=[
+            rule_spending.c.contact_id,
+            rule_spending.c.rule_id,
+            rule_spending.c.period,
+        ],
+        set_={"points": rule_spending.c.points + _spending.excluded.points},
+    ).cte("spent"),
+    _stages.on_conflict_do_update(
+        index_elements=[stages.c.contact_id, stages.c.model],
+        set_={"stage": _stages.excluded.stage, "since": _stages.excluded.since},
+    ).cte("staged"),
+    _written("h_", stage_history, _STAGE_HISTORY_NAMES, _WORKSPACE).cte("stage_moved"),
+    _timers.on_conflict_do_update(
+        index_elements=[timers.c.contact_id, timers.c.rule_id],
+        set_={"due_at": sa.func.greatest(timers.c.due_at, _timers.excluded.due_at)},
+    ).cte("timed"),
 )
 _SET_PROFILES = (
     sa.update(contacts)
@@ -1694,47 +1730,8 @@ _SET_PROFILES = (
         },
     )
 )
-_STAGES_UPSERT = insert_arrays(stages, ["contact_id", "model", "workspace_id", "stage", "since"])
-_UPSERT_STAGES = _STAGES_UPSERT.on_conflict_do_update(
-    index_elements=[stages.c.contact_id, stages.c.model],
-    set_={"stage": _STAGES_UPSERT.excluded.stage, "since": _STAGES_UPSERT.excluded.since},
-)
-_INSERT_STAGE_HISTORY = insert_arrays(
-    stage_history,
-    ["workspace_id", "contact_id", "model", "from_stage", "to_stage", "score", "at"],
-)
-_TIMERS_UPSERT = insert_arrays(timers, ["contact_id", "rule_id", "workspace_id", "due_at"])
-_UPSERT_TIMERS = _TIMERS_UPSERT.on_conflict_do_update(
-    index_elements=[timers.c.contact_id, timers.c.rule_id],
-    set_={"due_at": sa.func.greatest(timers.c.due_at, _TIMERS_UPSERT.excluded.due_at)},
-)
-_TAGS_UPSERT = pg_insert(tags)
-_ADD_TAGS = _TAGS_UPSERT.on_conflict_do_update(
-    index_elements=[tags.c.contact_id, tags.c.tag],
-    set_={
-        "assignments": tags.c.assignments + _TAGS_UPSERT.excluded.assignments,
-        "active": True,
-        "last_assigned_at": sa.func.greatest(
-            tags.c.last_assigned_at, _TAGS_UPSERT.excluded.last_assigned_at
-        ),
-    },
-)
 _REMOVE_TAG = (
     sa.update(tags)
     .where(tags.c.contact_id == sa.bindparam("r_contact"), tags.c.tag == sa.bindparam("r_tag"))
     .values(active=False)
-)
-_SCORES_UPSERT = insert_arrays(scores, ["contact_id", "model", "workspace_id", "points"])
-_UPSERT_SCORES = _SCORES_UPSERT.on_conflict_do_update(
-    index_elements=[scores.c.contact_id, scores.c.model],
-    set_={"points": scores.c.points + _SCORES_UPSERT.excluded.points},
-)
-_INSERT_SCORE_CHANGES = insert_arrays(
-    score_changes,
-    ["workspace_id", "contact_id", "model", "rule_id", "points", "message_id", "at", "reason"],
-)
-_SPENDING_UPSERT = insert_arrays(rule_spending, ["contact_id", "rule_id", "period", "points"])
-_UPSERT_SPENDING = _SPENDING_UPSERT.on_conflict_do_update(
-    index_elements=[rule_spending.c.contact_id, rule_spending.c.rule_id, rule_spending.c.period],
-    set_={"points": rule_spending.c.points + _SPENDING_UPSERT.excluded.points},
 )
