@@ -787,14 +787,17 @@ async def claim_due_webhooks(
     session: AsyncSession, *, now: datetime, limit: int
 ) -> list[PendingWebhook]:
     """Webhooks due for an attempt, locked (SKIP LOCKED) until this transaction ends."""
-    rows = await session.execute(
-        sa.select(webhooks)
-        .where(webhooks.c.next_at <= now)
-        .order_by(webhooks.c.next_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
+    rows = await session.execute(_DUE_WEBHOOKS, {"now": now, "limit": limit})
     return [PendingWebhook(r.run_id, r.step, r.url, r.body, r.attempts) for r in rows]
+
+
+_DUE_WEBHOOKS = (
+    sa.select(webhooks)
+    .where(webhooks.c.next_at <= sa.bindparam("now"))
+    .order_by(webhooks.c.next_at)
+    .limit(sa.bindparam("limit", type_=sa.Integer))
+    .with_for_update(skip_locked=True)
+)
 
 
 async def webhook_attempted(
@@ -1813,16 +1816,17 @@ async def update_broadcast(
 async def claim_due_broadcast(session: AsyncSession, *, now: datetime) -> Broadcast | None:
     """The broadcast most overdue for its next page, locked (SKIP LOCKED: replicas take
     different ones) until this transaction ends."""
-    row = (
-        await session.execute(
-            sa.select(broadcasts)
-            .where(broadcasts.c.next_at <= now)
-            .order_by(broadcasts.c.next_at)
-            .limit(1)
-            .with_for_update(skip_locked=True)
-        )
-    ).first()
+    row = (await session.execute(_DUE_BROADCAST, {"now": now})).first()
     return _broadcast(row) if row else None
+
+
+_DUE_BROADCAST = (
+    sa.select(broadcasts)
+    .where(broadcasts.c.next_at <= sa.bindparam("now"))
+    .order_by(broadcasts.c.next_at)
+    .limit(1)
+    .with_for_update(skip_locked=True)
+)
 
 
 async def broadcast_progressed(
