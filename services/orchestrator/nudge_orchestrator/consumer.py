@@ -154,7 +154,7 @@ class EventHandler(BatchFirstHandler):
         identities = [identity_of(envelope.workspace_id, event) for envelope, event, _ in tracks]
         contacts = await store.event_contacts(session, identities=set(identities))
         located = [
-            (envelope, event, name, contacts[identity][0])
+            (envelope, event, name, contacts[identity.first_seen_id][0])
             for (envelope, event, name), identity in zip(tracks, identities, strict=True)
         ]
         in_runs = {contact_id for contact_id, in_run in contacts.values() if in_run}

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
@@ -1255,10 +1255,10 @@ _UPSERT_CONTACTS = {
 }
 
 
-@dataclass(frozen=True)
-class Identity:
+class Identity(NamedTuple):
     """Who performed an event: its workspace, its user id (None if anonymous), and the
-    contact id scoring gives a contact first seen with this identity."""
+    contact id scoring gives a contact first seen with this identity (which derives from
+    the other two, so it identifies the identity)."""
 
     workspace_id: str
     user_id: str | None
@@ -1267,11 +1267,11 @@ class Identity:
 
 async def event_contacts(
     session: AsyncSession, *, identities: set[Identity]
-) -> dict[Identity, tuple[uuid.UUID, bool]]:
-    """For each identity: its contact (the copy's with this user id, the lowest id if it
-    has several, else ``first_seen_id``) and whether that contact is in an active run. One
-    query for a batch of events, on the indexes (workspace, user id) of the copy and
-    (workspace, contact) of the active runs."""
+) -> dict[uuid.UUID, tuple[uuid.UUID, bool]]:
+    """For each identity, by its ``first_seen_id``: its contact (the copy's with this user
+    id, the lowest id if it has several, else ``first_seen_id``) and whether that contact
+    is in an active run. One query for a batch of events, on the indexes (workspace, user
+    id) of the copy and (workspace, contact) of the active runs."""
     if not identities:
         return {}
     given = list(identities)
@@ -1283,10 +1283,7 @@ async def event_contacts(
             "first_seen_id": [i.first_seen_id for i in given],
         },
     )
-    return {
-        Identity(row.workspace_id, row.user_id, row.first_seen_id): (row.contact_id, row.in_run)
-        for row in rows
-    }
+    return {row.first_seen_id: (row.contact_id, row.in_run) for row in rows}
 
 
 def _event_contacts() -> sa.Select[Any]:
@@ -1315,8 +1312,6 @@ def _event_contacts() -> sa.Select[Any]:
         runs.c.status == sa.literal_column(f"'{ACTIVE}'"),
     )
     return sa.select(
-        given.c.workspace_id,
-        given.c.user_id,
         given.c.first_seen_id,
         contact_id.label("contact_id"),
         in_run.label("in_run"),
