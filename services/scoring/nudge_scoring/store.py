@@ -310,7 +310,7 @@ async def identities_of(
         rows = await session.execute(_IDENTITIES_AND_CONTACTS, {**parameters, "named": named})
     else:
         rows = await session.execute(_IDENTITIES, parameters)
-    return {(row.kind, row.value): row.contact_id for row in rows}
+    return {(kind, value): contact_id for kind, value, contact_id in rows}
 
 
 # The statements of the consumer's path are built once, here: a statement built per call is
@@ -1242,19 +1242,10 @@ async def lock_states(
     given = {"id": wanted}
     rows = await session.execute(_LOCK_CONTACTS, given)
     states = {
-        row.id: ContactState(
-            row.id,
-            row.user_id,
-            row.traits,
-            row.trait_sources,
-            row.has_first_touch,
-            row.orders_count,
-            row.merged_into,
-            {},
-            {},
-            {},
+        contact_id: ContactState(
+            contact_id, user_id, traits, sources, has_first_touch, orders, merged_into, {}, {}, {}
         )
-        for row in rows
+        for contact_id, user_id, traits, sources, has_first_touch, orders, merged_into in rows
     }
     for contact_id, kind, name, stage, rule_id, points, active in await session.execute(
         _STATE_ROWS_WITH_SPENT if with_spent else _STATE_ROWS, given
