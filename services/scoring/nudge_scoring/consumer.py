@@ -167,7 +167,7 @@ class Outputs:
             {
                 "contact_id": key,
                 "user_id": contact.user_id,
-                "traits": contact.traits,
+                "traits": dict(contact.traits),
                 "scores": dict(contact.scores),
                 "tags": contact.tags,
                 "stages": dict(contact.stages),
