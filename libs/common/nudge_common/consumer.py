@@ -41,12 +41,11 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaConnectionError, KafkaError
 from pydantic import ValidationError
-from sqlalchemy.dialects.postgresql import ARRAY, UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from nudge_common import metrics
-from nudge_common.db import SessionMaker, transaction
+from nudge_common.db import SessionMaker, array_param, transaction
 from nudge_common.errors import DeadLetterLimitExceeded, InvalidMessage, RetryLater
 from nudge_common.events import TYPE_HEADER, Envelope, Topic
 from nudge_common.kafka import OutgoingMessage, publish
@@ -217,6 +216,20 @@ class ConsumerRunner:
         )
         self._stopping = asyncio.Event()
         self._committed: dict[TopicPartition, int] = {}
+        # built once, executed with the batch's ids as one array parameter
+        table = processed_messages
+        self._claim_statement = (
+            pg_insert(table)
+            .from_select(
+                ["consumer", "message_id"],
+                sa.select(
+                    sa.bindparam("consumer", type_=sa.Text),
+                    sa.func.unnest(array_param("ids", table.c.message_id.type)),
+                ),
+            )
+            .on_conflict_do_nothing()
+            .returning(table.c.message_id)
+        )
 
     def stop(self) -> None:
         """Ask the runner to finish the batch in hand, commit it, and leave the group."""
@@ -388,19 +401,8 @@ class ConsumerRunner:
         """Record ``ids`` as processed; returns those that were not recorded before."""
         if not ids:
             return set()
-        table = self.processed_messages
-        # One array parameter, whatever the batch size: the statement compiles once.
-        given = sa.select(
-            sa.literal(self.name, sa.Text),
-            sa.func.unnest(sa.cast(ids, ARRAY(UUID(as_uuid=True)))),
-        )
-        statement = (
-            pg_insert(table)
-            .from_select(["consumer", "message_id"], given)
-            .on_conflict_do_nothing()
-            .returning(table.c.message_id)
-        )
-        return set((await session.execute(statement)).scalars())
+        rows = await session.execute(self._claim_statement, {"consumer": self.name, "ids": ids})
+        return set(rows.scalars())
 
     async def _publish_dead_letters(self, dead_letters: list[DeadLetter]) -> None:
         topic = self.settings.topic(Topic.DEAD_LETTER)
