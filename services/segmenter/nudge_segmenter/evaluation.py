@@ -15,6 +15,7 @@ next time-driven recheck per (segment, contact).
 from __future__ import annotations
 
 import bisect
+import heapq
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -248,8 +249,9 @@ class ContactBatch:
         self.new_events: list[dict[str, Any]] = []
         self.transitions: list[_Transition] = []
         self.rechecks: dict[tuple[uuid.UUID, uuid.UUID], datetime | None] = {}
-        self.scheduled: dict[tuple[uuid.UUID, uuid.UUID], datetime] = {}
-        """The rechecks already due for these contacts."""
+        self.scheduled: dict[uuid.UUID, tuple[list[uuid.UUID], list[datetime]]] = {}
+        """The rechecks already due for each of these contacts, as loaded: segment ids and
+        due times (looked up only for the rechecks evaluated)."""
         self.dirty: set[tuple[uuid.UUID, uuid.UUID]] = set()
         self.messages: list[OutgoingMessage] = []
         self.stale: set[uuid.UUID] = set()
@@ -332,10 +334,7 @@ class ContactBatch:
                 for name, at, given in zip(names, ats, properties, strict=True):
                     contact.add_event(EventFact(name, at, given or {}))
             else:
-                cid = contact.contact_id
-                batch.scheduled.update(
-                    ((canonical.get(s, s), cid), at) for s, at in zip(segment_ids, ats, strict=True)
-                )
+                batch.scheduled[contact.contact_id] = (segment_ids, ats)
         return batch
 
     # --- changes -----------------------------------------------------------------------
@@ -410,20 +409,27 @@ class ContactBatch:
         just ``only``; records the transitions, their messages and next rechecks."""
         contact = self.contacts[contact_id]
         index = self.workspace.index
+        ordered, position = index.ordered, index.position
         if only is not None:
-            wanted = {s for s in only if s in index.position}
+            pending = sorted({position[s] for s in only if s in position})
         elif facts is None:
-            wanted = set(index.position)
+            pending = list(range(len(ordered)))
         else:
-            wanted = set(index.affected_ids(frozenset(facts)))
-        if not wanted:
+            pending = index.affected_positions(frozenset(facts))
+        if not pending:
             return
+        # Positions in evaluation order, as a heap: a transition adds its dependents, which
+        # come later in that order.
+        done = -1
         profile = contact.profile()
         snapshot: dict[str, Any] | None = None
         backfilling = self.workspace.backfilling
-        for segment in index.ordered:
-            if segment.id not in wanted:
+        while pending:
+            place = heapq.heappop(pending)
+            if place <= done:
                 continue
+            done = place
+            segment = ordered[place]
             if segment.id in backfilling:
                 self.dirty.add((segment.id, contact_id))
                 continue
@@ -452,7 +458,8 @@ class ContactBatch:
                     cause=cause,
                 )
             )
-            wanted |= {d.id for d in index.dependents(segment.id)}
+            for dependent in index.dependents(segment.id):
+                heapq.heappush(pending, position[dependent.id])
 
     def set_static(
         self,
@@ -643,11 +650,15 @@ class ContactBatch:
         """Only earlier rechecks are written: a recheck already due sooner stays (it then
         finds nothing changed and schedules the right one), so a contact active every
         minute does not rewrite its rechecks every minute."""
-        scheduled = self.scheduled
+        scheduled: dict[uuid.UUID, dict[uuid.UUID, datetime]] = {}
         due = []
         for key, at in self.rechecks.items():
             if at is not None:
-                before = scheduled.get(key)
+                of_contact = scheduled.get(key[1])
+                if of_contact is None:
+                    ids, ats = self.scheduled.get(key[1], ((), ()))
+                    of_contact = scheduled[key[1]] = dict(zip(ids, ats, strict=True))
+                before = of_contact.get(key[0])
                 if before is None or at < before:
                     due.append((key[0], key[1], at))
         if due:

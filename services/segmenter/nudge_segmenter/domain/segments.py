@@ -190,17 +190,18 @@ class SegmentIndex:
             for fact in segment.facts:
                 self.by_fact.setdefault(fact, []).append(segment)
         self.position = {segment.id: index for index, segment in enumerate(self.ordered)}
-        self._affected: dict[frozenset[str], frozenset[uuid.UUID]] = {}
+        self._affected: dict[frozenset[str], list[int]] = {}
         self._needed: dict[str, Needed] = {}
 
-    def affected_ids(self, facts: frozenset[str]) -> frozenset[uuid.UUID]:
-        """The ids of :meth:`affected`, remembered per set of facts."""
+    def affected_positions(self, facts: frozenset[str]) -> list[int]:
+        """The positions in ``ordered`` of :meth:`affected`, ascending, remembered per set
+        of facts (a copy: callers use it as a heap)."""
         found = self._affected.get(facts)
         if found is None:
             if len(self._affected) > 10_000:  # facts name events: bound the memory
                 self._affected.clear()
-            found = self._affected[facts] = frozenset(s.id for s in self.affected(facts))
-        return found
+            found = self._affected[facts] = [self.position[s.id] for s in self.affected(facts)]
+        return found.copy()
 
     def needed(self, facts: Iterable[str]) -> Needed:
         """What changes touching ``facts`` can lead to evaluating (the affected segments
