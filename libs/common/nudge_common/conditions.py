@@ -672,7 +672,8 @@ def _compile_combine(children: list[_Check], *, decisive: bool) -> _Check:
 
 def _compile_performed(leaf: Performed) -> _Check:
     """As :func:`_performed`."""
-    event, where, op, count = leaf.event, leaf.where, leaf.op, leaf.count
+    event, op, count = leaf.event, leaf.op, leaf.count
+    where = None if leaf.where is None else _compile_where(leaf.where)
     window = timedelta(days=leaf.within_days) if leaf.within_days is not None else None
 
     def performed(profile: Profile, now: datetime) -> tuple[bool, datetime | None]:
@@ -682,12 +683,40 @@ def _compile_performed(leaf: Performed) -> _Check:
             for e in (profile.events if by_name is None else by_name.get(event, ()))
             if e.event == event
             and (window is None or now - e.at < window)
-            and (where is None or matches_properties(where, e.properties))
+            and (where is None or where(e.properties))
         ]
         recheck = min(counted) + window if window is not None and counted else None
         return compare(len(counted), op, count), recheck
 
     return performed
+
+
+def _compile_where(condition: Condition) -> Callable[[Mapping[str, Any]], bool]:
+    """As :func:`matches_properties`, the tree walked once (it runs for every event an
+    event condition counts)."""
+    match condition:
+        case AllOf(conditions=children):
+            checks = [_compile_where(c) for c in children]
+            return lambda properties: all(check(properties) for check in checks)
+        case AnyOf(conditions=children):
+            checks = [_compile_where(c) for c in children]
+            return lambda properties: any(check(properties) for check in checks)
+        case Not(condition=child):
+            inner = _compile_where(child)
+            return lambda properties: not inner(properties)
+        case TraitIs(name=name, op="eq", value=value) if type(value) is str and "." not in name:
+
+            def equals(properties: Mapping[str, Any]) -> bool:
+                # compare(actual, "eq", a string) without the generic JSON equality
+                actual = (
+                    properties.get(name) if type(properties) is dict else trait_at(properties, name)
+                )
+                return type(actual) is str and actual == value
+
+            return equals
+        case TraitIs(name=name, op=op, value=value):
+            return lambda properties: trait_matches(trait_at(properties, name), op, value)
+    raise AssertionError(f"not a property condition: {condition!r}")
 
 
 def _compile_last_seen(more_than: bool, span: timedelta) -> _Check:

@@ -82,6 +82,47 @@ def test_a_compiled_condition_evaluates_as_the_reference(
     assert compiled(replace(profile, events_by_name=by_name), NOW) == expected
 
 
+property_values = st.sampled_from(["x", "y", 1, 1.0, True, None, ["x"], {"b": "x"}])
+property_leaves = st.builds(
+    lambda name, op, value: {"kind": "trait", "name": name, "op": op, "value": value},
+    st.sampled_from(["sku", "a.b", "n"]),
+    st.sampled_from(["eq", "neq"]),
+    st.sampled_from(["x", 1, True, 1.0]),
+) | st.builds(
+    lambda name: {"kind": "trait", "name": name, "op": "contains", "value": "x"},
+    st.sampled_from(["sku", "a"]),
+)
+wheres = st.recursive(
+    property_leaves,
+    lambda children: st.builds(
+        lambda kind, items: {"kind": kind, "conditions": items},
+        st.sampled_from(["all", "any"]),
+        st.lists(children, min_size=1, max_size=3),
+    )
+    | st.builds(lambda child: {"kind": "not", "condition": child}, children),
+    max_leaves=5,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    where=wheres,
+    properties=st.lists(
+        st.dictionaries(st.sampled_from(["sku", "a", "n"]), property_values, max_size=3),
+        max_size=4,
+    ),
+)
+def test_a_compiled_event_filter_counts_as_the_reference(
+    where: dict[str, Any], properties: list[dict[str, Any]]
+) -> None:
+    condition = condition_adapter.validate_python(
+        {"kind": "event", "event": "A", "op": "gte", "count": 1, "where": where}
+    )
+    found = [EventFact("A", NOW - timedelta(minutes=n), p) for n, p in enumerate(properties)]
+    profile = Profile(events=found, events_by_name={"A": found})
+    assert compile_evaluator(condition)(profile, NOW) == evaluate(condition, profile, NOW)
+
+
 def test_a_transition_envelope_is_the_one_the_event_type_builds() -> None:
     contact = ContactSnapshot(
         contact_id=uuid.uuid4(),
