@@ -383,26 +383,30 @@ class DueRecheck:
     due_at: datetime
 
 
+_DUE = (
+    sa.select(rechecks.c.segment_id, rechecks.c.contact_id)
+    .where(rechecks.c.due_at <= sa.bindparam("now"))
+    .order_by(rechecks.c.due_at)
+    .limit(sa.bindparam("limit", type_=sa.Integer))
+    .with_for_update(skip_locked=True)
+    .cte("due")
+)
+_CLAIM_DUE = (
+    sa.delete(rechecks)
+    .where(rechecks.c.segment_id == _DUE.c.segment_id, rechecks.c.contact_id == _DUE.c.contact_id)
+    .returning(
+        rechecks.c.segment_id, rechecks.c.contact_id, rechecks.c.workspace_id, rechecks.c.due_at
+    )
+)
+"""Built once: the recheck worker runs it five times a second, mostly finding nothing."""
+
+
 async def claim_due_rechecks(
     session: AsyncSession, *, now: datetime, limit: int
 ) -> list[DueRecheck]:
     """Due rechecks, claimed (deleted, their rows locked against other replicas until
     this transaction ends) in due order."""
-    due = (
-        sa.select(rechecks.c.segment_id, rechecks.c.contact_id)
-        .where(rechecks.c.due_at <= now)
-        .order_by(rechecks.c.due_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-        .cte("due")
-    )
-    rows = await session.execute(
-        sa.delete(rechecks)
-        .where(rechecks.c.segment_id == due.c.segment_id, rechecks.c.contact_id == due.c.contact_id)
-        .returning(
-            rechecks.c.segment_id, rechecks.c.contact_id, rechecks.c.workspace_id, rechecks.c.due_at
-        )
-    )
+    rows = await session.execute(_CLAIM_DUE, {"now": now, "limit": limit})
     return sorted(
         (DueRecheck(r.segment_id, r.contact_id, r.workspace_id, r.due_at) for r in rows),
         key=lambda r: r.due_at,

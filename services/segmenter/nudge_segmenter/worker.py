@@ -56,21 +56,19 @@ def RecheckWorker(runtime: Runtime, clock: Clock) -> PollingWorker:  # noqa: N80
     )
 
 
+_CANDIDATES = (
+    sa.select(store.segments.c.id)
+    .where(store.segments.c.status == "backfilling")
+    .union(sa.select(store.backfill_dirty.c.segment_id).distinct())
+)
+"""Built once, as the worker polls it twice a second."""
+
+
 async def backfill_next(runtime: Runtime, clock: Clock, chunk: int) -> int:
     """Take one segment that is backfilling or has contacts to settle, and carry it to the
     end; returns 1 if there was one."""
     async with runtime.engine.connect() as connection:
-        candidates = (
-            (
-                await connection.execute(
-                    sa.select(store.segments.c.id)
-                    .where(store.segments.c.status == "backfilling")
-                    .union(sa.select(store.backfill_dirty.c.segment_id).distinct())
-                )
-            )
-            .scalars()
-            .all()
-        )
+        candidates = (await connection.execute(_CANDIDATES)).scalars().all()
         await connection.commit()
         for segment_id in candidates:
             key = backfill.lock_key(segment_id)
