@@ -610,6 +610,14 @@ _TRUE: tuple[bool, datetime | None] = (True, None)
 _FALSE: tuple[bool, datetime | None] = (False, None)
 
 
+def compile_check(
+    condition: Condition,
+) -> Callable[[Profile, datetime], tuple[bool, datetime | None]]:
+    """:func:`compile_evaluator`'s verdict as a ``(matches, recheck_at)`` tuple (no
+    :class:`Verdict` built per call)."""
+    return _compile(condition)
+
+
 def compile_evaluator(condition: Condition) -> Evaluator:
     """:func:`evaluate` for one condition, its tree walked once into nested closures:
     the same verdicts and rechecks, without dispatching on node kinds per contact (the
@@ -704,19 +712,27 @@ def _compile_where(condition: Condition) -> Callable[[Mapping[str, Any]], bool]:
         case Not(condition=child):
             inner = _compile_where(child)
             return lambda properties: not inner(properties)
-        case TraitIs(name=name, op="eq", value=value) if type(value) is str and "." not in name:
-
-            def equals(properties: Mapping[str, Any]) -> bool:
-                # compare(actual, "eq", a string) without the generic JSON equality
-                actual = (
-                    properties.get(name) if type(properties) is dict else trait_at(properties, name)
-                )
-                return type(actual) is str and actual == value
-
-            return equals
         case TraitIs(name=name, op=op, value=value):
-            return lambda properties: trait_matches(trait_at(properties, name), op, value)
+            return _compile_trait(name, op, value)
     raise AssertionError(f"not a property condition: {condition!r}")
+
+
+def _compile_trait(name: str, op: str, value: Any) -> Callable[[Mapping[str, Any]], bool]:
+    """``trait_matches(trait_at(values, name), op, value)``, with the usual string
+    comparisons of a top-level name (``eq``, ``neq``, ``in``) made without the generic JSON
+    equality (which for a string expected is: the actual value is exactly a string, equal)."""
+    if "." not in name and op in ("eq", "neq", "in"):
+        strings = [value] if op != "in" else value
+        if isinstance(strings, list) and strings and all(type(v) is str for v in strings):
+            expected = frozenset(strings)
+            negated = op == "neq"
+
+            def strings_match(values: Mapping[str, Any]) -> bool:
+                actual = values.get(name) if type(values) is dict else trait_at(values, name)
+                return (type(actual) is str and actual in expected) != negated
+
+            return strings_match
+    return lambda values: trait_matches(trait_at(values, name), op, value)
 
 
 def _compile_last_seen(more_than: bool, span: timedelta) -> _Check:
@@ -737,9 +753,10 @@ def _compile_static(leaf: Leaf) -> _Check:
     """As :func:`_static`, for the common leaves; the others call it."""
     match leaf:
         case TraitIs(name=name, op=op, value=value):
+            matches = _compile_trait(name, op, value)
 
             def trait(profile: Profile, now: datetime) -> tuple[bool, datetime | None]:
-                return _TRUE if trait_matches(trait_at(profile.traits, name), op, value) else _FALSE
+                return _TRUE if matches(profile.traits) else _FALSE
 
             return trait
         case ScoreAtLeast(model=model, op=op, value=value):

@@ -433,17 +433,17 @@ class ContactBatch:
             if segment.id in backfilling:
                 self.dirty.add((segment.id, contact_id))
                 continue
-            verdict = segment.evaluate(profile, now)
+            matches, recheck_at = segment.check(profile, now)
             if segment.timed:
-                self.rechecks[(segment.id, contact_id)] = verdict.recheck_at
-            if verdict.matches == (segment.id in contact.segments):
+                self.rechecks[(segment.id, contact_id)] = recheck_at
+            if matches == (segment.id in contact.segments):
                 continue
-            if verdict.matches:
+            if matches:
                 contact.segments.add(segment.id)
             else:
                 contact.segments.discard(segment.id)
             profile = contact.profile()
-            self.transitions.append(_Transition(segment.id, contact_id, verdict.matches, now))
+            self.transitions.append(_Transition(segment.id, contact_id, matches, now))
             if snapshot is None:
                 snapshot = contact.snapshot_json()
             self.messages.append(
@@ -453,7 +453,7 @@ class ContactBatch:
                     self.workspace.names[segment.id],
                     contact_id,
                     snapshot,
-                    entered=verdict.matches,
+                    entered=matches,
                     at=now,
                     cause=cause,
                 )

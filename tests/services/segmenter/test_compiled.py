@@ -89,6 +89,10 @@ property_leaves = st.builds(
     st.sampled_from(["eq", "neq"]),
     st.sampled_from(["x", 1, True, 1.0]),
 ) | st.builds(
+    lambda name, value: {"kind": "trait", "name": name, "op": "in", "value": value},
+    st.sampled_from(["sku", "a.b", "n"]),
+    st.sampled_from([["x"], ["x", "y"], ["x", 1], [True]]),
+) | st.builds(
     lambda name: {"kind": "trait", "name": name, "op": "contains", "value": "x"},
     st.sampled_from(["sku", "a"]),
 )
@@ -115,12 +119,17 @@ wheres = st.recursive(
 def test_a_compiled_event_filter_counts_as_the_reference(
     where: dict[str, Any], properties: list[dict[str, Any]]
 ) -> None:
+    """The event filter's and the trait conditions' string comparisons (fast paths)."""
     condition = condition_adapter.validate_python(
         {"kind": "event", "event": "A", "op": "gte", "count": 1, "where": where}
     )
     found = [EventFact("A", NOW - timedelta(minutes=n), p) for n, p in enumerate(properties)]
     profile = Profile(events=found, events_by_name={"A": found})
     assert compile_evaluator(condition)(profile, NOW) == evaluate(condition, profile, NOW)
+    for values in properties:
+        profile = Profile(traits=values)
+        as_traits = condition_adapter.validate_python(where)
+        assert compile_evaluator(as_traits)(profile, NOW) == evaluate(as_traits, profile, NOW)
 
 
 def test_a_transition_envelope_is_the_one_the_event_type_builds() -> None:

@@ -10,8 +10,9 @@ of them are re-evaluated, and a segment's transition touches ``segment:<id>`` in
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from nudge_common.conditions import (
     Age,
@@ -19,12 +20,12 @@ from nudge_common.conditions import (
     AnyOf,
     Condition,
     Consents,
-    Evaluator,
     HasTag,
     InSegment,
     LastSeen,
     Not,
     Performed,
+    Profile,
     RfmCell,
     RfmScore,
     ScoreAtLeast,
@@ -32,7 +33,7 @@ from nudge_common.conditions import (
     TraitDate,
     TraitIs,
     ValueIs,
-    compile_evaluator,
+    compile_check,
     leaves,
 )
 
@@ -163,8 +164,9 @@ class Indexed:
     timed: bool
     """Whether time alone can change its answer (it has date, age, window or last-seen
     leaves): only such segments have rechecks."""
-    evaluate: Evaluator
-    """The condition compiled once (``conditions.compile_evaluator``)."""
+    check: Callable[[Profile, datetime], tuple[bool, datetime | None]]
+    """The condition compiled once (``conditions.compile_check``): whether a profile
+    matches, and its recheck time."""
 
 
 @dataclass(frozen=True)
@@ -182,7 +184,7 @@ class SegmentIndex:
 
     def __init__(self, segments: Sequence[tuple[uuid.UUID, Condition]]) -> None:
         self.ordered = [
-            Indexed(s, c, facts_of(c), is_timed(c), compile_evaluator(c))
+            Indexed(s, c, facts_of(c), is_timed(c), compile_check(c))
             for s, c in _dependency_order(segments)
         ]
         self.by_fact: dict[str, list[Indexed]] = {}
