@@ -12,6 +12,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nudge_common import codec
 from nudge_common.conditions import (
     CustomerValue,
     EventFact,
@@ -28,7 +29,7 @@ from nudge_common.events import (
     ContactSnapshot,
     MembershipChanged,
 )
-from nudge_segmenter.evaluation import Cause, transition
+from nudge_segmenter.evaluation import Cause, Contact, transition
 from tests.services.segmenter.test_property import conditions, traits
 
 NOW = datetime(2031, 3, 10, 22, 30, tzinfo=UTC)
@@ -83,27 +84,33 @@ def test_a_compiled_condition_evaluates_as_the_reference(
 
 
 property_values = st.sampled_from(["x", "y", 1, 1.0, True, None, ["x"], {"b": "x"}])
-property_leaves = st.builds(
-    lambda name, op, value: {"kind": "trait", "name": name, "op": op, "value": value},
-    st.sampled_from(["sku", "a.b", "n"]),
-    st.sampled_from(["eq", "neq"]),
-    st.sampled_from(["x", 1, True, 1.0]),
-) | st.builds(
-    lambda name, value: {"kind": "trait", "name": name, "op": "in", "value": value},
-    st.sampled_from(["sku", "a.b", "n"]),
-    st.sampled_from([["x"], ["x", "y"], ["x", 1], [True]]),
-) | st.builds(
-    lambda name: {"kind": "trait", "name": name, "op": "contains", "value": "x"},
-    st.sampled_from(["sku", "a"]),
+property_leaves = (
+    st.builds(
+        lambda name, op, value: {"kind": "trait", "name": name, "op": op, "value": value},
+        st.sampled_from(["sku", "a.b", "n"]),
+        st.sampled_from(["eq", "neq"]),
+        st.sampled_from(["x", 1, True, 1.0]),
+    )
+    | st.builds(
+        lambda name, value: {"kind": "trait", "name": name, "op": "in", "value": value},
+        st.sampled_from(["sku", "a.b", "n"]),
+        st.sampled_from([["x"], ["x", "y"], ["x", 1], [True]]),
+    )
+    | st.builds(
+        lambda name: {"kind": "trait", "name": name, "op": "contains", "value": "x"},
+        st.sampled_from(["sku", "a"]),
+    )
 )
 wheres = st.recursive(
     property_leaves,
-    lambda children: st.builds(
-        lambda kind, items: {"kind": kind, "conditions": items},
-        st.sampled_from(["all", "any"]),
-        st.lists(children, min_size=1, max_size=3),
-    )
-    | st.builds(lambda child: {"kind": "not", "condition": child}, children),
+    lambda children: (
+        st.builds(
+            lambda kind, items: {"kind": kind, "conditions": items},
+            st.sampled_from(["all", "any"]),
+            st.lists(children, min_size=1, max_size=3),
+        )
+        | st.builds(lambda child: {"kind": "not", "condition": child}, children)
+    ),
     max_leaves=5,
 )
 
@@ -130,6 +137,23 @@ def test_a_compiled_event_filter_counts_as_the_reference(
         profile = Profile(traits=values)
         as_traits = condition_adapter.validate_python(where)
         assert compile_evaluator(as_traits)(profile, NOW) == evaluate(as_traits, profile, NOW)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    trait_values=traits,
+    scores=st.dictionaries(st.sampled_from(["lead", "engagement"]), st.integers(-5, 500)),
+    user_id=st.sampled_from([None, "u-1", "é"]),
+)
+def test_a_contact_snapshot_in_json_is_the_model_dump(
+    trait_values: dict[str, Any], scores: dict[str, int], user_id: str | None
+) -> None:
+    contact = Contact(
+        uuid.uuid4(), exists=True, user_id=user_id, traits=trait_values, scores=scores
+    )
+    expected = contact.snapshot().model_dump(mode="json", by_alias=True)
+    assert contact.snapshot_json() == expected
+    assert codec.dumps(contact.snapshot_json()) == codec.dumps(expected)
 
 
 def test_a_transition_envelope_is_the_one_the_event_type_builds() -> None:

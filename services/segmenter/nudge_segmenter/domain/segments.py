@@ -192,6 +192,9 @@ class SegmentIndex:
             for fact in segment.facts:
                 self.by_fact.setdefault(fact, []).append(segment)
         self.position = {segment.id: index for index, segment in enumerate(self.ordered)}
+        self._dependents = {
+            segment.id: self.by_fact.get(f"segment:{segment.id}", []) for segment in self.ordered
+        }
         self._affected: dict[frozenset[str], list[int]] = {}
         self._needed: dict[str, Needed] = {}
 
@@ -234,7 +237,8 @@ class SegmentIndex:
         return sorted(found.values(), key=lambda s: self.position[s.id])
 
     def dependents(self, segment_id: uuid.UUID) -> list[Indexed]:
-        return self.by_fact.get(f"segment:{segment_id}", [])
+        found = self._dependents.get(segment_id)
+        return self.by_fact.get(f"segment:{segment_id}", []) if found is None else found
 
     def reachable(self, segment_ids: Iterable[uuid.UUID]) -> set[uuid.UUID]:
         """The segments and, transitively, those referencing them (what a transition of
