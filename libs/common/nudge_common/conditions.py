@@ -32,6 +32,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Any, Literal
@@ -308,7 +309,7 @@ class Profile:
     tags: Mapping[str, int] = field(default_factory=dict)
     stages: Mapping[str, str] = field(default_factory=dict)
     consents: frozenset[str] = frozenset()
-    segments: frozenset[uuid.UUID] = frozenset()
+    segments: AbstractSet[uuid.UUID] = frozenset()
     value: CustomerValue = CustomerValue()
     last_seen_at: datetime | None = None
     events: Sequence[EventFact] = ()

@@ -203,7 +203,7 @@ class Contact:
             tags=self.tags,
             stages=self.stages,
             consents=self.consents,
-            segments=frozenset(self.segments),
+            segments=self.segments,  # live: a transition's effect is seen at once
             value=CustomerValue(
                 revenue=self.revenue,
                 orders=self.orders,
@@ -454,7 +454,6 @@ class ContactBatch:
                 contact.segments.add(segment.id)
             else:
                 contact.segments.discard(segment.id)
-            profile = contact.profile()
             self.transitions.append(_Transition(segment.id, contact_id, matches, now))
             if snapshot is None:
                 snapshot = contact.snapshot_json()
@@ -784,6 +783,8 @@ def transition(
 
 
 _DATETIME: TypeAdapter[datetime] = TypeAdapter(datetime)
+_ENTERED = metrics.TRANSITIONS.labels("entered")
+_EXITED = metrics.TRANSITIONS.labels("exited")
 
 
 def _transition(
@@ -801,7 +802,7 @@ def _transition(
     it, tested), put together from the contact's snapshot already in JSON form (shared by a
     contact's transitions) without validating it again: a contact entering 3 segments on
     one event costs one snapshot, not three models and envelopes validated."""
-    metrics.TRANSITIONS.labels("entered" if entered else "exited").inc()
+    (_ENTERED if entered else _EXITED).inc()
     event_type: EventType[MembershipChanged] = SEGMENT_ENTERED if entered else SEGMENT_EXITED
     caused_by = cause.envelope
     id = cause.message_id(segment_id, contact_id)
