@@ -15,6 +15,7 @@ next time-driven recheck per (segment, contact).
 from __future__ import annotations
 
 import bisect
+import functools
 import heapq
 import uuid
 from collections.abc import Iterable
@@ -738,7 +739,14 @@ class _Writes:
         else:
             queries = ", ".join(f"w{n} AS ({part})" for n, part in enumerate(self.parts))
             statement = f"WITH {queries} SELECT 1"
-        await session.execute(sa.text(statement), self.params)
+        await session.execute(_text(statement), self.params)
+
+
+@functools.lru_cache(maxsize=256)
+def _text(statement: str) -> sa.TextClause:
+    """A write statement parsed once per shape (its text depends only on which kinds of
+    write a batch has, not on their number)."""
+    return sa.text(statement)
 
 
 async def reevaluate(
