@@ -662,17 +662,18 @@ class ContactBatch:
         """Only earlier rechecks are written: a recheck already due sooner stays (it then
         finds nothing changed and schedules the right one), so a contact active every
         minute does not rewrite its rechecks every minute."""
-        scheduled: dict[uuid.UUID, dict[uuid.UUID, datetime]] = {}
-        due = []
-        for key, at in self.rechecks.items():
+        evaluated: dict[uuid.UUID, dict[uuid.UUID, datetime]] = {}
+        for (segment_id, contact_id), at in self.rechecks.items():
             if at is not None:
-                of_contact = scheduled.get(key[1])
-                if of_contact is None:
-                    ids, ats = self.scheduled.get(key[1], ((), ()))
-                    of_contact = scheduled[key[1]] = dict(zip(ids, ats, strict=True))
-                before = of_contact.get(key[0])
-                if before is None or at < before:
-                    due.append((key[0], key[1], at))
+                evaluated.setdefault(contact_id, {})[segment_id] = at
+        due = []
+        for contact_id, wanted in evaluated.items():
+            ids, ats = self.scheduled.get(contact_id, ((), ()))
+            for segment_id, before in zip(ids, ats, strict=True):
+                at = wanted.get(segment_id)
+                if at is not None and not at < before:
+                    del wanted[segment_id]
+            due += [(segment_id, contact_id, at) for segment_id, at in wanted.items()]
         if due:
             writes.add(
                 f"INSERT INTO {_S}.rechecks (segment_id, contact_id, workspace_id, due_at)"
