@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import asyncpg
 import sqlalchemy as sa
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -74,6 +75,9 @@ def is_transient(error: BaseException) -> bool:
     ``DBAPIError``, so its SQLSTATE decides."""
     if isinstance(error, TRANSIENT_ERRORS):
         return True
+    if isinstance(error, asyncpg.PostgresError):  # raised as it is while connecting
+        sqlstate = getattr(error, "sqlstate", None)
+        return isinstance(sqlstate, str) and sqlstate[:2] in TRANSIENT_SQLSTATE_CLASSES
     if isinstance(error, sa.exc.DBAPIError):
         if error.connection_invalidated:
             return True

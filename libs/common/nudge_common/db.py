@@ -37,7 +37,7 @@ def create_engine(settings: NudgeSettings) -> AsyncEngine:
         # ROLLBACK), as many as a consumer's whole batch otherwise needs when it is small.
         # A connection the server closed fails its first statement instead; the pool then
         # replaces its connections, a consumer retries the batch (``is_transient``) and
-        # the API answers 503 (``nudge_common.service.database_unavailable``).
+        # the API answers 503 (``nudge_common.service.dependency_unavailable``).
         pool_pre_ping=False,
         pool_timeout=10,
         # JSONB columns through the wire codec: the standard library's json took ~6% of a

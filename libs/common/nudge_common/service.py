@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Protocol
 
+import asyncpg
 import sqlalchemy as sa
 import structlog
 from aiokafka import AIOKafkaProducer
@@ -115,7 +116,9 @@ def create_service_app(
         lifespan=lifespan,
     )
     app.add_middleware(HttpMetricsMiddleware)
-    app.add_exception_handler(sa.exc.DBAPIError, database_unavailable)  # type: ignore[arg-type]
+    # connecting to a database that is down raises asyncpg's or the socket's own errors
+    for error in (sa.exc.DBAPIError, asyncpg.PostgresError, OSError):
+        app.add_exception_handler(error, dependency_unavailable)
     app.include_router(health_router)
     app.include_router(metrics_router)
     for router in routers:
@@ -123,15 +126,16 @@ def create_service_app(
     return app
 
 
-async def database_unavailable(request: Request, error: sa.exc.DBAPIError) -> JsonResponse:
-    """503 while PostgreSQL is down, restarting or busy (a deadlock), so a client retries;
-    any other database error is a bug, and stays a 500. Pooled connections are not pinged
-    before use (``nudge_common.db.create_engine``): the first request on a connection the
-    server closed ends here, and the pool replaces its connections."""
+async def dependency_unavailable(request: Request, error: Exception) -> JsonResponse:
+    """503 while PostgreSQL is down, restarting or busy (a deadlock), or a connection fails,
+    so a client retries; any other database error is a bug, and stays a 500. Pooled
+    connections are not pinged before use (``nudge_common.db.create_engine``): the first
+    request on a connection the server closed ends here, and the pool replaces its
+    connections."""
     if not is_transient(error):
         raise error
     return JsonResponse(
-        {"detail": "the database is unavailable right now, retry later"},
+        {"detail": "a service this request needs (the database) is unavailable, retry later"},
         status_code=503,
         headers={"Retry-After": "1"},
     )

@@ -11,8 +11,9 @@ import sqlalchemy as sa
 from fastapi import APIRouter
 
 from nudge_common.consumer import is_transient
-from nudge_common.db import SessionMaker, transaction
+from nudge_common.db import SessionMaker, create_engine, create_sessionmaker, transaction
 from nudge_common.service import create_service_app
+from nudge_devtools.services import free_port
 from tests.conftest import StackHandle
 
 
@@ -50,6 +51,9 @@ def test_errors_outside_the_database() -> None:
     assert is_transient(TimeoutError())
     assert is_transient(ConnectionRefusedError())
     assert not is_transient(ValueError("bad payload"))
+    # asyncpg's own errors, raised as they are while connecting
+    assert is_transient(asyncpg.CannotConnectNowError("the database system is starting up"))
+    assert not is_transient(asyncpg.UniqueViolationError("duplicate key"))
 
 
 async def test_a_connection_the_server_closed_fails_one_request_with_503_then_is_replaced(
@@ -80,8 +84,35 @@ async def test_a_connection_the_server_closed_fails_one_request_with_503_then_is
         refused = await client.get("/backend")
         assert refused.status_code == 503
         assert refused.headers["retry-after"] == "1"
-        assert "database" in refused.json()["detail"]
+        assert "unavailable" in refused.json()["detail"]
 
         again = await client.get("/backend")
         assert again.status_code == 200
         assert again.json()["pid"] != first.json()["pid"]
+
+
+async def test_a_database_that_refuses_connections_gets_503(stack: StackHandle) -> None:
+    """Connecting to a database that is down raises the socket's own error, not SQLAlchemy's:
+    it is a 503 too."""
+    closed = sa.make_url(stack.settings.database_url).set(port=free_port())
+    settings = stack.settings.model_copy(
+        update={"database_url": closed.render_as_string(hide_password=False)}
+    )
+    engine = create_engine(settings)
+    router = APIRouter()
+
+    @router.get("/one")
+    async def one() -> dict[str, int]:
+        async with transaction(create_sessionmaker(engine)) as session:
+            return {"one": await session.scalar(sa.text("SELECT 1")) or 0}
+
+    app = create_service_app(settings=settings, routers=[router])
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://nudge"
+        ) as client:
+            refused = await client.get("/one")
+        assert refused.status_code == 503
+        assert "unavailable" in refused.json()["detail"]
+    finally:
+        await engine.dispose()
