@@ -7,7 +7,7 @@ consumer runner for a batch, a route for a request) opens it with :func:`transac
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -105,15 +105,8 @@ def array_rows(
     )
 
 
-def insert_columns(table: sa.Table, columns: Mapping[str, Sequence[Any]]) -> Insert:
-    """``INSERT INTO table (columns) SELECT * FROM unnest(arrays)``: one array parameter per
-    column (:func:`array_rows`), compiled once whatever the number of rows."""
-    given = array_rows([(name, table.c[name].type, values) for name, values in columns.items()])
-    return pg_insert(table).from_select(list(columns), sa.select(*given.c))
-
-
 def column_lists(rows: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
-    """Rows with the same keys as one list per column, for :func:`insert_columns`."""
+    """Rows with the same keys as one list per column, for :func:`insert_arrays`."""
     return {name: [row[name] for row in rows] for name in rows[0]}
 
 
@@ -168,8 +161,8 @@ def array_rows_of(columns: Sequence[tuple[str, sa.types.TypeEngine[Any]]]) -> sa
 
 
 def insert_arrays(table: sa.Table, names: Sequence[str]) -> Insert:
-    """:func:`insert_columns` for a statement built once: executed with one list per column
-    (:func:`column_lists`), named after the columns."""
+    """``INSERT INTO table (names) SELECT * FROM unnest(arrays)``, built once: executed with
+    one list per column (:func:`column_lists`), named after the columns."""
     given = array_rows_of([(name, table.c[name].type) for name in names])
     return pg_insert(table).from_select(list(names), sa.select(*given.c))
 

@@ -1,5 +1,5 @@
-"""Rows as one array per column, in statements built per call (insert_columns) and built
-once (insert_arrays, array_param), on the real database: JSON values of every shape
+"""Rows as one array per column, in statements built per call (array_rows) and built once
+(insert_arrays, array_param), on the real database: JSON values of every shape
 arrive as themselves, a None is SQL NULL where the JSON type says so."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from nudge_common.db import SessionMaker, array_param, insert_arrays, insert_columns
+from nudge_common.db import SessionMaker, array_param, array_rows, insert_arrays
 
 metadata = sa.MetaData()
 rows = sa.Table(
@@ -36,8 +37,16 @@ async def test_json_values_of_every_shape_and_nulls(sessionmaker: SessionMaker) 
         await session.execute(
             INSERT, {"id": ids, "label": ["x", None, "y", "z", "w"], "doc": VALUES, "maybe": VALUES}
         )
+        per_call = array_rows(
+            [
+                ("id", rows.c.id.type, more),
+                ("label", rows.c.label.type, ["v"] * 5),
+                ("doc", rows.c.doc.type, VALUES),
+                ("maybe", rows.c.maybe.type, VALUES),
+            ]
+        )
         await session.execute(
-            insert_columns(rows, {"id": more, "label": ["v"] * 5, "doc": VALUES, "maybe": VALUES})
+            pg_insert(rows).from_select(["id", "label", "doc", "maybe"], sa.select(*per_call.c))
         )
         for given in (ids, more):
             found = {
