@@ -840,62 +840,12 @@ async def add_points(
     reason: str = "event",
 ) -> None:
     """Apply score deltas, record each in the contact's score breakdown and count it
-    against its caps."""
+    against its caps (one contact, outside a consumer's batch: ``BatchWrites.points``)."""
     if not deltas:
         return
-    totals: dict[str, int] = {}
-    for delta in deltas:
-        totals[delta.model] = totals.get(delta.model, 0) + delta.points
-    upsert = pg_insert(scores).values(
-        [
-            {"contact_id": contact_id, "model": model, "workspace_id": workspace_id, "points": p}
-            for model, p in sorted(totals.items())
-        ]
-    )
-    await session.execute(
-        upsert.on_conflict_do_update(
-            index_elements=[scores.c.contact_id, scores.c.model],
-            set_={"points": scores.c.points + upsert.excluded.points},
-        )
-    )
-    await session.execute(
-        sa.insert(score_changes),
-        [
-            {
-                "workspace_id": workspace_id,
-                "contact_id": contact_id,
-                "model": delta.model,
-                "rule_id": delta.rule_id,
-                "points": delta.points,
-                "message_id": message_id,
-                "at": at,
-                "reason": reason,
-            }
-            for delta in deltas
-        ],
-    )
-    spending: dict[tuple[uuid.UUID, str], int] = {}
-    for delta in deltas:
-        for period in delta.periods:
-            key = (delta.rule_id, period)
-            spending[key] = spending.get(key, 0) + delta.points
-    if spending:
-        spend = pg_insert(rule_spending).values(
-            [
-                {"contact_id": contact_id, "rule_id": r, "period": p, "points": v}
-                for (r, p), v in sorted(spending.items())
-            ]
-        )
-        await session.execute(
-            spend.on_conflict_do_update(
-                index_elements=[
-                    rule_spending.c.contact_id,
-                    rule_spending.c.rule_id,
-                    rule_spending.c.period,
-                ],
-                set_={"points": rule_spending.c.points + spend.excluded.points},
-            )
-        )
+    writes = BatchWrites(workspace_id)
+    writes.points(contact_id, deltas, message_id=message_id, at=at, reason=reason)
+    await write_batch(session, writes)
 
 
 async def scores_of(session: AsyncSession, *, contact_id: uuid.UUID) -> dict[str, int]:
@@ -1449,8 +1399,10 @@ class BatchWrites:
         *,
         message_id: str,
         at: datetime,
+        reason: str = "event",
     ) -> None:
-        """What ``add_points`` writes, gathered."""
+        """Score deltas of rules: the contact's totals, its score breakdown, and what they
+        spend of the rules' caps."""
         for delta in deltas:
             key = (contact_id, delta.model)
             self.scores[key] = self.scores.get(key, 0) + delta.points
@@ -1463,7 +1415,7 @@ class BatchWrites:
                     "points": delta.points,
                     "message_id": message_id,
                     "at": at,
-                    "reason": "event",
+                    "reason": reason,
                 }
             )
             for period in delta.periods:
