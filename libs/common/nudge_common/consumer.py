@@ -252,6 +252,10 @@ class ConsumerRunner:
         if not await self._start(consumer):
             return
         log.info("consumer started", consumer=self.name, topics=self.topics)
+        # The batch's effects are durable before its offsets are committed, so the commit
+        # need not hold up the next batch: it runs beside it, and each waits for the one
+        # before (a lost commit only means a replay, which processed_messages absorbs).
+        committing: asyncio.Task[None] | None = None
         try:
             while not self._stopping.is_set():
                 batches = await consumer.getmany(
@@ -263,13 +267,17 @@ class ConsumerRunner:
                     started = time.perf_counter()
                     if not await self._apply_until_done(records):
                         break  # stopping while a dependency is down: the batch replays later
-                    await self._commit(consumer, batches)
+                    if committing is not None:
+                        await committing
+                    committing = asyncio.create_task(self._commit(consumer, batches))
                     metrics.CONSUMER_BATCH_SIZE.labels(self.name).observe(len(records))
                     metrics.CONSUMER_BATCH_DURATION.labels(self.name).observe(
                         time.perf_counter() - started
                     )
                 self._observe_lag(consumer)
         finally:
+            if committing is not None:
+                await committing
             await consumer.stop()
             log.info("consumer stopped", consumer=self.name)
 

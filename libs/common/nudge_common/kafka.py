@@ -67,7 +67,7 @@ class Producer:
             acks="all",
             enable_idempotence=True,
             compression_type="lz4",
-            linger_ms=2,
+            linger_ms=self._settings.kafka_linger_ms,
             max_batch_size=256 * 1024,
             request_timeout_ms=self._request_timeout_ms,
             retry_backoff_ms=100,

@@ -21,6 +21,10 @@ class NudgeSettings(BaseSettings):
     service_name: str = "nudge"
 
     kafka_bootstrap_servers: str = "127.0.0.1:19092"
+    kafka_linger_ms: int = Field(default=0, ge=0)
+    """How long the producer holds a record for others to join its request. A consumer
+    publishes a whole batch's outputs at once, which makes one request anyway, so it
+    waits for nothing; ingest, whose requests arrive one by one, lingers."""
     topic_prefix: str = "nudge."
     """Prefixes every topic and consumer group, so one broker can host isolated test runs."""
 

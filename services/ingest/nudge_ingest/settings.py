@@ -11,6 +11,8 @@ from nudge_common.settings import NudgeSettings
 class IngestSettings(NudgeSettings):
     service_name: str = "ingest"
     http_port: int = 8001
+    kafka_linger_ms: int = Field(default=2, ge=0)
+    """Concurrent requests within 2 ms share one produce request."""
     produce_timeout_s: float = Field(default=5.0, gt=0)
     """How long a request waits for Kafka's acknowledgement before answering 503."""
     write_key_cache_ttl_s: float = Field(default=30.0, ge=0)
