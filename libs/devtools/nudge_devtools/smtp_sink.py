@@ -25,6 +25,21 @@ class _Collect:
             self.sink.arrivals.append((arrived, ", ".join(envelope.rcpt_tos)))
         return "250 Message accepted for delivery"
 
+    async def handle_EHLO(  # noqa: N802 - aiosmtpd's hook name
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        return advertise_pipelining(session, hostname, responses)
+
+
+def advertise_pipelining(session: Any, hostname: str, responses: list[str]) -> list[str]:
+    """An aiosmtpd ``handle_EHLO`` that also advertises PIPELINING (RFC 2920), as real
+    MTAs do. aiosmtpd serves pipelined commands correctly without saying so: it reads
+    each command line only after answering the one before (what comes early waits in its
+    reader's buffer), answers DATA 503 when no RCPT was accepted, and reads the content
+    only after its 354."""
+    session.host_name = hostname  # aiosmtpd leaves this to the hook
+    return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
 
 class SmtpSink:
     def __init__(self, port: int, host: str = "127.0.0.1") -> None:

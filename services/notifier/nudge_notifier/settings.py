@@ -52,8 +52,9 @@ class NotifierSettings(NudgeSettings):
     smtp_timeout_s: float = Field(default=10.0, gt=0)
     smtp_max_connections: int = Field(default=16, ge=1)
     """Connections kept open to the SMTP server and used concurrently (the pool's size). An
-    email costs four round trips (MAIL, RCPT, DATA, the message), so a batch's sending
-    time is about its emails / connections x 4 round trips: at 1,000 events/s in
+    email costs two round trips to a server that pipelines (MAIL, RCPT and DATA, then the
+    message), four to one that does not, so a batch's sending time is about its emails /
+    connections x 2 (or 4) round trips: at 1,000 events/s in
     ``make bench-e2e`` (333 emails/s) 16 instead of 4 took the notifier's hop from ~390 to
     ~210 ms at the median for the same CPU. Lower it for a relay that limits concurrent
     connections per client."""

@@ -41,7 +41,7 @@ SETTLED = ("sent", "failed", "skipped", "unknown", "bounced")
 
 @pytest.fixture(scope="module")
 def smtp() -> Iterator[ScriptedSmtp]:
-    server = ScriptedSmtp()
+    server = ScriptedSmtp(pipelining=True)  # as real MTAs (test_smtp_pipelining: without)
     server.start()
     yield server
     server.stop()

@@ -29,13 +29,15 @@ from fastapi.responses import JSONResponse, Response
 from nudge_common.codec import loads
 from nudge_devtools.pipeline import eventually
 from nudge_devtools.services import free_port
+from nudge_devtools.smtp_sink import advertise_pipelining
 
 
 class ScriptedSmtp:
     """An SMTP server that keeps what it accepts and answers RCPT/DATA from a script:
     ``rcpt_replies["x@y"] = ["451 4.3.0 try later", "550 5.1.1 no such user"]`` answers
     the first RCPT to x@y with 451, the second with 550, then accepts. ``data_delay_s``
-    slows every DATA down (to be killed mid-send)."""
+    slows every DATA down (to be killed mid-send). ``pipelining`` advertises PIPELINING
+    in the EHLO reply, as real MTAs do (aiosmtpd serves it without saying so)."""
 
     def __init__(
         self,
@@ -44,8 +46,10 @@ class ScriptedSmtp:
         tls_context: ssl.SSLContext | None = None,
         require_starttls: bool = False,
         credentials: tuple[str, str] | None = None,
+        pipelining: bool = False,
     ) -> None:
         self.port = free_port()
+        self.pipelining = pipelining
         self.messages: list[EmailMessage] = []
         self.sessions: list[dict[str, Any]] = []
         self.rcpt_replies: dict[str, list[str]] = defaultdict(list)
@@ -67,6 +71,14 @@ class ScriptedSmtp:
             auth_data.password.decode(),
         )
         return AuthResult(success=ok)
+
+    async def handle_EHLO(  # noqa: N802 - aiosmtpd's hook name
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        if self.pipelining:
+            return advertise_pipelining(session, hostname, responses)
+        session.host_name = hostname
+        return responses
 
     async def handle_RCPT(  # noqa: N802 - aiosmtpd's hook name
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: Any

@@ -1,5 +1,6 @@
-"""Email over SMTP with aiosmtplib: a pool of open connections (TLS or STARTTLS, auth),
-Message-ID, RFC 8058 one-click List-Unsubscribe headers and optional DKIM signing."""
+"""Email over SMTP: a pool of open connections (opened by aiosmtplib: TLS or STARTTLS,
+auth), mail transactions pipelined when the server allows it (RFC 2920), Message-ID, RFC
+8058 one-click List-Unsubscribe headers and optional DKIM signing."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import functools
 import re
 import time
 import uuid
+from collections import deque
 from email.header import Header
 from email.utils import formataddr, formatdate, parseaddr
+from typing import cast
 
 import aiosmtplib
 import dkim
-from aiosmtplib import SMTPStatus
+from aiosmtplib import SMTPResponse, SMTPStatus
 from aiosmtplib.email import quote_address
 
 from nudge_notifier.providers.base import Outbound, PermanentFailure, TransientFailure
@@ -133,13 +136,106 @@ def dkim_sign(settings: NotifierSettings, data: bytes) -> bytes:
     return bytes(signature) + data
 
 
+class SmtpConnection(asyncio.Protocol):
+    """One open SMTP connection, taken over from aiosmtplib once it is ready (connected,
+    TLS, EHLO, AUTH: aiosmtplib's, unchanged), for the mail transactions.
+
+    aiosmtplib cannot pipeline: its protocol expects one reply per command written and
+    awaited, parses one reply per arrival of data and drops data that arrives while a
+    parsed reply is not yet picked up. Here every reply is parsed and kept in order, so
+    MAIL, RCPT and DATA can go in one write (RFC 2920) and their replies be read after."""
+
+    def __init__(self, transport: asyncio.BaseTransport, *, pipelining: bool, timeout: float):
+        self.transport = cast(asyncio.WriteTransport, transport)
+        self.pipelining = pipelining
+        """The server advertised PIPELINING in its EHLO reply."""
+        self.timeout = timeout
+        self.replies: deque[SMTPResponse] = deque()
+        self.buffer = bytearray()
+        self.lines: list[bytes] = []
+        """The text of the reply being read, one element a line."""
+        self.lost: aiosmtplib.SMTPException | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        transport.set_protocol(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        start = 0
+        while (end := self.buffer.find(b"\n", start)) != -1:
+            line = bytes(self.buffer[start : end + 1])
+            start = end + 1
+            try:
+                code = int(line[:3])
+            except ValueError:
+                self._fail(aiosmtplib.SMTPResponseException(-1, f"malformed reply {line!r}"))
+                return
+            self.lines.append(line[4:].strip(b" \t\r\n"))
+            if line[3:4] != b"-":
+                message = b"\n".join(self.lines).decode("utf-8", "surrogateescape")
+                self.replies.append(SMTPResponse(code, message))
+                self.lines = []
+        del self.buffer[:start]
+        if len(self.buffer) > MAX_LINE_LENGTH or len(self.lines) > MAX_REPLY_LINES:
+            self._fail(aiosmtplib.SMTPResponseException(-1, "reply too long"))
+        self._wake()
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes: connection_lost
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.lost is None:
+            self.lost = aiosmtplib.SMTPServerDisconnected("Connection lost")
+        self._wake()
+
+    def _fail(self, error: aiosmtplib.SMTPException) -> None:
+        self.lost = error
+        self.transport.close()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    @property
+    def is_connected(self) -> bool:
+        return self.lost is None and not self.transport.is_closing()
+
+    def write(self, data: bytes) -> None:
+        if not self.is_connected:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        self.transport.write(data)
+
+    async def reply(self) -> SMTPResponse:
+        """The next reply: ``SMTPServerDisconnected`` once the connection is lost,
+        ``SMTPReadTimeoutError`` after ``smtp_timeout_s`` without one."""
+        while not self.replies:
+            if self.lost is not None:
+                raise self.lost
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await self.waiter
+            except TimeoutError as error:
+                self.close()
+                raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for a reply") from error
+        return self.replies.popleft()
+
+    async def quit(self) -> None:
+        self.write(b"QUIT\r\n")
+        await self.reply()
+        self.close()
+
+    def close(self) -> None:
+        self.transport.close()
+
+
 class SmtpPool:
     """Up to ``smtp_max_connections`` open SMTP connections, reused across messages.
     A connection that saw any error is closed, never handed out again."""
 
     def __init__(self, settings: NotifierSettings) -> None:
         self.settings = settings
-        self.idle: list[aiosmtplib.SMTP] = []
+        self.idle: list[SmtpConnection] = []
         self.open = 0
         self.condition = asyncio.Condition()
 
@@ -156,37 +252,62 @@ class SmtpPool:
             timeout=s.smtp_timeout_s,
         )
 
-    async def acquire(self) -> aiosmtplib.SMTP:
+    async def acquire(self) -> SmtpConnection:
         async with self.condition:
             while not self.idle and self.open >= self.settings.smtp_max_connections:
                 await self.condition.wait()
             if self.idle:
                 return self.idle.pop()
             self.open += 1
+        try:
+            return await self._connect()
+        except BaseException:
+            async with self.condition:
+                self.open -= 1
+                self.condition.notify()
+            raise
+
+    async def _connect(self) -> SmtpConnection:
+        """Connected, greeted with EHLO (HELO if refused), TLS and AUTH as configured,
+        by aiosmtplib."""
         client = self._client()
         try:
             await client.connect()
+            if client.is_ehlo_or_helo_needed:
+                try:
+                    await client.ehlo()
+                except aiosmtplib.SMTPHeloError:
+                    if not client.is_connected:
+                        raise
+                    await client.helo()
+            transport = client.transport
+            if transport is None or not client.is_connected:
+                raise aiosmtplib.SMTPServerDisconnected("Connection lost")
         except BaseException:
-            await self.release(client, reuse=False)
+            client.close()
             raise
-        return client
+        return SmtpConnection(
+            transport,
+            pipelining=client.supports_extension("pipelining"),
+            timeout=self.settings.smtp_timeout_s,
+        )
 
-    async def release(self, client: aiosmtplib.SMTP, *, reuse: bool) -> None:
+    async def release(self, connection: SmtpConnection, *, reuse: bool) -> None:
         async with self.condition:
-            if reuse and client.is_connected:
-                self.idle.append(client)
+            if reuse and connection.is_connected:
+                self.idle.append(connection)
             else:
                 self.open -= 1
-                client.close()
+                connection.close()
             self.condition.notify()
 
     async def close(self) -> None:
         async with self.condition:
-            for client in self.idle:
+            for connection in self.idle:
                 try:
-                    await asyncio.wait_for(client.quit(), 1.0)
+                    await asyncio.wait_for(connection.quit(), 1.0)
                 except (aiosmtplib.SMTPException, OSError, TimeoutError):
-                    client.close()
+                    connection.close()
             self.open -= len(self.idle)
             self.idle.clear()
 
@@ -198,65 +319,95 @@ class SmtpEmailProvider:
         self.settings = settings
         self.pool = SmtpPool(settings)
         self.sender = parseaddr(settings.email_from)[1]
-        self.mail_from = b"FROM:" + quote_address(self.sender).encode("ascii")
+        self.mail = b"MAIL FROM:" + quote_address(self.sender).encode("ascii") + b"\r\n"
 
     async def send(self, message: Outbound) -> str:
         """Hand the message to the SMTP server; returns its Message-ID.
 
-        Everything up to DATA is safe to retry (the server has not got the message); a
-        reply to DATA is a clear yes or no; a connection lost or a timeout *during* DATA
-        propagates as is, because the server may have taken the message: unknown."""
+        Everything before the message's content is safe to retry (the server has not got
+        the message); a reply to the content is a clear yes or no; a connection lost or a
+        timeout while the content is sent or its reply awaited propagates as is, because
+        the server may have taken the message: unknown."""
         data, message_id = build_message(self.settings, message)
         data = dkim_sign(self.settings, data)
         try:
-            client = await self.pool.acquire()
+            connection = await self.pool.acquire()
+        except aiosmtplib.SMTPHeloError as error:
+            raise _refusal(error) from error
         except aiosmtplib.SMTPException as error:
             raise TransientFailure(f"cannot connect: {error}") from error
         except OSError as error:
             raise TransientFailure(f"cannot connect: {error!r}") from error
         reuse = False
         try:
-            try:
-                await self._envelope(client, message.to)
-            except aiosmtplib.SMTPResponseException as error:
-                raise _refusal(error) from error
-            except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as error:
-                raise TransientFailure(f"connection lost before DATA: {error}") from error
-            try:
-                await client.data(data)
-            except aiosmtplib.SMTPResponseException as error:
-                if 400 <= error.code < 500:
-                    raise TransientFailure(
-                        f"{error.code} {error.message}", per_recipient=True
-                    ) from error
-                raise PermanentFailure(f"{error.code} {error.message}") from error
+            await self._envelope(connection, message.to)
+            connection.write(_content(data))
+            reply = await connection.reply()
+            if reply.code != SMTPStatus.completed:
+                raise _data_refusal(reply)
             reuse = True
         finally:
-            await self.pool.release(client, reuse=reuse)
+            await self.pool.release(connection, reuse=reuse)
         return message_id
 
-    async def _envelope(self, client: aiosmtplib.SMTP, to: str) -> None:
-        """MAIL and RCPT as ``client.mail`` and ``client.rcpt`` send them, with the
-        same errors, but without parsing both addresses again for every message: the
-        sender is quoted once, and the recipient was checked and normalised before."""
-        if client.is_ehlo_or_helo_needed:
-            try:
-                await client.ehlo()
-            except aiosmtplib.SMTPHeloError:
-                if not client.is_connected:
-                    raise
-                await client.helo()
-        response = await client.execute_command(b"MAIL", self.mail_from)
-        if response.code != SMTPStatus.completed:
-            raise aiosmtplib.SMTPSenderRefused(response.code, response.message, self.sender)
+    async def _envelope(self, connection: SmtpConnection, to: str) -> None:
+        """MAIL, RCPT and DATA, in one write when the server pipelines (RFC 2920), else
+        one by one; returns when the server waits for the content (354). Every reply is
+        checked in order, whatever came before: a refusal raises as a failure of the
+        message (4xx: transient), and the connection is then closed without the content
+        (a server that answers DATA with 354 although it refused RCPT gets no message).
+        The sender was quoted once at start and the recipient checked and normalised
+        before: both are written as they stand."""
         if _NOT_IN_A_MAILBOX.search(to):
             raise ValueError(f"{to!r} cannot be sent to: not a plain SMTP mailbox")
-        response = await client.execute_command(b"RCPT", b"TO:<" + to.encode("ascii") + b">")
-        if response.code not in (SMTPStatus.completed, SMTPStatus.will_forward):
-            raise aiosmtplib.SMTPRecipientRefused(response.code, response.message, to)
+        commands = [self.mail, b"RCPT TO:<" + to.encode("ascii") + b">\r\n", b"DATA\r\n"]
+        try:
+            if connection.pipelining:
+                connection.write(b"".join(commands))
+                replies = [await connection.reply() for _ in commands]
+            else:
+                replies = []
+                for command, accepted in zip(commands, _ACCEPTED, strict=True):
+                    connection.write(command)
+                    replies.append(await connection.reply())
+                    if replies[-1].code not in accepted:
+                        break
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as error:
+            raise TransientFailure(f"connection lost before the content: {error}") from error
+        mail, *rest = replies
+        if mail.code not in _ACCEPTED[0]:
+            raise _refusal(aiosmtplib.SMTPSenderRefused(mail.code, mail.message, self.sender))
+        rcpt, *rest = rest
+        if rcpt.code not in _ACCEPTED[1]:
+            raise _refusal(aiosmtplib.SMTPRecipientRefused(rcpt.code, rcpt.message, to))
+        (start,) = rest
+        if start.code not in _ACCEPTED[2]:
+            raise _data_refusal(start)
 
     async def close(self) -> None:
         await self.pool.close()
+
+
+_ACCEPTED = (
+    (SMTPStatus.completed,),
+    (SMTPStatus.completed, SMTPStatus.will_forward),
+    (SMTPStatus.start_input,),
+)
+"""The replies to MAIL, RCPT and DATA that let the transaction go on."""
+MAX_LINE_LENGTH = 8192
+MAX_REPLY_LINES = 100
+
+
+def _content(data: bytes) -> bytes:
+    """The message as DATA sends it: dot-stuffed, ended by a line with a dot.
+    :func:`build_message` writes CRLF line ends only (its parts are base64, its headers
+    written or folded with CRLF, control characters in values replaced), so the line
+    ends are not normalised again (aiosmtplib's regular expression over the whole
+    message cost more than building it); ``tests/.../test_smtp_pipelining.py`` holds
+    the output to that."""
+    if b"\n." in data:
+        data = data.replace(b"\n.", b"\n..")
+    return data + b".\r\n"
 
 
 def _refusal(error: aiosmtplib.SMTPResponseException) -> Exception:
@@ -267,3 +418,12 @@ def _refusal(error: aiosmtplib.SMTPResponseException) -> Exception:
         error.code in HARD_BOUNCE_CODES or "5.1." in error.message
     )
     return PermanentFailure(reason, hard_bounce=hard)
+
+
+def _data_refusal(reply: SMTPResponse) -> Exception:
+    """A refusal of DATA or of the content: the recipient was accepted, so never a hard
+    bounce."""
+    reason = f"{reply.code} {reply.message}"
+    if 400 <= reply.code < 500:
+        return TransientFailure(reason, per_recipient=True)
+    return PermanentFailure(reason)
