@@ -104,26 +104,34 @@ _LOAD_CONTACTS = sa.text(
 """The contacts, locked in id order, each row with :data:`_HEAD` in front (one round trip;
 :data:`_HEAD` alone when none of them is known yet)."""
 _LOAD_STATE = sa.text(
-    "SELECT i.id, m.segments, e.names, e.ats, e.properties, r.segments, r.due"
-    " FROM unnest(CAST(:ids AS uuid[]), CAST(:whole AS boolean[])) AS i(id, whole)"
-    " CROSS JOIN LATERAL (SELECT array_agg(segment_id) AS segments"
-    f" FROM {_S}.memberships WHERE contact_id = i.id"
-    " AND (i.whole OR segment_id = ANY(CAST(:segments AS uuid[])))) AS m"
-    " CROSS JOIN LATERAL (SELECT array_agg(event) AS names, array_agg(at) AS ats,"
+    f"WITH never_parallel AS (SELECT FROM {_S}.contacts"
+    " WHERE contact_id = ANY(CAST(:ids AS uuid[])) FOR KEY SHARE)"
+    " SELECT 0, contact_id, array_agg(segment_id), NULL::text[], NULL::timestamptz[],"
+    f" NULL::jsonb[] FROM {_S}.memberships WHERE contact_id = ANY(CAST(:ids AS uuid[]))"
+    " AND (:all OR segment_id = ANY(CAST(:segments AS uuid[]))"
+    " OR contact_id = ANY(CAST(:new AS uuid[]))) GROUP BY contact_id"
+    " UNION ALL"
+    " SELECT 1, contact_id, NULL::uuid[], array_agg(event), array_agg(at),"
     " array_agg(CASE WHEN event = ANY(CAST(:filtered AS text[])) THEN properties END)"
-    f" AS properties FROM {_S}.contact_events WHERE contact_id = i.id"
-    " AND event = ANY(CAST(:events AS text[]))"
-    " AND (i.whole OR event = ANY(CAST(:needed_events AS text[])))) AS e"
-    " CROSS JOIN LATERAL (SELECT array_agg(segment_id) AS segments, array_agg(due_at) AS due"
-    f" FROM {_S}.rechecks WHERE :timed AND contact_id = i.id"
-    " AND (i.whole OR segment_id = ANY(CAST(:segments AS uuid[])))) AS r"
+    f" FROM {_S}.contact_events WHERE contact_id = ANY(CAST(:ids AS uuid[]))"
+    " AND event = ANY(CAST(:events AS text[])) AND (:all"
+    " OR event = ANY(CAST(:needed_events AS text[])) OR contact_id = ANY(CAST(:new AS uuid[])))"
+    " GROUP BY contact_id"
+    " UNION ALL"
+    " SELECT 2, contact_id, array_agg(segment_id), NULL::text[], array_agg(due_at),"
+    f" NULL::jsonb[] FROM {_S}.rechecks WHERE :timed AND contact_id = ANY(CAST(:ids AS uuid[]))"
+    " AND (:all OR segment_id = ANY(CAST(:segments AS uuid[]))"
+    " OR contact_id = ANY(CAST(:new AS uuid[]))) GROUP BY contact_id"
 )
-"""The memberships, events and scheduled rechecks of the batch's contacts that its
-evaluations read (``whole``: all of a contact's), in one round trip, one row a contact
-with its arrays (the event properties only of the events a condition filters on). Each
-contact's three index lookups are joined laterally to its id: as a ``UNION ALL`` over the
-whole batch, the planner chose a parallel plan whose workers took ~10 ms to start, for
-well under 1 ms of work."""
+"""The memberships (0), events (1) and scheduled rechecks (2) of the batch's contacts that
+its evaluations read, in one round trip, as arrays per contact (a few rows a contact, not
+one per membership; the event properties only of the events a condition filters on).
+
+``never_parallel`` is never run (a ``WITH`` query nothing reads), but its locking clause
+keeps PostgreSQL from planning the statement in parallel: for the ``UNION ALL`` it chose a
+parallel plan whose workers took ~10-20 ms to start, for ~1 ms of work in a batch of 10
+(and no faster for 500). One row per contact with its lookups joined laterally avoids it
+too, but took ~40% longer in batches of 500."""
 
 
 class SegmentCache:
@@ -322,13 +330,15 @@ class ContactBatch:
         # moves them to a survivor not seen yet, a list takes anyone.
         needed = workspace.needed(facts)
         timed = any(s.timed for s in workspace.index.ordered)
+        new = [cid for cid, c in loaded.items() if not c.exists]
         batch = cls(workspace_id, workspace, loaded, head[2])
         batch.stale = stale
         state = await session.execute(
             _LOAD_STATE,
             {
                 "ids": ids,
-                "whole": [needed is None or not loaded[cid].exists for cid in ids],
+                "all": needed is None,
+                "new": new,
                 "segments": sorted(needed.segments) if needed else [],
                 "events": sorted(workspace.event_names),
                 "needed_events": sorted(needed.events) if needed else [],
@@ -337,15 +347,15 @@ class ContactBatch:
             },
         )
         canonical = workspace.canonical  # ids hashed and compared from now on: one object
-        for cid, segment_ids, names, ats, properties, rechecked, due in state:
+        for kind, cid, segment_ids, names, ats, properties in state:
             contact = loaded[cid]
-            if segment_ids:
+            if kind == 0:
                 contact.segments.update(canonical.get(s, s) for s in segment_ids)
-            if names:
+            elif kind == 1:
                 for name, at, given in zip(names, ats, properties, strict=True):
                     contact.add_event(EventFact(name, at, given or {}))
-            if rechecked:
-                batch.scheduled[contact.contact_id] = (rechecked, due)
+            else:
+                batch.scheduled[contact.contact_id] = (segment_ids, ats)
         return batch
 
     # --- changes -----------------------------------------------------------------------
