@@ -178,6 +178,17 @@ async def transaction(sessionmaker: SessionMaker) -> AsyncIterator[AsyncSession]
         yield session
 
 
+def autocommit(sessionmaker: SessionMaker) -> SessionMaker:
+    """Sessions on the same engine whose statements each commit on their own: no BEGIN and
+    COMMIT round trips (two of the three of a transaction of one statement). For work
+    that is one statement (atomic by itself), or reads that need no common snapshot.
+    Build it once: the engine it binds is a copy with its own options."""
+    engine = sessionmaker.kw["bind"]
+    return async_sessionmaker(
+        engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False
+    )
+
+
 def processed_messages_table(metadata: sa.MetaData) -> sa.Table:
     """Ids of the messages a consumer has applied, written in the same transaction as the
     effects: a replayed message finds its id here and changes nothing."""

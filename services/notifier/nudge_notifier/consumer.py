@@ -9,10 +9,32 @@ cannot be known, so it is recorded as ``unknown`` and never sent again.
 
 A batch is sent concurrently: :meth:`NotificationHandler.prepare` gets the whole batch
 from the consumer runner before its transaction opens, plans every request (address,
-consent, render) and claims every sendable key in one commit, sends them all at once
+consent, render: one read for the batch), claims every sendable key in one statement
+that also records the skipped requests and the hygiene flags, sends them all at once
 (each provider bounded by its own rate limit and concurrency), and records every outcome
-in one commit. The runner then takes what ``prepare`` found for the whole batch
-(``handle_batch``) in its own transaction, which publishes the reports.
+in one statement. Those statements are each atomic and run without a transaction around
+them (no BEGIN and COMMIT round trips). The runner then takes what ``prepare`` found for
+the whole batch (``handle_batch``) in its own transaction, which publishes the reports.
+
+Why the outcomes are committed by ``prepare`` and not in the runner's transaction (which
+would save the one round trip of their statement): that transaction is rolled back
+whenever the runner replays the batch, and the outcomes would go with it.
+
+- A transient failure of a send makes ``handle_batch`` raise :class:`RetryLater`, which
+  rolls the runner's transaction back and replays the batch by design: the key's ``retry``
+  status must be committed before, or the replay finds it still ``sending`` and gives it
+  up as ``unknown`` (never sent) instead of sending it again.
+- Publishing the reports or committing can fail (Kafka or PostgreSQL away: retried with
+  back-off, the same batch applied again). The replay would find every sent key still
+  ``sending`` and report it ``unknown``: the real outcomes, sent, bounced or refused, would
+  be lost, and the suppression of a hard bounce with them. Keeping them in memory across
+  replays does not cover a runner stopped during the outage (it leaves the batch to replay
+  after the restart) or a crash after the sends.
+- A bad message in the batch makes the runner roll back and apply the messages one by
+  one in savepoints, so the outcomes would need a second way to be written.
+
+At most once would hold either way (a key is claimed before it is sent; a key left
+``sending`` is never resent), but outcomes would be lost for one round trip a batch.
 """
 
 from __future__ import annotations
@@ -30,7 +52,7 @@ from pydantic import TypeAdapter, ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from nudge_common.consumer import ConsumerRunner, MessageHandler
-from nudge_common.db import SessionMaker, transaction
+from nudge_common.db import SessionMaker, autocommit, transaction
 from nudge_common.errors import InvalidMessage, RetryLater
 from nudge_common.events import (
     CONSENT_CHANGED,
@@ -126,6 +148,18 @@ class Item:
         return self.request is not None and self.request.recipient is not None
 
 
+@dataclass(frozen=True)
+class Addressed:
+    """Where a request goes (address, provider, provider data), or why it cannot go
+    (``problem``); ``note``: the address's hygiene flags to record."""
+
+    address: str | None = None
+    provider: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    problem: str | None = None
+    note: store.HygieneNote | None = None
+
+
 class NotificationHandler:
     def __init__(
         self, settings: NotifierSettings, sessionmaker: SessionMaker, providers: Providers
@@ -133,6 +167,7 @@ class NotificationHandler:
         self.settings = settings
         self.sessionmaker = sessionmaker
         self.providers = providers
+        self.autocommit = autocommit(sessionmaker)
         self._prepared: dict[uuid.UUID, Item] = {}
 
     async def prepare(self, envelopes: Sequence[Envelope]) -> None:
@@ -190,41 +225,53 @@ class NotificationHandler:
         return items
 
     async def _round(self, items: list[Item]) -> None:
-        """Plan and claim in one commit, before any provider is called; then send, and
-        commit every outcome."""
+        """Plan, then claim in one statement committed before any provider is called; then
+        send, and commit every outcome."""
         if not items:
             return
-        async with transaction(self.sessionmaker) as session:
-            await self._plan(session, items)
-            await self._claim(session, items)
+        async with self.autocommit() as session:
+            skipped, notes = await self._plan(session, items)
+            await self._claim(session, items, skipped, notes)
         sendable = [item for item in items if not item.done and item.outbound is not None]
         if sendable:
             await asyncio.gather(*(self._send(item) for item in sendable))
             await self._record(sendable)
 
-    async def _plan(self, session: AsyncSession, items: list[Item]) -> None:
-        """Address, hygiene, suppression and consent, template. Requests that must not be
-        sent are recorded as skipped, with the reason."""
+    async def _plan(
+        self, session: AsyncSession, items: list[Item]
+    ) -> tuple[list[store.Skipped], list[store.HygieneNote]]:
+        """Address, hygiene, suppression and consent, template, with one read for the
+        batch. Returns the requests that must not be sent, with the reason, and the
+        hygiene flags of the addresses, for :meth:`_claim` to record."""
         pending = [item for item in items if item.request is not None and item.error is None]
         if not pending:
-            return
-        skipped: list[tuple[Item, str]] = []
-        templates: dict[tuple[str, uuid.UUID], Template | None] = {}
-        by_workspace: dict[str, list[Item]] = {}
+            return [], []
+        addressed: list[tuple[Item, Addressed]] = []
+        wanted: set[tuple[str, uuid.UUID]] = set()
+        lookups: set[store.Address] = set()
         for item in pending:
             request = item.request
             assert request is not None
             workspace = item.envelope.workspace_id
-            key = (workspace, request.template_id)
-            if key not in templates:
-                templates[key] = (
-                    CONTACT_SUMMARY
-                    if request.template_id == CONTACT_SUMMARY.id
-                    else await store.get_template(
-                        session, workspace_id=workspace, template_id=request.template_id
-                    )
-                )
-            template = templates[key]
+            if request.template_id != CONTACT_SUMMARY.id:
+                wanted.add((workspace, request.template_id))
+            found = self._address(item)
+            addressed.append((item, found))
+            if found.address is not None and not item.internal:
+                lookups.add((workspace, request.channel, found.address))
+        plan = await store.load_plan(session, templates=list(wanted), addresses=list(lookups))
+        skipped: list[tuple[Item, str]] = []
+        notes: list[store.HygieneNote] = []
+        opt_in_channels = self._opt_in_channels()
+        for item, found in addressed:
+            request = item.request
+            assert request is not None
+            workspace = item.envelope.workspace_id
+            template = (
+                CONTACT_SUMMARY
+                if request.template_id == CONTACT_SUMMARY.id
+                else plan.templates.get((workspace, request.template_id))
+            )
             if template is None:
                 item.error = InvalidMessage(f"template {request.template_id} does not exist")
                 continue
@@ -233,10 +280,12 @@ class NotificationHandler:
                     f"template {template.name!r} is for {template.channel}, not {request.channel}"
                 )
                 continue
-            address, provider, data, problem = await self._address(session, item)
-            if problem is not None:
-                skipped.append((item, problem))
+            if found.note is not None:
+                notes.append(found.note)
+            if found.problem is not None:
+                skipped.append((item, found.problem))
                 continue
+            address, provider = found.address, found.provider
             assert address is not None
             assert provider is not None
             item.address, item.provider = address, provider
@@ -260,32 +309,21 @@ class NotificationHandler:
                     ),
                     rendered.text,
                 )
-            item.outbound = Outbound(
-                request.channel, address, rendered, request.idempotency_key, headers, data
-            )
             if not item.internal:
-                by_workspace.setdefault(workspace, []).append(item)
-        for workspace, group in by_workspace.items():
-            pairs = {(i.request.channel, i.address) for i in group if i.request and i.address}
-            suppressed, consents = await store.sending_policy(
-                session, workspace_id=workspace, pairs=pairs
-            )
-            for item in group:
-                assert item.request is not None
-                assert item.address is not None
-                pair = (item.request.channel, item.address)
-                template = templates[(workspace, item.request.template_id)]
-                assert template is not None
+                pair = (workspace, request.channel, address)
                 decision = decide(
-                    channel=item.request.channel,
+                    channel=request.channel,
                     topic=template.topic,
-                    suppression_reason=suppressed.get(pair),
-                    consents=consents.get(pair, {}),
-                    opt_in_channels=self._opt_in_channels(),
+                    suppression_reason=plan.suppressed.get(pair),
+                    consents=plan.consents.get(pair, {}),
+                    opt_in_channels=opt_in_channels,
                 )
                 if not decision.allowed:
-                    item.outbound = None
                     skipped.append((item, decision.reason or "not allowed"))
+                    continue
+            item.outbound = Outbound(
+                request.channel, address, rendered, request.idempotency_key, headers, found.data
+            )
         records = []
         for item, reason in skipped:
             assert item.request is not None
@@ -299,7 +337,7 @@ class NotificationHandler:
                 )
             )
             item.outputs.append(self._report(item, "skipped", reason=reason))
-        await store.record_skipped_many(session, records)
+        return records, notes
 
     def _opt_in_channels(self) -> list[Channel]:
         channels = list(self.settings.opt_in_channels)
@@ -307,10 +345,9 @@ class NotificationHandler:
             channels.append("email")
         return channels
 
-    async def _address(
-        self, session: AsyncSession, item: Item
-    ) -> tuple[str | None, str | None, dict[str, Any], str | None]:
-        """(address, provider, provider data, why not) for the request's channel."""
+    def _address(self, item: Item) -> Addressed:
+        """The address, provider and provider data for the request's channel, or why
+        not; for an email, the hygiene flags to note."""
         request = item.request
         assert request is not None
         traits = request.contact.traits
@@ -318,50 +355,45 @@ class NotificationHandler:
         if request.recipient is not None:
             check = check_email(request.recipient)
             if not check.valid or check.normalized is None:
-                return None, None, {}, f"invalid recipient address: {check.reason}"
-            return check.normalized.lower(), "smtp", {}, None
+                return Addressed(problem=f"invalid recipient address: {check.reason}")
+            return Addressed(check.normalized.lower(), "smtp")
         if request.channel == "email":
             raw = traits.get("email")
             if not isinstance(raw, str) or not raw:
-                return None, None, {}, "no email address"
+                return Addressed(problem="no email address")
             check = check_email(raw)
             if not check.valid or check.normalized is None:
-                await store.note_hygiene(
-                    session,
-                    workspace_id=workspace,
-                    channel="email",
-                    address=raw.lower(),
-                    invalid=True,
-                    suggestion=check.suggestion,
+                note = store.HygieneNote(
+                    workspace, "email", raw.lower(), invalid=True, suggestion=check.suggestion
                 )
-                return None, None, {}, f"invalid email address: {check.reason}"
+                return Addressed(problem=f"invalid email address: {check.reason}", note=note)
             address = check.normalized.lower()
             if check.disposable or check.role or check.suggestion:
-                await store.note_hygiene(
-                    session,
-                    workspace_id=workspace,
-                    channel="email",
-                    address=address,
+                note = store.HygieneNote(
+                    workspace,
+                    "email",
+                    address,
                     disposable=check.disposable,
                     role=check.role,
                     suggestion=check.suggestion,
                 )
-            return address, "smtp", {}, None
+                return Addressed(address, "smtp", note=note)
+            return Addressed(address, "smtp")
         if request.channel == "sms":
             raw = traits.get("phone")
             if not isinstance(raw, str) or not raw:
-                return None, None, {}, "no phone number"
+                return Addressed(problem="no phone number")
             try:
-                return to_e164(raw, self.settings.sms_default_region), "sms", {}, None
+                return Addressed(to_e164(raw, self.settings.sms_default_region), "sms")
             except InvalidPhone as error:
-                return None, None, {}, str(error)
+                return Addressed(problem=str(error))
         subscription = traits.get("web_push")
         if isinstance(subscription, dict) and isinstance(subscription.get("endpoint"), str):
-            return subscription["endpoint"], "webpush", {"subscription": subscription}, None
+            return Addressed(subscription["endpoint"], "webpush", {"subscription": subscription})
         token = traits.get("fcm_token")
         if isinstance(token, str) and token:
-            return token, "fcm", {}, None
-        return None, None, {}, "no push subscription or device token"
+            return Addressed(token, "fcm")
+        return Addressed(problem="no push subscription or device token")
 
     def _links(self, item: Item, template: Template, address: str) -> links.LinkContext:
         request = item.request
@@ -391,12 +423,17 @@ class NotificationHandler:
             "" if ctx is None or token is None else links.unsubscribe_url(ctx, token),
         )
 
-    async def _claim(self, session: AsyncSession, items: list[Item]) -> None:
-        """Claim every sendable key (the caller commits before sending). A key claimed
-        before is not sent: its recorded outcome is reported again."""
+    async def _claim(
+        self,
+        session: AsyncSession,
+        items: list[Item],
+        skipped: list[store.Skipped],
+        notes: list[store.HygieneNote],
+    ) -> None:
+        """Claim every sendable key, recording the skipped requests and the hygiene notes
+        in the same statement (committed before sending). A key claimed before is not
+        sent: its recorded outcome is reported again."""
         candidates = [i for i in items if not i.done and i.outbound is not None]
-        if not candidates:
-            return
         claims = []
         for item in candidates:
             assert item.request is not None
@@ -410,14 +447,19 @@ class NotificationHandler:
                     item.address,
                 )
             )
-        claimed = await store.claim_many(session, claims)
+        claimed = await store.claim_many(session, claims, skipped=skipped, notes=notes)
+        earlier = []
         for item in candidates:
             assert item.request is not None
             if item.request.idempotency_key in claimed:
                 item.attempts = claimed[item.request.idempotency_key]
             else:
                 item.outbound = None
-                item.outputs.append(await self._settle_earlier_claim(session, item))
+                earlier.append(item)
+        if earlier:
+            async with transaction(self.sessionmaker) as settling:
+                for item in earlier:
+                    item.outputs.append(await self._settle_earlier_claim(settling, item))
 
     async def _send(self, item: Item) -> None:
         assert item.outbound is not None
@@ -468,57 +510,75 @@ class NotificationHandler:
         item.outputs.append(self._report(item, "sent", message_id=message_id))
 
     async def _record(self, items: list[Item]) -> None:
-        """Every outcome of the batch in one commit, with what follows from it: a hard
-        bounce suppresses the address, a soft bounce counts towards the sunset."""
+        """Every outcome of the batch committed at once, with what follows from it: a
+        successful send counts for its address's health, a hard bounce suppresses the
+        address, a soft bounce counts towards the sunset. Without bounces (the usual batch)
+        that is one statement, with no transaction around it."""
         outcomes = [item.outcome for item in items if item.outcome is not None]
+        sent: list[store.SentTo] = []
+        bounced: list[Item] = []
+        for item in items:
+            if item.outcome is None or item.request is None or item.address is None:
+                continue
+            if item.internal:
+                continue
+            if item.outcome.status == "sent":
+                contact = item.request.contact
+                sent.append(
+                    store.SentTo(
+                        item.envelope.workspace_id,
+                        item.request.channel,
+                        item.address,
+                        contact.contact_id,
+                        contact.user_id,
+                    )
+                )
+            elif item.hard_bounce or item.soft_bounce:
+                bounced.append(item)
+        if not bounced:
+            async with self.autocommit() as session:
+                await self._record_outcomes(session, outcomes, sent)
+            return
         async with transaction(self.sessionmaker) as session:
-            await store.record_outcomes(session, outcomes)
-            sent: list[store.SentTo] = []
-            for item in items:
-                if (
-                    item.outcome is None
-                    or item.request is None
-                    or item.address is None
-                    or item.internal
-                ):
-                    continue
-                workspace = item.envelope.workspace_id
-                if item.outcome.status == "sent":
-                    contact = item.request.contact
-                    sent.append(
-                        store.SentTo(
-                            workspace,
-                            item.request.channel,
-                            item.address,
-                            contact.contact_id,
-                            contact.user_id,
-                        )
-                    )
-                elif item.hard_bounce:
-                    reason = item.outcome.reason or "hard bounce"
-                    if await store.suppress(
-                        session,
-                        workspace_id=workspace,
-                        channel=item.request.channel,
-                        address=item.address,
-                        reason="hard_bounce",
-                        detail=reason,
-                    ):
-                        item.outputs.append(self._suppressed(item, "hard_bounce"))
-                        item.outputs.append(bounce_event(item))
-                elif item.soft_bounce:
-                    item.outputs += await feedback.soft_bounce(
-                        session,
-                        self.settings,
-                        workspace,
-                        channel=item.request.channel,
-                        address=item.address,
-                    )
-            await store.note_sends(
+            for item in bounced:
+                await self._bounced(session, item)
+            await self._record_outcomes(session, outcomes, sent)
+
+    async def _record_outcomes(
+        self, session: AsyncSession, outcomes: list[store.Outcome], sent: list[store.SentTo]
+    ) -> None:
+        await store.record_outcomes(
+            session,
+            outcomes,
+            sent,
+            unengaged_days=self.settings.unengaged_sunset_days,
+            min_sends=self.settings.unengaged_sunset_min_sends,
+        )
+
+    async def _bounced(self, session: AsyncSession, item: Item) -> None:
+        assert item.request is not None
+        assert item.address is not None
+        assert item.outcome is not None
+        workspace = item.envelope.workspace_id
+        if item.hard_bounce:
+            reason = item.outcome.reason or "hard bounce"
+            if await store.suppress(
                 session,
-                sent,
-                unengaged_days=self.settings.unengaged_sunset_days,
-                min_sends=self.settings.unengaged_sunset_min_sends,
+                workspace_id=workspace,
+                channel=item.request.channel,
+                address=item.address,
+                reason="hard_bounce",
+                detail=reason,
+            ):
+                item.outputs.append(self._suppressed(item, "hard_bounce"))
+                item.outputs.append(bounce_event(item))
+        else:
+            item.outputs += await feedback.soft_bounce(
+                session,
+                self.settings,
+                workspace,
+                channel=item.request.channel,
+                address=item.address,
             )
 
     async def _settle_earlier_claim(self, session: AsyncSession, item: Item) -> OutgoingMessage:

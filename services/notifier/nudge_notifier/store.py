@@ -227,42 +227,6 @@ class Claim:
     recipient: str
 
 
-_LEDGER_ROWS: list[tuple[str, sa.types.TypeEngine[Any]]] = [
-    ("k", sa.Text()),
-    ("w", sa.Text()),
-    ("ch", sa.Text()),
-    ("c", UUID(as_uuid=True)),
-]
-_claim_rows = array_rows_of([*_LEDGER_ROWS, ("r", sa.Text())])
-_claim_insert = pg_insert(deliveries).from_select(
-    ["idempotency_key", "workspace_id", "channel", "contact_id", "recipient", "status"],
-    sa.select(*_claim_rows.c, sa.literal(SENDING, sa.Text)),
-)
-_CLAIM = _claim_insert.on_conflict_do_update(
-    index_elements=[deliveries.c.idempotency_key],
-    set_={"status": SENDING, "attempts": deliveries.c.attempts + 1, "updated_at": sa.func.now()},
-    where=deliveries.c.status == RETRY,
-).returning(deliveries.c.idempotency_key, deliveries.c.attempts)
-"""The batch's statements are built once, here, and executed with one list per column:
-built per call, SQLAlchemy constructed and keyed them again for every batch."""
-
-
-async def claim_many(session: AsyncSession, claims: list[Claim]) -> dict[str, int]:
-    """Take the keys for sending: a new key, or one whose last attempt failed in a way
-    that is safe to retry (status ``retry``). Returns the keys taken with their attempt
-    count. The keys must be distinct. Commit before sending."""
-    if not claims:
-        return {}
-    columns = {
-        "k": [c.idempotency_key for c in claims],
-        "w": [c.workspace_id for c in claims],
-        "ch": [c.channel for c in claims],
-        "c": [c.contact_id for c in claims],
-        "r": [c.recipient for c in claims],
-    }
-    return {row.idempotency_key: row.attempts for row in await session.execute(_CLAIM, columns)}
-
-
 @dataclass(frozen=True)
 class Skipped:
     idempotency_key: str
@@ -272,7 +236,49 @@ class Skipped:
     reason: str
 
 
-_skipped_rows = array_rows_of([*_LEDGER_ROWS, ("r", sa.Text())])
+@dataclass(frozen=True)
+class HygieneNote:
+    workspace_id: str
+    channel: str
+    address: str
+    invalid: bool = False
+    disposable: bool = False
+    role: bool = False
+    suggestion: str | None = None
+
+
+def _ledger_rows(prefix: str) -> sa.TableValuedAlias:
+    return array_rows_of(
+        [
+            (f"{prefix}k", sa.Text()),
+            (f"{prefix}w", sa.Text()),
+            (f"{prefix}ch", sa.Text()),
+            (f"{prefix}c", UUID(as_uuid=True)),
+            (f"{prefix}r", sa.Text()),
+        ]
+    )
+
+
+_HEALTH_KEY = [address_health.c.workspace_id, address_health.c.channel, address_health.c.address]
+_NOTED = ("invalid", "disposable", "role", "suggestion")
+_note_rows = array_rows_of(
+    [
+        ("hw", sa.Text()),
+        ("hch", sa.Text()),
+        ("ha", sa.Text()),
+        ("hi", sa.Boolean()),
+        ("hd", sa.Boolean()),
+        ("hr", sa.Boolean()),
+        ("hs", sa.Text()),
+    ]
+)
+_notes_insert = pg_insert(address_health).from_select(
+    ["workspace_id", "channel", "address", *_NOTED], sa.select(*_note_rows.c)
+)
+_NOTE_HYGIENE = _notes_insert.on_conflict_do_update(
+    index_elements=_HEALTH_KEY, set_={name: _notes_insert.excluded[name] for name in _NOTED}
+).cte("hygiene")
+_skipped_rows = _ledger_rows("s")
 _RECORD_SKIPPED = (
     pg_insert(deliveries)
     .from_select(
@@ -280,22 +286,67 @@ _RECORD_SKIPPED = (
         sa.select(*_skipped_rows.c, sa.literal("skipped", sa.Text)),
     )
     .on_conflict_do_nothing()
+    .cte("skipped")
 )
+_claim_rows = _ledger_rows("")
+_claim_insert = pg_insert(deliveries).from_select(
+    ["idempotency_key", "workspace_id", "channel", "contact_id", "recipient", "status"],
+    sa.select(*_claim_rows.c, sa.literal(SENDING, sa.Text)),
+)
+_CLAIM = (
+    _claim_insert.on_conflict_do_update(
+        index_elements=[deliveries.c.idempotency_key],
+        set_={
+            "status": SENDING,
+            "attempts": deliveries.c.attempts + 1,
+            "updated_at": sa.func.now(),
+        },
+        where=deliveries.c.status == RETRY,
+    )
+    .returning(deliveries.c.idempotency_key, deliveries.c.attempts)
+    .add_cte(_NOTE_HYGIENE, _RECORD_SKIPPED)
+)
+"""The batch's statements are built once, here, and executed with one list per column:
+built per call, SQLAlchemy constructed and keyed them again for every batch."""
 
 
-async def record_skipped_many(session: AsyncSession, skipped: list[Skipped]) -> None:
-    """Record requests that must not be sent, with the reason (a key recorded before
-    keeps its first record)."""
-    if not skipped:
-        return
+async def claim_many(
+    session: AsyncSession,
+    claims: Sequence[Claim],
+    *,
+    skipped: Sequence[Skipped] = (),
+    notes: Sequence[HygieneNote] = (),
+) -> dict[str, int]:
+    """Take the keys for sending: a new key, or one whose last attempt failed in a way
+    that is safe to retry (status ``retry``). Returns the keys taken with their attempt
+    count. In the same statement (one round trip, atomic without a transaction): the
+    requests that must not be sent, recorded with the reason (a key recorded before keeps
+    its first record), and the addresses' hygiene flags (an address noted twice keeps the
+    last note). The keys must be distinct. Commit before sending."""
+    if not (claims or skipped or notes):
+        return {}
+    latest = {(n.workspace_id, n.channel, n.address): n for n in notes}
+    noted = list(latest.values())
     columns = {
-        "k": [s.idempotency_key for s in skipped],
-        "w": [s.workspace_id for s in skipped],
-        "ch": [s.channel for s in skipped],
-        "c": [s.contact_id for s in skipped],
-        "r": [s.reason for s in skipped],
+        "k": [c.idempotency_key for c in claims],
+        "w": [c.workspace_id for c in claims],
+        "ch": [c.channel for c in claims],
+        "c": [c.contact_id for c in claims],
+        "r": [c.recipient for c in claims],
+        "sk": [s.idempotency_key for s in skipped],
+        "sw": [s.workspace_id for s in skipped],
+        "sch": [s.channel for s in skipped],
+        "sc": [s.contact_id for s in skipped],
+        "sr": [s.reason for s in skipped],
+        "hw": [n.workspace_id for n in noted],
+        "hch": [n.channel for n in noted],
+        "ha": [n.address for n in noted],
+        "hi": [n.invalid for n in noted],
+        "hd": [n.disposable for n in noted],
+        "hr": [n.role for n in noted],
+        "hs": [n.suggestion for n in noted],
     }
-    await session.execute(_RECORD_SKIPPED, columns)
+    return {row.idempotency_key: row.attempts for row in await session.execute(_CLAIM, columns)}
 
 
 @dataclass(frozen=True)
@@ -306,10 +357,69 @@ class Outcome:
     reason: str | None = None
 
 
+@dataclass(frozen=True)
+class SentTo:
+    workspace_id: str
+    channel: str
+    address: str
+    contact_id: uuid.UUID
+    user_id: str | None
+
+
+_sent_rows = array_rows_of(
+    [
+        ("w", sa.Text()),
+        ("ch", sa.Text()),
+        ("a", sa.Text()),
+        ("c", UUID(as_uuid=True)),
+        ("u", sa.Text()),
+        ("n", sa.Integer()),
+    ]
+)
+_MIN_SENDS = sa.bindparam("min_sends", type_=sa.Integer())
+_SILENCE = sa.func.make_interval(0, 0, 0, sa.bindparam("unengaged_days", type_=sa.Integer()))
+_sends_insert = pg_insert(address_health).from_select(
+    [
+        "workspace_id",
+        "channel",
+        "address",
+        "contact_id",
+        "user_id",
+        "sends_since_engaged",
+        "first_sent_at",
+        "silence_due_at",
+    ],
+    sa.select(
+        *_sent_rows.c,
+        sa.func.now(),
+        sa.case((_sent_rows.c.n >= _MIN_SENDS, sa.func.now() + _SILENCE)),
+    ),
+)
+_h = address_health.c
+_sends = _h.sends_since_engaged + _sends_insert.excluded.sends_since_engaged
+_NOTE_SENDS = _sends_insert.on_conflict_do_update(
+    index_elements=[_h.workspace_id, _h.channel, _h.address],
+    set_={
+        "sends_since_engaged": _sends,
+        "soft_bounces_in_a_row": 0,
+        "first_sent_at": sa.func.coalesce(_h.first_sent_at, sa.func.now()),
+        "contact_id": _sends_insert.excluded.contact_id,
+        "user_id": sa.func.coalesce(_sends_insert.excluded.user_id, _h.user_id),
+        "silence_due_at": sa.case(
+            (
+                sa.and_(_h.sunset_at.is_(None), _h.silence_due_at.is_(None), _sends >= _MIN_SENDS),
+                sa.func.coalesce(_h.last_engaged_at, _h.first_sent_at, sa.func.now()) + _SILENCE,
+            ),
+            else_=_h.silence_due_at,
+        ),
+    },
+)
+
+
 _outcome_rows = array_rows_of(
     [("k", sa.Text()), ("s", sa.Text()), ("m", sa.Text()), ("r", sa.Text())]
 )
-_RECORD_OUTCOMES = (
+_RECORD_OUTCOMES = _NOTE_SENDS.add_cte(
     sa.update(deliveries)
     .where(deliveries.c.idempotency_key == _outcome_rows.c.k)
     .values(
@@ -318,17 +428,45 @@ _RECORD_OUTCOMES = (
         reason=_outcome_rows.c.r,
         updated_at=sa.func.now(),
     )
+    .cte("outcomes")
 )
 
 
-async def record_outcomes(session: AsyncSession, outcomes: list[Outcome]) -> None:
-    if not outcomes:
+async def record_outcomes(
+    session: AsyncSession,
+    outcomes: Sequence[Outcome],
+    sent: Sequence[SentTo],
+    *,
+    unengaged_days: int,
+    min_sends: int,
+) -> None:
+    """The outcomes of a batch's sends and, in the same statement (one round trip, atomic
+    without a transaction), each successful send counted for its address: resets the
+    soft-bounce run, remembers the contact, and once the address has ``min_sends`` sends
+    since its last engagement, schedules the silence rule (``silence_due_at``)
+    ``unengaged_days`` after that engagement, or after the first send."""
+    if not outcomes and not sent:
         return
+    counts: dict[tuple[str, str, str], int] = {}
+    last: dict[tuple[str, str, str], SentTo] = {}
+    for s in sent:
+        key = (s.workspace_id, s.channel, s.address)
+        counts[key] = counts.get(key, 0) + 1
+        last[key] = s
+    keys = sorted(counts)
     columns = {
         "k": [o.idempotency_key for o in outcomes],
         "s": [o.status for o in outcomes],
         "m": [o.provider_message_id for o in outcomes],
         "r": [o.reason for o in outcomes],
+        "w": [w for w, _, _ in keys],
+        "ch": [ch for _, ch, _ in keys],
+        "a": [a for _, _, a in keys],
+        "c": [last[k].contact_id for k in keys],
+        "u": [last[k].user_id for k in keys],
+        "n": [counts[k] for k in keys],
+        "min_sends": min_sends,
+        "unengaged_days": unengaged_days,
     }
     await session.execute(_RECORD_OUTCOMES, columns)
 
@@ -378,46 +516,101 @@ async def recipients(
 # --- consent and suppression ---------------------------------------------------------------
 
 
-_policy_rows = array_rows_of([("ch", sa.Text()), ("a", sa.Text())])
-_SUPPRESSED = sa.select(suppressions.c.channel, suppressions.c.address, suppressions.c.reason).join(
-    _policy_rows,
-    sa.and_(
-        suppressions.c.workspace_id == sa.bindparam("w", type_=sa.Text()),
-        suppressions.c.channel == _policy_rows.c.ch,
-        suppressions.c.address == _policy_rows.c.a,
+Address = tuple[str, str, str]
+"""(workspace, channel, address)"""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What planning a batch reads: its templates, and its addresses' suppressions and
+    consents."""
+
+    templates: dict[tuple[str, uuid.UUID], Template]
+    suppressed: dict[Address, str]
+    """The suppression reason of each address suppressed."""
+    consents: dict[Address, dict[str, ConsentStatus]]
+    """The consents of each address with any, by topic."""
+
+
+def _json_rows(table: sa.Table, names: Sequence[str], on: sa.ColumnElement[bool]) -> Any:
+    """The rows of ``table`` that match ``on`` as one JSON array of arrays (``[]`` if none)."""
+    rows = sa.func.json_build_array(*(table.c[name] for name in names))
+    return (
+        sa.select(sa.func.coalesce(sa.func.json_agg(rows), sa.text("'[]'::json")))
+        .where(on)
+        .scalar_subquery()
+    )
+
+
+_wanted_templates = array_rows_of([("tw", sa.Text()), ("tid", UUID(as_uuid=True))])
+_addresses = array_rows_of([("pw", sa.Text()), ("pch", sa.Text()), ("pa", sa.Text())])
+_TEMPLATE_COLUMNS = ("workspace_id", "id", "name", "channel", "subject", "html", "text", "topic")
+
+
+def _at_addresses(table: sa.Table) -> sa.ColumnElement[bool]:
+    return sa.tuple_(table.c.workspace_id, table.c.channel, table.c.address).in_(
+        sa.select(_addresses.c.pw, _addresses.c.pch, _addresses.c.pa)
+    )
+
+
+_PLAN = sa.select(
+    sa.type_coerce(
+        _json_rows(
+            templates,
+            _TEMPLATE_COLUMNS,
+            sa.tuple_(templates.c.workspace_id, templates.c.id).in_(
+                sa.select(_wanted_templates.c.tw, _wanted_templates.c.tid)
+            ),
+        ),
+        sa.JSON,
     ),
-)
-_CONSENTS = sa.select(
-    consents.c.channel, consents.c.address, consents.c.topic, consents.c.status
-).join(
-    _policy_rows,
-    sa.and_(
-        consents.c.workspace_id == sa.bindparam("w", type_=sa.Text()),
-        consents.c.channel == _policy_rows.c.ch,
-        consents.c.address == _policy_rows.c.a,
+    sa.type_coerce(
+        _json_rows(
+            suppressions,
+            ("workspace_id", "channel", "address", "reason"),
+            _at_addresses(suppressions),
+        ),
+        sa.JSON,
+    ),
+    sa.type_coerce(
+        _json_rows(
+            consents,
+            ("workspace_id", "channel", "address", "topic", "status"),
+            _at_addresses(consents),
+        ),
+        sa.JSON,
     ),
 )
 
 
-async def sending_policy(
-    session: AsyncSession, *, workspace_id: str, pairs: set[tuple[Channel, str]]
-) -> tuple[dict[tuple[str, str], str], dict[tuple[str, str], dict[str, ConsentStatus]]]:
-    """For many (channel, address): the suppression reasons and the consents by topic."""
-    if not pairs:
-        return {}, {}
-    ordered = list(pairs)
+async def load_plan(
+    session: AsyncSession,
+    *,
+    templates: Sequence[tuple[str, uuid.UUID]],
+    addresses: Sequence[Address],
+) -> Plan:
+    """The templates (by workspace and id) and, for the addresses, the suppression
+    reasons and the consents by topic: one statement for the batch, three result sets
+    in one row (as JSON) instead of a round trip each."""
     given = {
-        "w": workspace_id,
-        "ch": [channel for channel, _ in ordered],
-        "a": [address for _, address in ordered],
+        "tw": [w for w, _ in templates],
+        "tid": [t for _, t in templates],
+        "pw": [w for w, _, _ in addresses],
+        "pch": [ch for _, ch, _ in addresses],
+        "pa": [a for _, _, a in addresses],
     }
-    suppressed = {
-        (row.channel, row.address): row.reason for row in await session.execute(_SUPPRESSED, given)
-    }
-    found: dict[tuple[str, str], dict[str, ConsentStatus]] = {}
-    for row in await session.execute(_CONSENTS, given):
-        found.setdefault((row.channel, row.address), {})[row.topic] = row.status
-    return suppressed, found
+    found, suppressed, consented = (await session.execute(_PLAN, given)).one()
+    plan = Plan(
+        {
+            (w, uuid.UUID(i)): Template(uuid.UUID(i), name, channel, subject, html, text, topic)
+            for w, i, name, channel, subject, html, text, topic in found
+        },
+        {(w, ch, a): reason for w, ch, a, reason in suppressed},
+        {},
+    )
+    for w, ch, a, topic, status in consented:
+        plan.consents.setdefault((w, ch, a), {})[topic] = status
+    return plan
 
 
 async def set_consent(
@@ -516,120 +709,6 @@ async def list_suppressions(
 
 
 # --- address health and hygiene ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SentTo:
-    workspace_id: str
-    channel: str
-    address: str
-    contact_id: uuid.UUID
-    user_id: str | None
-
-
-_sent_rows = array_rows_of(
-    [
-        ("w", sa.Text()),
-        ("ch", sa.Text()),
-        ("a", sa.Text()),
-        ("c", UUID(as_uuid=True)),
-        ("u", sa.Text()),
-        ("n", sa.Integer()),
-    ]
-)
-_MIN_SENDS = sa.bindparam("min_sends", type_=sa.Integer())
-_SILENCE = sa.func.make_interval(0, 0, 0, sa.bindparam("unengaged_days", type_=sa.Integer()))
-_sends_insert = pg_insert(address_health).from_select(
-    [
-        "workspace_id",
-        "channel",
-        "address",
-        "contact_id",
-        "user_id",
-        "sends_since_engaged",
-        "first_sent_at",
-        "silence_due_at",
-    ],
-    sa.select(
-        *_sent_rows.c,
-        sa.func.now(),
-        sa.case((_sent_rows.c.n >= _MIN_SENDS, sa.func.now() + _SILENCE)),
-    ),
-)
-_h = address_health.c
-_sends = _h.sends_since_engaged + _sends_insert.excluded.sends_since_engaged
-_NOTE_SENDS = _sends_insert.on_conflict_do_update(
-    index_elements=[_h.workspace_id, _h.channel, _h.address],
-    set_={
-        "sends_since_engaged": _sends,
-        "soft_bounces_in_a_row": 0,
-        "first_sent_at": sa.func.coalesce(_h.first_sent_at, sa.func.now()),
-        "contact_id": _sends_insert.excluded.contact_id,
-        "user_id": sa.func.coalesce(_sends_insert.excluded.user_id, _h.user_id),
-        "silence_due_at": sa.case(
-            (
-                sa.and_(_h.sunset_at.is_(None), _h.silence_due_at.is_(None), _sends >= _MIN_SENDS),
-                sa.func.coalesce(_h.last_engaged_at, _h.first_sent_at, sa.func.now()) + _SILENCE,
-            ),
-            else_=_h.silence_due_at,
-        ),
-    },
-)
-
-
-async def note_sends(
-    session: AsyncSession, sent: Sequence[SentTo], *, unengaged_days: int, min_sends: int
-) -> None:
-    """Count a successful send for each address: resets the soft-bounce run, remembers
-    the contact, and once the address has ``min_sends`` sends since its last engagement,
-    schedules the silence rule (``silence_due_at``) ``unengaged_days`` after that
-    engagement, or after the first send."""
-    if not sent:
-        return
-    counts: dict[tuple[str, str, str], int] = {}
-    last: dict[tuple[str, str, str], SentTo] = {}
-    for s in sent:
-        key = (s.workspace_id, s.channel, s.address)
-        counts[key] = counts.get(key, 0) + 1
-        last[key] = s
-    keys = sorted(counts)
-    columns = {
-        "w": [w for w, _, _ in keys],
-        "ch": [ch for _, ch, _ in keys],
-        "a": [a for _, _, a in keys],
-        "c": [last[k].contact_id for k in keys],
-        "u": [last[k].user_id for k in keys],
-        "n": [counts[k] for k in keys],
-        "min_sends": min_sends,
-        "unengaged_days": unengaged_days,
-    }
-    await session.execute(_NOTE_SENDS, columns)
-
-
-async def note_hygiene(
-    session: AsyncSession,
-    *,
-    workspace_id: str,
-    channel: str,
-    address: str,
-    invalid: bool = False,
-    disposable: bool = False,
-    role: bool = False,
-    suggestion: str | None = None,
-) -> None:
-    values = {"invalid": invalid, "disposable": disposable, "role": role, "suggestion": suggestion}
-    await session.execute(
-        pg_insert(address_health)
-        .values(workspace_id=workspace_id, channel=channel, address=address, **values)
-        .on_conflict_do_update(
-            index_elements=[
-                address_health.c.workspace_id,
-                address_health.c.channel,
-                address_health.c.address,
-            ],
-            set_=values,
-        )
-    )
 
 
 @dataclass(frozen=True)

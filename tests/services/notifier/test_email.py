@@ -9,12 +9,14 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
-from nudge_common.db import transaction
+from nudge_common.db import create_engine, create_sessionmaker, transaction
 from nudge_common.events import (
     CONSENT_CHANGED,
     DELIVERY_REPORTED,
+    NOTIFICATION_REQUESTED,
     TEMPLATE_DEFINED,
     ContactSnapshot,
+    Envelope,
     NotificationRequested,
     TemplateDefined,
     Topic,
@@ -23,6 +25,7 @@ from nudge_common.kafka import OutgoingMessage, publish
 from nudge_common.tracking import verify
 from nudge_devtools.pipeline import eventually, read_topic
 from nudge_notifier import store
+from nudge_notifier.consumer import NotificationHandler, Providers
 from tests.services.notifier.conftest import Notifier, topic_envelopes
 from tests.services.notifier.fakes import ScriptedSmtp
 
@@ -269,3 +272,92 @@ async def test_templates_announced_on_the_config_topic_are_created_replaced_and_
         expected=1,
     )
     assert b"does not exist" in dict(dead[0].headers)["nudge.reason"]
+
+
+async def test_a_mixed_batch_is_planned_claimed_and_recorded_in_three_statements(
+    notifier: Notifier, smtp: ScriptedSmtp
+) -> None:
+    """The handler on its own (no Kafka): one read for the batch's templates, suppressions
+    and consents across workspaces, one statement claiming the keys with the skipped
+    requests and the hygiene notes (an address noted twice included), one recording the
+    outcomes with the sends; no transaction around any of them."""
+    ws, other = workspace(), workspace()
+    template, other_template = await notifier.template(ws), await notifier.template(other)
+    suppressed, unsubscribed = address("sup"), address("unsub")
+    role = f"info@d{uuid.uuid4().hex[:8]}.example.com"
+    async with transaction(notifier.sessionmaker) as session:
+        await store.suppress(
+            session, workspace_id=ws, channel="email", address=suppressed, reason="manual"
+        )
+        await store.set_consent(
+            session,
+            workspace_id=ws,
+            channel="email",
+            address=unsubscribed,
+            topic="marketing",
+            status="unsubscribed",
+            source="test",
+        )
+
+    def envelope(workspace_id: str, template_id: uuid.UUID, email: str) -> Envelope:
+        payload = NotificationRequested(
+            idempotency_key=f"k-{uuid.uuid4().hex}",
+            channel="email",
+            template_id=template_id,
+            contact=ContactSnapshot(contact_id=uuid.uuid4(), traits={"email": email}),
+        )
+        return NOTIFICATION_REQUESTED.envelope(
+            workspace_id=workspace_id, payload=payload, occurred_at=datetime.now(UTC)
+        )
+
+    envelopes = [
+        envelope(ws, template, suppressed),
+        envelope(ws, template, unsubscribed),
+        envelope(ws, template, role),
+        envelope(ws, template, role),
+        envelope(ws, template, "broken@"),
+        envelope(other, other_template, suppressed),  # suppressed in the other workspace only
+    ]
+    engine = create_engine(notifier.settings)
+    statements: list[tuple[str, bool]] = []
+
+    def executed(connection: sa.Connection, _: object, statement: str, *__: object) -> None:
+        adapted = connection.connection.dbapi_connection
+        statements.append((statement.split(None, 1)[0], getattr(adapted, "autocommit", False)))
+
+    sa.event.listen(engine.sync_engine, "before_cursor_execute", executed)
+    providers = Providers(notifier.settings)
+    handler = NotificationHandler(notifier.settings, create_sessionmaker(engine), providers)
+    try:
+        await handler.prepare(envelopes)
+    finally:
+        await providers.close()
+        await engine.dispose()
+    # autocommit: no BEGIN and COMMIT round trips around the statements
+    assert statements == [("SELECT", True), ("WITH", True), ("WITH", True)]
+    keys = [NOTIFICATION_REQUESTED.parse(e).idempotency_key for e in envelopes]
+    rows = await notifier.ledger(keys)
+    assert [(rows[k].status, rows[k].reason) for k in keys] == [
+        ("skipped", "suppressed: manual"),
+        ("skipped", "unsubscribed from marketing"),
+        ("sent", None),
+        ("sent", None),
+        ("skipped", rows[keys[4]].reason),
+        ("sent", None),
+    ]
+    assert (rows[keys[4]].reason or "").startswith("invalid email address")
+    assert len(smtp.received(role)) == 2
+    assert len(smtp.received(suppressed)) == 1
+    async with transaction(notifier.sessionmaker) as session:
+        health = {
+            (row.workspace_id, row.address): row
+            for row in await session.execute(
+                sa.select(store.address_health).where(
+                    store.address_health.c.workspace_id.in_([ws, other])
+                )
+            )
+        }
+    assert health[(ws, role)].role
+    assert health[(ws, role)].sends_since_engaged == 2
+    assert health[(ws, "broken@")].invalid
+    assert health[(other, suppressed)].sends_since_engaged == 1
