@@ -160,10 +160,11 @@ def array_rows_of(columns: Sequence[tuple[str, sa.types.TypeEngine[Any]]]) -> sa
     )
 
 
-def insert_arrays(table: sa.Table, names: Sequence[str]) -> Insert:
+def insert_arrays(table: sa.Table, names: Sequence[str], *, prefix: str = "") -> Insert:
     """``INSERT INTO table (names) SELECT * FROM unnest(arrays)``, built once: executed with
-    one list per column (:func:`column_lists`), named after the columns."""
-    given = array_rows_of([(name, table.c[name].type) for name in names])
+    one list per column (:func:`column_lists`), named after the columns, or ``<prefix><column>``
+    (so that several such inserts can be parts of one statement)."""
+    given = array_rows_of([(prefix + name, table.c[name].type) for name in names])
     return pg_insert(table).from_select(list(names), sa.select(*given.c))
 
 

@@ -50,11 +50,15 @@ from nudge_orchestrator.domain.workflows import (
 from nudge_orchestrator.settings import OrchestratorSettings
 from nudge_orchestrator.worker import BroadcastWorker, TimerWorker, WebhookWorker
 
+_SEGMENT_TRIGGERS = {SEGMENT_ENTERED.name: "segment_entered", SEGMENT_EXITED.name: "segment_exited"}
+
 
 class MembershipHandler(BatchFirstHandler):
     """Segment entries and exits start the workflows they trigger. A whole batch (a segment
     that many contacts enter at once) goes through :meth:`handle_batch`: one lookup of the
-    workflows per segment, one entry check and one insert of runs per workflow."""
+    workflows (with their workspaces' messaging settings) for the batch, one statement for
+    the copies (which reads them back for the runs), one entry check and one insert of runs
+    per workflow."""
 
     message_types = frozenset({SEGMENT_ENTERED.name, SEGMENT_EXITED.name})
 
@@ -74,10 +78,13 @@ class MembershipHandler(BatchFirstHandler):
             return messages
         now = self.clock()
         out = execution.Outputs()
-        entrants: dict[uuid.UUID, tuple[store.Published, list[execution.Entrant]]] = {}
-        triggered: dict[tuple[str, str, str], list[store.Published]] = {}
-        # The copy first, so what the entries send already sees the new membership.
-        await store.apply_memberships(
+        kinds = {_SEGMENT_TRIGGERS[envelope.type] for envelope, _ in parsed}
+        listening = await store.workflows_triggered_by(
+            session, workspace_ids={envelope.workspace_id for envelope, _ in parsed}, kinds=kinds
+        )
+        # The copy first, so what the entries send already sees the new membership; read
+        # back by the same statement when runs may start.
+        copies = await store.apply_memberships(
             session,
             [
                 store.Membership(
@@ -92,15 +99,14 @@ class MembershipHandler(BatchFirstHandler):
                 )
                 for envelope, change in parsed
             ],
+            read=bool(listening),
         )
+        if not listening:
+            return []
+        entrants: dict[uuid.UUID, tuple[store.Published, list[execution.Entrant]]] = {}
         for envelope, change in parsed:
-            kind = "segment_entered" if envelope.type == SEGMENT_ENTERED.name else "segment_exited"
-            key = (envelope.workspace_id, kind, str(change.segment_id))
-            if key not in triggered:
-                triggered[key] = await store.triggered_workflows(
-                    session, workspace_id=key[0], kind=kind, key=key[2]
-                )
-            for workflow in triggered[key]:
+            key = (envelope.workspace_id, _SEGMENT_TRIGGERS[envelope.type], str(change.segment_id))
+            for workflow in listening.get(key, ()):
                 entrants.setdefault(workflow.id, (workflow, []))[1].append(
                     execution.Entrant(
                         change.contact.contact_id,
@@ -111,7 +117,9 @@ class MembershipHandler(BatchFirstHandler):
                     )
                 )
         for workflow, group in entrants.values():
-            await execution.enter_many(session, out, workflow=workflow, entrants=group, now=now)
+            await execution.enter_many(
+                session, out, workflow=workflow, entrants=group, now=now, copies=copies
+            )
         return out.messages
 
 

@@ -110,9 +110,11 @@ async def enter_many(
     workflow: store.Published,
     entrants: list[Entrant],
     now: datetime,
+    copies: dict[uuid.UUID, dict[str, Any]] | None = None,
 ) -> list[uuid.UUID]:
     """:func:`enter` for many contacts at once (each contact at most once), with a few
-    set-based statements. Returns the ids of the runs started."""
+    set-based statements. Returns the ids of the runs started. ``copies``: the entrants'
+    copies (:func:`store.get_contacts`), when the caller read them in this transaction."""
     definition = workflow.definition
     entry = definition.entry
     states = await store.entry_states(
@@ -167,7 +169,16 @@ async def enter_many(
     started = await store.start_runs(session, rows)
     metrics.RUNS_STARTED.inc(len(started))
     runs = [run for run_id, run in candidates.items() if run_id in started]
-    await advance_many(session, out, [(run, definition, 0) for run in runs], now=now, fresh=True)
+    messaging = workflow.messaging
+    await advance_many(
+        session,
+        out,
+        [(run, definition, 0) for run in runs],
+        now=now,
+        fresh=True,
+        copies=copies,
+        messaging=None if messaging is None else {workflow.workspace_id: messaging},
+    )
     return [run.id for run in runs]
 
 
@@ -244,21 +255,27 @@ async def advance_many(
     *,
     now: datetime,
     fresh: bool = False,
+    copies: dict[uuid.UUID, dict[str, Any]] | None = None,
+    messaging: dict[str, store.Messaging] | None = None,
 ) -> None:
     """Execute steps of many runs (each at most once) from their ``index`` until each waits
     or ends: what is read is read for all at once, each run's path is decided in memory,
     and the writes go in a few multi-row statements. A step already recorded for its run
-    stops that run there (a replay); ``fresh`` runs were just started and have none."""
+    stops that run there (a replay); ``fresh`` runs were just started and have none.
+    ``copies`` (the contacts' copies) and ``messaging`` (workspaces' settings), when the
+    caller read them in this transaction, are not read again."""
     if not items:
         return
     run_ids = [run.id for run, _, _ in items]
-    contact_ids = list({run.contact_id for run, _, _ in items})
-    fresher = await store.get_contacts(session, contact_ids=contact_ids)
+    if copies is None:
+        contact_ids = list({run.contact_id for run, _, _ in items})
+        copies = await store.get_contacts(session, contact_ids=contact_ids)
     executed = set() if fresh else await store.executed_steps(session, run_ids=run_ids)
     settings: dict[str, tuple[dict[str, Any], QuietHours | None]] = {}
     for run, _, _ in items:
         if run.workspace_id not in settings:
-            raw_caps, raw_quiet = await store.get_messaging_settings(
+            known = (messaging or {}).get(run.workspace_id)
+            raw_caps, raw_quiet = known or await store.get_messaging_settings(
                 session, workspace_id=run.workspace_id
             )
             settings[run.workspace_id] = (raw_caps, _quiet_hours(raw_quiet))
@@ -283,7 +300,7 @@ async def advance_many(
             run,
             definition,
             index,
-            fresher.get(run.contact_id) or run.contact,
+            copies.get(run.contact_id) or run.contact,
             caps,
             quiet,
             counts,

@@ -471,12 +471,19 @@ _WORKFLOW_NAMES = sa.select(workflows.c.id, workflows.c.name).where(
 )
 
 
+Messaging = tuple[dict[str, Any], dict[str, Any] | None]
+"""A workspace's messaging settings: caps and quiet hours (``get_messaging_settings``)."""
+
+
 @dataclass(frozen=True)
 class Published:
     id: uuid.UUID
     workspace_id: str
     version: int
     definition: WorkflowDefinition
+    messaging: Messaging | None = None
+    """Its workspace's messaging settings, when read with the workflow (a trigger's lookup,
+    :func:`workflows_triggered_by`), so starting its runs need not read them again."""
 
 
 _versions_cache: dict[tuple[uuid.UUID, int], WorkflowDefinition] = {}
@@ -529,22 +536,34 @@ async def workflows_triggered_by(
     for row in rows.all():
         definition = await version_definition(session, workflow_id=row.id, version=row.version)
         found.setdefault((row.workspace_id, row.trigger_kind, row.trigger_key), []).append(
-            Published(row.id, row.workspace_id, row.version, definition)
+            Published(
+                row.id, row.workspace_id, row.version, definition, (row.caps or {}, row.quiet)
+            )
         )
     return found
 
 
-_TRIGGERED_BY = sa.select(
-    workflows.c.id,
-    workflows.c.workspace_id,
-    workflows.c.version,
-    workflows.c.trigger_kind,
-    workflows.c.trigger_key,
-).where(
-    workflows.c.workspace_id == sa.any_(array_param("workspace_ids", sa.Text())),
-    workflows.c.trigger_kind == sa.any_(array_param("kinds", sa.Text())),
-    workflows.c.status == "active",
-    workflows.c.version > 0,
+_TRIGGERED_BY = (
+    sa.select(
+        workflows.c.id,
+        workflows.c.workspace_id,
+        workflows.c.version,
+        workflows.c.trigger_kind,
+        workflows.c.trigger_key,
+        messaging_settings.c.caps,
+        messaging_settings.c.quiet_hours.label("quiet"),
+    )
+    .select_from(
+        workflows.outerjoin(
+            messaging_settings, messaging_settings.c.workspace_id == workflows.c.workspace_id
+        )
+    )
+    .where(
+        workflows.c.workspace_id == sa.any_(array_param("workspace_ids", sa.Text())),
+        workflows.c.trigger_kind == sa.any_(array_param("kinds", sa.Text())),
+        workflows.c.status == "active",
+        workflows.c.version > 0,
+    )
 )
 
 
@@ -709,68 +728,79 @@ class Writes:
 async def flush(
     session: AsyncSession, writes: Writes, *, at: datetime, fresh: bool = False
 ) -> None:
-    """``fresh``: the runs were started in this transaction, so none has a timer to drop."""
-    if writes.steps:
-        await session.execute(_INSERT_STEPS, column_lists(writes.steps))
-    if writes.sends:
-        await session.execute(_INSERT_SENDS, column_lists(writes.sends))
+    """One statement (``_FLUSH``) whatever was decided, and one more per split variant.
+    ``fresh``: the runs were started in this transaction, so none has a timer to drop."""
     for variant, ids in writes.variants.items():
         await session.execute(_SET_VARIANT, {"run_ids": ids, "to_variant": variant})
-    for status, ids in writes.finished.items():
-        await session.execute(_FINISH_RUNS, {"run_ids": ids, "to_status": status, "at": at})
-        if not fresh:
-            await session.execute(_DROP_TIMERS, {"run_ids": ids})
-    if writes.timers:
-        await session.execute(_INSERT_TIMERS, column_lists(writes.timers))
-    if writes.webhooks:
-        await session.execute(_INSERT_WEBHOOKS, column_lists(writes.webhooks))
+    finished = [(run_id, status) for status, ids in writes.finished.items() for run_id in ids]
+    if not (writes.steps or writes.sends or writes.timers or writes.webhooks or finished):
+        return
+    await session.execute(
+        _FLUSH,
+        {
+            **_prefixed("st_", _STEP_NAMES, writes.steps),
+            **_prefixed("se_", _SEND_NAMES, writes.sends),
+            **_prefixed("ti_", _TIMER_NAMES, writes.timers),
+            **_prefixed("wh_", _WEBHOOK_NAMES, writes.webhooks),
+            "fi_run_id": [run_id for run_id, _ in finished],
+            "fi_status": [status for _, status in finished],
+            "fi_at": at,
+            "dr_run_ids": [] if fresh else [run_id for run_id, _ in finished],
+        },
+    )
 
 
-def _insert_new(table: sa.Table, names: list[str]) -> sa.Insert:
-    return insert_arrays(table, names).on_conflict_do_nothing()
+def _prefixed(prefix: str, names: list[str], rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Rows as one list per column, named ``<prefix><column>`` (empty lists for no rows)."""
+    return {prefix + name: [row[name] for row in rows] for name in names}
 
 
-_INSERT_STEPS = _insert_new(step_executions, ["run_id", "step", "executed_at", "outcome"])
-_INSERT_SENDS = _insert_new(
-    sends,
-    [
-        "run_id",
-        "step",
-        "workspace_id",
-        "workflow_id",
-        "contact_id",
-        "channel",
-        "variant",
-        "idempotency_key",
-        "at",
-    ],
-)
-_INSERT_TIMERS = _insert_new(
-    timers,
-    [
-        "run_id",
-        "workspace_id",
-        "contact_id",
-        "step",
-        "due_at",
-        "resume_step",
-        "event",
-        "event_step",
-        "kind",
-    ],
-)
-_INSERT_WEBHOOKS = _insert_new(
-    webhooks, ["run_id", "step", "workspace_id", "url", "body", "next_at"]
-)
+def _insert_new(table: sa.Table, names: list[str], prefix: str = "") -> sa.Insert:
+    return insert_arrays(table, names, prefix=prefix).on_conflict_do_nothing()
+
+
+_STEP_NAMES = ["run_id", "step", "executed_at", "outcome"]
+_SEND_NAMES = [
+    "run_id",
+    "step",
+    "workspace_id",
+    "workflow_id",
+    "contact_id",
+    "channel",
+    "variant",
+    "idempotency_key",
+    "at",
+]
+_TIMER_NAMES = [
+    "run_id",
+    "workspace_id",
+    "contact_id",
+    "step",
+    "due_at",
+    "resume_step",
+    "event",
+    "event_step",
+    "kind",
+]
+_WEBHOOK_NAMES = ["run_id", "step", "workspace_id", "url", "body", "next_at"]
 _ANY_RUN = runs.c.id == sa.any_(array_param("run_ids", runs.c.id.type))
 _SET_VARIANT = sa.update(runs).where(_ANY_RUN).values(variant=sa.bindparam("to_variant"))
-_FINISH_RUNS = (
+_FINISHED = array_rows_of([("fi_run_id", runs.c.id.type), ("fi_status", sa.Text())])
+_FLUSH: sa.Select[Any] = sa.select(sa.literal_column("1")).add_cte(
+    # Data-modifying CTEs all run, to completion, whether read or not (an empty array is
+    # no row). A run is in at most one part that touches ``runs`` or ``timers`` per flush:
+    # a walk ends waiting (a new timer) or finished (its timer dropped), never both.
+    _insert_new(step_executions, _STEP_NAMES, "st_").cte("stepped"),
+    _insert_new(sends, _SEND_NAMES, "se_").cte("sent"),
+    _insert_new(timers, _TIMER_NAMES, "ti_").cte("timed"),
+    _insert_new(webhooks, _WEBHOOK_NAMES, "wh_").cte("hooked"),
     sa.update(runs)
-    .where(_ANY_RUN, runs.c.status == ACTIVE)
-    .values(status=sa.bindparam("to_status"), finished_at=sa.bindparam("at"))
-)
-_DROP_TIMERS = sa.delete(timers).where(
-    timers.c.run_id == sa.any_(array_param("run_ids", timers.c.run_id.type))
+    .where(runs.c.id == _FINISHED.c.fi_run_id, runs.c.status == ACTIVE)
+    .values(status=_FINISHED.c.fi_status, finished_at=sa.bindparam("fi_at", type_=TIMESTAMP))
+    .cte("finished"),
+    sa.delete(timers)
+    .where(timers.c.run_id == sa.any_(array_param("dr_run_ids", timers.c.run_id.type)))
+    .cte("dropped"),
 )
 
 
@@ -1109,15 +1139,20 @@ class Membership:
     scores: dict[str, int] = field(default_factory=dict)
 
 
-async def apply_memberships(session: AsyncSession, changes: list[Membership]) -> None:
+async def apply_memberships(
+    session: AsyncSession, changes: list[Membership], *, read: bool = False
+) -> dict[uuid.UUID, dict[str, Any]]:
     """Entries add the segment to the copy's ``segments`` (a contact not copied yet is
     copied from the change's snapshot), exits remove it: one statement for the entries and
-    one for the exits, each contact at most once."""
+    one for the exits, each contact at most once. With ``read``, returns the copies as they
+    are now (what :func:`get_contacts` reads next in this transaction, as their rows stay
+    locked), else nothing."""
     entries = [c for c in changes if c.entered]
     exits = [c for c in changes if not c.entered]
+    copies: dict[uuid.UUID, dict[str, Any]] = {}
     if entries:
-        await session.execute(
-            _ENTER_SEGMENTS,
+        rows = await session.execute(
+            _ENTER_SEGMENTS_READ if read else _ENTER_SEGMENTS,
             {
                 "contact_id": [c.contact_id for c in entries],
                 "workspace_id": [c.workspace_id for c in entries],
@@ -1127,14 +1162,19 @@ async def apply_memberships(session: AsyncSession, changes: list[Membership]) ->
                 "segments": [{str(c.segment_id): c.segment_name} for c in entries],
             },
         )
+        if read:
+            copies.update((row.contact_id, _contact(row)) for row in rows)
     if exits:
-        await session.execute(
-            _EXIT_SEGMENTS,
+        rows = await session.execute(
+            _EXIT_SEGMENTS_READ if read else _EXIT_SEGMENTS,
             {
                 "contact": [c.contact_id for c in exits],
                 "segment": [str(c.segment_id) for c in exits],
             },
         )
+        if read:
+            copies.update((row.contact_id, _contact(row)) for row in rows)
+    return copies
 
 
 def _enter_segments() -> sa.Insert:
@@ -1157,6 +1197,17 @@ _EXIT_SEGMENTS = (
     .where(contacts.c.contact_id == _GONE.c.contact)
     .values(segments=contacts.c.segments.op("-")(_GONE.c.segment), updated_at=sa.func.now())
 )
+_COPY_COLUMNS = (
+    contacts.c.contact_id,
+    contacts.c.user_id,
+    contacts.c.traits,
+    contacts.c.scores,
+    contacts.c.tags,
+    contacts.c.stages,
+    contacts.c.segments,
+)
+_ENTER_SEGMENTS_READ = _ENTER_SEGMENTS.returning(*_COPY_COLUMNS)
+_EXIT_SEGMENTS_READ = _EXIT_SEGMENTS.returning(*_COPY_COLUMNS)
 
 
 def _contact(row: Any) -> dict[str, Any]:
@@ -1194,15 +1245,7 @@ async def profiles(
 _PROFILES = sa.select(contacts.c.contact_id, contacts.c.traits, contacts.c.scores).where(
     contacts.c.contact_id == sa.any_(array_param("contact_ids", contacts.c.contact_id.type))
 )
-_COPY = sa.select(
-    contacts.c.contact_id,
-    contacts.c.user_id,
-    contacts.c.traits,
-    contacts.c.scores,
-    contacts.c.tags,
-    contacts.c.stages,
-    contacts.c.segments,
-)
+_COPY = sa.select(*_COPY_COLUMNS)
 _CONTACT = _COPY.where(contacts.c.contact_id == sa.bindparam("contact_id"))
 _CONTACTS = _COPY.where(
     contacts.c.contact_id == sa.any_(array_param("contact_ids", contacts.c.contact_id.type))

@@ -306,6 +306,7 @@ async def send_due_broadcasts(
                 for contact_id in members_in
             ],
             now=now,
+            copies=known,
         )
         over = page.next_after is None or not members
         paced = now + timedelta(seconds=len(started) / rate if rate else 0)
