@@ -269,7 +269,8 @@ class ContactBatch:
         self.rfm_cuts = rfm_cuts
         self.new_events: list[dict[str, Any]] = []
         self.transitions: list[_Transition] = []
-        self.rechecks: dict[tuple[uuid.UUID, uuid.UUID], datetime | None] = {}
+        self.rechecks: dict[uuid.UUID, dict[uuid.UUID, datetime | None]] = {}
+        """Each contact's evaluated rechecks, by segment."""
         self.scheduled: dict[uuid.UUID, tuple[list[uuid.UUID], list[datetime]]] = {}
         """The rechecks already due for each of these contacts, as loaded: segment ids and
         due times (looked up only for the rechecks evaluated)."""
@@ -445,18 +446,19 @@ class ContactBatch:
         profile = contact.profile()
         snapshot: dict[str, Any] | None = None
         backfilling = self.workspace.backfilling
+        rechecks = self.rechecks.setdefault(contact_id, {})
         while pending:
             place = heapq.heappop(pending)
             if place <= done:
                 continue
             done = place
             segment = ordered[place]
-            if segment.id in backfilling:
+            if backfilling and segment.id in backfilling:
                 self.dirty.add((segment.id, contact_id))
                 continue
             matches, recheck_at = segment.check(profile, now)
             if segment.timed:
-                self.rechecks[(segment.id, contact_id)] = recheck_at
+                rechecks[segment.id] = recheck_at
             if matches == (segment.id in contact.segments):
                 continue
             if matches:
@@ -670,12 +672,11 @@ class ContactBatch:
         """Only earlier rechecks are written: a recheck already due sooner stays (it then
         finds nothing changed and schedules the right one), so a contact active every
         minute does not rewrite its rechecks every minute."""
-        evaluated: dict[uuid.UUID, dict[uuid.UUID, datetime]] = {}
-        for (segment_id, contact_id), at in self.rechecks.items():
-            if at is not None:
-                evaluated.setdefault(contact_id, {})[segment_id] = at
         due = []
-        for contact_id, wanted in evaluated.items():
+        for contact_id, evaluated in self.rechecks.items():
+            wanted = {segment_id: at for segment_id, at in evaluated.items() if at is not None}
+            if not wanted:
+                continue
             ids, ats = self.scheduled.get(contact_id, ((), ()))
             for segment_id, before in zip(ids, ats, strict=True):
                 at = wanted.get(segment_id)
