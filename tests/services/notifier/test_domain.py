@@ -6,6 +6,8 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nudge_common.events import (
     ContactSnapshot,
@@ -22,6 +24,7 @@ from nudge_notifier.domain.hygiene import (
     Health,
     InvalidPhone,
     check_email,
+    check_email_fully,
     silence_due,
     sunset_reason,
     to_e164,
@@ -85,6 +88,47 @@ def test_email_hygiene_flags_and_suggestions() -> None:
     invalid = check_email("ada@@example.com")
     assert not invalid.valid
     assert invalid.reason
+
+
+_LOCAL = st.one_of(
+    st.text("abcXYZ019.-_+!#$%&'*/=?^`{|}~", min_size=0, max_size=70),
+    st.sampled_from(
+        ["Postmaster", "ABUSE", "info", "Support", '"quoted"', "a b", "ü", "a..b", ".a"]
+    ),
+)
+_LABEL = st.text("abcXYZ019-", min_size=0, max_size=66)
+_DOMAIN = st.one_of(
+    st.lists(_LABEL, min_size=1, max_size=4).map(".".join),
+    st.sampled_from(
+        [
+            "example.com",
+            "Example.COM",
+            "gmial.com",
+            "mailinator.com",
+            "localhost",
+            "x.test",
+            "x.invalid",
+            "x.local",
+            "x.onion",
+            "1.2.3.4",
+            "[127.0.0.1]",
+            "bücher.de",
+            "x.123",
+            "a" * 250 + ".com",
+            "example.com ",
+            "-a.com",
+        ]
+    ),
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(local=_LOCAL, domain=_DOMAIN, extra=st.sampled_from(["", "@", " ", "<"]))
+def test_the_shortcut_for_plain_addresses_agrees_with_the_full_check(
+    local: str, domain: str, extra: str
+) -> None:
+    address = f"{local}{extra}@{domain}"
+    assert check_email(address) == check_email_fully(address)
 
 
 def test_phone_numbers_become_e164() -> None:

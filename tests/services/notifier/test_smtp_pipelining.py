@@ -217,6 +217,31 @@ async def test_a_connection_lost_before_the_content_is_transient_and_during_it_u
     assert provider.pool.open == 0
 
 
+async def test_a_missing_reply_times_out_transient_before_the_content_and_unknown_after() -> None:
+    async def silent_before(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await commands(reader, 3)
+        writer.write(b"250 ok\r\n")
+        assert await reader.read() == b"", "closed by the client on its timeout"
+
+    async with raw_server(PIPELINING_EHLO, silent_before) as port:
+        provider = SmtpEmailProvider(NotifierSettings(smtp_port=port, smtp_timeout_s=0.2))
+        with pytest.raises(TransientFailure, match="Timed out waiting for a reply"):
+            await provider.send(outbound("ada@example.com"))
+    assert provider.pool.open == 0
+
+    async def silent_after(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await commands(reader, 3)
+        writer.write(b"250 ok\r\n250 ok\r\n354 go on\r\n")
+        await content(reader)
+        assert await reader.read() == b"", "closed by the client on its timeout"
+
+    async with raw_server(PIPELINING_EHLO, silent_after) as port:
+        provider = SmtpEmailProvider(NotifierSettings(smtp_port=port, smtp_timeout_s=0.2))
+        with pytest.raises(aiosmtplib.SMTPReadTimeoutError):
+            await provider.send(outbound("ada@example.com"))
+    assert provider.pool.open == 0
+
+
 async def test_commands_go_one_by_one_when_the_server_does_not_pipeline() -> None:
     early: list[bytes] = []
 
