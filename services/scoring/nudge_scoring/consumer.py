@@ -543,11 +543,8 @@ class WorkspaceBatch:
                         known[key] = claims[key] = target
                 out = Outputs(self.workspace_id, envelope, event.timestamp)
                 run.append(Pending(envelope, event, target, out))
-            await store.create_contacts(
-                session, workspace_id=self.workspace_id, rows=list(creates.values())
-            )
-            claimed = await store.claim_identities_many(
-                session, workspace_id=self.workspace_id, claims=claims
+            claimed = await store.create_and_claim(
+                session, workspace_id=self.workspace_id, rows=list(creates.values()), claims=claims
             )
             if len(claimed) < len(claims):  # somebody holds some: are they ours?
                 owned = await store.identities_in(
@@ -576,21 +573,20 @@ class WorkspaceBatch:
     async def apply_run(self, session: AsyncSession, run: list[Pending]) -> list[OutgoingMessage]:
         if not run:
             return []
-        states = await store.lock_states(
-            session, [p.contact_id for p in run], with_spent=self.book.needs_state
+        first: dict[str, Pending] = {}
+        for pending in run:
+            first.setdefault(pending.event.message_id, pending)
+        states, new = await store.lock_states_claiming(
+            session,
+            [p.contact_id for p in run],
+            with_spent=self.book.needs_state,
+            workspace_id=self.workspace_id,
+            events=[(p.event.message_id, p.event.timestamp, p.contact_id) for p in first.values()],
         )
         if any(state.merged_into is not None for state in states.values()) or len(states) != len(
             {p.contact_id for p in run}
         ):
             raise RetryLater("a contact of the batch was merged or erased meanwhile")
-        first: dict[str, Pending] = {}
-        for pending in run:
-            first.setdefault(pending.event.message_id, pending)
-        new = await store.claim_event_ids(
-            session,
-            workspace_id=self.workspace_id,
-            rows=[(p.event.message_id, p.event.timestamp, p.contact_id) for p in first.values()],
-        )
         writes = store.BatchWrites(self.workspace_id)
         messages: list[OutgoingMessage] = []
         for pending in run:
