@@ -6,7 +6,8 @@ ceiling).
 
 The events are produced before the service starts, so the service reads a full topic: its
 rate is what its consumer group commits per second between 10% and 90% of the way (start-up
-and the tail are left out). Everything is loopback, in a sandbox (its own database and
+and the tail are left out), and its CPU per event the service's processes' CPU time (from
+/proc) over the same stretch. Everything is loopback, in a sandbox (its own database and
 topic prefix, deleted afterwards), and bounded by ``--deadline-s``.
 
     .venv/bin/python -m bench.scoring [--contacts 100000 --events 1000000 --rules 50]
@@ -278,20 +279,39 @@ async def committed(
     return sum(max(offsets[tp].offset, 0) for tp in partitions if tp in offsets)
 
 
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user and system) of a process and its live children (``--workers N``
+    starts them), from /proc; 0 where there is no /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if stat.parent.name == str(pid) or fields[1] == str(pid):
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+Sample = tuple[float, int, float]
+"""(seconds since start, committed offsets, the service's CPU seconds)"""
+
+
 async def watch_service(
-    settings: NudgeSettings, events: int, deadline_s: float
-) -> tuple[list[tuple[float, int]], bool]:
-    """(seconds since start, committed offsets) every half second until all are committed
-    or the deadline passes; and whether all were."""
+    settings: NudgeSettings, events: int, deadline_s: float, pid: int
+) -> tuple[list[Sample], bool]:
+    """A sample every half second until all are committed or the deadline passes; and
+    whether all were."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
     await admin.start()
     try:
         partitions = await topic_partitions(admin, [settings.topic(Topic.EVENTS)])
-        samples: list[tuple[float, int]] = []
+        samples: list[Sample] = []
         started = time.perf_counter()
         while time.perf_counter() - started < deadline_s:
             done = await committed(admin, settings, partitions)
-            samples.append((time.perf_counter() - started, done))
+            samples.append((time.perf_counter() - started, done, process_cpu_s(pid)))
             if done >= events:
                 return samples, True
             await asyncio.sleep(0.5)
@@ -300,16 +320,18 @@ async def watch_service(
         await admin.close()
 
 
-def sustained_rate(samples: list[tuple[float, int]], events: int) -> float:
+def sustained(samples: list[Sample], events: int) -> tuple[float, float]:
     """Events per second between the samples at 10% and 90% of the events (or the last
-    sample, when the run did not get that far)."""
+    sample, when the run did not get that far), and the service's CPU microseconds per
+    event over the same stretch."""
     low = next((s for s in samples if s[1] >= events * 0.1), samples[0])
     high = next((s for s in samples if s[1] >= events * 0.9), samples[-1])
     if high[0] <= low[0]:
         high = samples[-1]
-    if high[0] <= low[0]:
-        return 0.0
-    return (high[1] - low[1]) / (high[0] - low[0])
+    if high[0] <= low[0] or high[1] <= low[1]:
+        return 0.0, 0.0
+    count = high[1] - low[1]
+    return count / (high[0] - low[0]), (high[2] - low[2]) / count * 1e6
 
 
 def machine() -> dict[str, Any]:
@@ -365,19 +387,23 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         service = start_scoring(env, args.workers, log_dir / "scoring.log")
         try:
             await service.wait_ready()
-            samples, finished = await watch_service(settings, args.events, args.deadline_s)
+            assert service.process is not None
+            samples, finished = await watch_service(
+                settings, args.events, args.deadline_s, service.process.pid
+            )
         finally:
             await service.stop()
         done = samples[-1][1]
-        rate = sustained_rate(samples, args.events)
+        rate, cpu_us = sustained(samples, args.events)
         print(
             f"scoring: {done} of {args.events} committed in {samples[-1][0]:.1f}s, "
-            f"sustained {rate:.0f} events/s (10%..90%)",
+            f"sustained {rate:.0f} events/s, {cpu_us:.0f} us of CPU per event (10%..90%)",
             flush=True,
         )
         return {
             "bench": "scoring",
             "events_per_s": round(rate),
+            "cpu_us_per_event": round(cpu_us),
             "raw_consume_events_per_s": round(raw),
             "contacts": args.contacts,
             "events": args.events,
