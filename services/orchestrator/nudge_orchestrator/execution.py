@@ -24,6 +24,7 @@ from nudge_common.events import (
     NOTIFICATION_REQUESTED,
     SCORE_ADJUSTED,
     ContactSnapshot,
+    Envelope,
     ListChanged,
     NotificationRequested,
     ScoreAdjusted,
@@ -661,25 +662,39 @@ def _notification(
     now: datetime,
     out: Outputs,
 ) -> OutgoingMessage:
-    request = NotificationRequested(
-        idempotency_key=key,
-        channel=channel,
-        template_id=template_id,
-        contact=_snapshot(run, contact),
-        workflow_id=run.workflow_id,
-        run_id=run.id,
-        step=step,
-    )
+    """The request of a send step: the envelope ``NOTIFICATION_REQUESTED.envelope`` gives for
+    ``NotificationRequested(..., contact=_snapshot(run, contact))``, field for field, built
+    without validating and dumping the models (the copy's traits and scores are JSON
+    already; a send is the hot path of every workflow)."""
+    payload = {
+        "idempotency_key": key,
+        "channel": channel,
+        "template_id": str(template_id),
+        "contact": {
+            "contact_id": str(run.contact_id),
+            "user_id": contact.get("user_id"),
+            "traits": contact.get("traits") or {},
+            "scores": contact.get("scores") or {},
+            "segments": contact.get("segments") or [],
+        },
+        "workflow_id": str(run.workflow_id),
+        "run_id": str(run.id),
+        "step": step,
+        "recipient": None,
+        "data": {},
+    }
     return OutgoingMessage(
         Topic.NOTIFICATIONS,
         key=str(run.contact_id),
-        envelope=NOTIFICATION_REQUESTED.envelope(
-            workspace_id=run.workspace_id,
-            payload=request,
-            occurred_at=now,
+        envelope=Envelope.model_construct(
+            type=NOTIFICATION_REQUESTED.name,
+            version=NOTIFICATION_REQUESTED.version,
             # Derived from (run, step): a re-publication after a crash is the same message.
             id=stable_id(str(run.id), "notification.requested", str(step)),
+            occurred_at=now,
+            workspace_id=run.workspace_id,
             origin_received_at=out.origins.get(run.id, out.origin_received_at),
+            payload=payload,
         ),
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -12,9 +13,16 @@ import sqlalchemy as sa
 from prometheus_client import REGISTRY
 
 from nudge_common.db import transaction
-from nudge_common.events import NOTIFICATION_REQUESTED, Envelope, Topic
+from nudge_common.events import (
+    NOTIFICATION_REQUESTED,
+    ContactSnapshot,
+    Envelope,
+    NotificationRequested,
+    Topic,
+)
+from nudge_common.ids import stable_id
 from nudge_devtools.pipeline import read_topic
-from nudge_orchestrator import store
+from nudge_orchestrator import execution, store
 from nudge_orchestrator.domain.workflows import WorkflowDefinition
 from nudge_orchestrator.worker import fire_due_timers
 from tests.services.orchestrator.conftest import Engine, notifications
@@ -417,3 +425,61 @@ async def test_two_timer_workers_share_due_timers_and_never_double_a_step(engine
 
 def _decode(record: Any) -> Envelope:
     return Envelope.decode(record.value)
+
+
+@pytest.mark.parametrize(
+    "contact",
+    [
+        {"user_id": "u-1", "traits": {"email": "a@example.com"}, "scores": {"lead": 60}},
+        {
+            "user_id": None,
+            "traits": {"name": "Zoë", "nested": {"a": [1, 2.5, None, True]}, "n": 3},
+            "scores": {},
+            "segments": ["Qualified leads", "Été"],
+        },
+        {"traits": {}, "tags": {"vip": 1}},
+    ],
+)
+def test_a_send_request_is_the_models_envelope_byte_for_byte(contact: dict[str, Any]) -> None:
+    """The send's request is built without the models: the same envelope and bytes as
+    ``NotificationRequested`` with a ``ContactSnapshot``, dumped."""
+    run = store.Run(
+        uuid.uuid4(),
+        uuid.uuid4(),
+        1,
+        "ws-1",
+        uuid.uuid4(),
+        store.ACTIVE,
+        None,
+        [],
+        {},
+        datetime.now(UTC),
+    )
+    now = datetime.now(UTC)
+    received = now - timedelta(seconds=1)
+    out = execution.Outputs(origins={run.id: received})
+    built = execution._notification(run, contact, 2, "email", EMAIL, f"{run.id}:2", now, out)
+    expected = NOTIFICATION_REQUESTED.envelope(
+        workspace_id="ws-1",
+        payload=NotificationRequested(
+            idempotency_key=f"{run.id}:2",
+            channel="email",
+            template_id=EMAIL,
+            contact=ContactSnapshot(
+                contact_id=run.contact_id,
+                user_id=contact.get("user_id"),
+                traits=contact.get("traits") or {},
+                scores=contact.get("scores") or {},
+                segments=contact.get("segments") or [],
+            ),
+            workflow_id=run.workflow_id,
+            run_id=run.id,
+            step=2,
+        ),
+        occurred_at=now,
+        id=stable_id(str(run.id), "notification.requested", "2"),
+        origin_received_at=received,
+    )
+    assert built.envelope == expected
+    assert built.envelope.encode() == expected.encode()
+    assert (built.topic, built.key) == (Topic.NOTIFICATIONS, str(run.contact_id))
