@@ -88,10 +88,13 @@ memberships = sa.Table(
     "memberships",
     metadata,
     sa.Column("segment_id", UUID(as_uuid=True), primary_key=True),
-    sa.Column("contact_id", UUID(as_uuid=True), primary_key=True, index=True),
+    sa.Column("contact_id", UUID(as_uuid=True), primary_key=True),
     sa.Column("workspace_id", sa.Text, nullable=False),
     sa.Column("entered_at", TIMESTAMP, nullable=False),
+    sa.Index("memberships_contact_segment", "contact_id", "segment_id"),
 )
+"""A contact's memberships are read by ``(contact_id, segment_id)``: an index-only scan,
+not one heap page per membership (a contact's rows are scattered across the table)."""
 membership_history = sa.Table(
     "membership_history",
     metadata,
@@ -110,10 +113,11 @@ rechecks = sa.Table(
     sa.Column("contact_id", UUID(as_uuid=True), primary_key=True),
     sa.Column("workspace_id", sa.Text, nullable=False),
     sa.Column("due_at", TIMESTAMP, nullable=False, index=True),
-    sa.Index("rechecks_contact", "contact_id"),
+    sa.Index("rechecks_contact_segment_due", "contact_id", "segment_id", "due_at"),
 )
 """When time alone may change a contact's membership of a segment (a window closing, a
-birthday coming): the recheck worker re-evaluates the pair then."""
+birthday coming): the recheck worker re-evaluates the pair then. A contact's rechecks are
+read by ``(contact_id, segment_id, due_at)``, an index-only scan."""
 backfill_dirty = sa.Table(
     "backfill_dirty",
     metadata,
