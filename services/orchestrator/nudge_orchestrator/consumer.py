@@ -10,7 +10,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import math
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -395,9 +398,26 @@ async def _stage_changed(
 
 class DeliveryHandler(BatchFirstHandler):
     """What became of a message a run requested (its idempotency key is ``<run>:<step>``),
-    counted once per status for analytics; other deliveries (not from a run) are ignored."""
+    counted once per status for analytics; other deliveries (not from a run) are ignored.
+
+    Analytics can wait, so a batch starts at least ``every_s`` after the one before: the
+    reports then come in fewer, larger batches (a batch's transaction, claim and commit cost
+    the same CPU and WAL flush for 3 reports as for 300), leaving the process's one event
+    loop to the consumers a workflow waits for."""
 
     message_types = frozenset({DELIVERY_REPORTED.name})
+
+    def __init__(self, every_s: float = 0.0) -> None:
+        self.every_s = every_s
+        self._last = -math.inf
+
+    async def prepare(self, envelopes: Sequence[Envelope]) -> None:
+        """Called by the runner before the batch's transaction opens: waits out the rest of
+        ``every_s`` (the records that arrive meanwhile make the next batch)."""
+        wait = self._last + self.every_s - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        self._last = time.monotonic()
 
     async def handle_batch(
         self, session: AsyncSession, envelopes: Sequence[Envelope]
@@ -435,7 +455,11 @@ def consumers(runtime: Runtime) -> list[Worker]:
         runner("orchestrator-contacts", Topic.CONTACTS, ContactHandler(clock)),
         runner("orchestrator", Topic.MEMBERSHIPS, MembershipHandler(clock)),
         runner("orchestrator-events", Topic.EVENTS, EventHandler(clock)),
-        runner("orchestrator-deliveries", Topic.DELIVERIES, DeliveryHandler()),
+        runner(
+            "orchestrator-deliveries",
+            Topic.DELIVERIES,
+            DeliveryHandler(every_s=settings.delivery_batch_interval_s),
+        ),
         TimerWorker(
             settings=settings,
             sessionmaker=runtime.sessionmaker,

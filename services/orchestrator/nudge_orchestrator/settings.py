@@ -17,6 +17,8 @@ class OrchestratorSettings(NudgeSettings):
     """Due timers claimed (FOR UPDATE SKIP LOCKED) per transaction."""
     timer_idle_s: float = Field(default=0.2, gt=0)
     """How long the timer worker sleeps when nothing is due."""
+    delivery_batch_interval_s: float = Field(default=0.25, ge=0)
+    """The deliveries consumer (analytics) starts a batch at most this often."""
     clock_file: Path | None = None
     """Tests only: a file holding an ISO-8601 instant that is "now" for workflows (waits,
     timers, quiet hours). Refused in production."""
