@@ -143,7 +143,7 @@ def _first_seen_id(workspace_id: str, kind: str, value: str) -> uuid.UUID:
 
 class EventHandler(BatchFirstHandler):
     """Track events start the workflows they trigger and reach the active runs of their
-    contact (what it performed, goals, waits for an event). A batch costs two queries
+    contact (what it performed, goals, waits for an event). A batch costs one query
     whatever its size; only the events of contacts in a run, or of a name a workflow
     listens to, are then applied one at a time, in order."""
 
@@ -163,17 +163,14 @@ class EventHandler(BatchFirstHandler):
         if not tracks:
             return []
         identities = [identity_of(envelope.workspace_id, event) for envelope, event, _ in tracks]
-        contacts = await store.event_contacts(session, identities=set(identities))
+        contacts, listening = await store.event_contacts(
+            session, identities=set(identities), kinds={"event"}
+        )
         located = [
             (envelope, event, name, contacts[identity.first_seen_id][0])
             for (envelope, event, name), identity in zip(tracks, identities, strict=True)
         ]
         in_runs = {contact_id for contact_id, in_run in contacts.values() if in_run}
-        listening = await store.workflows_triggered_by(
-            session,
-            workspace_ids={envelope.workspace_id for envelope, _, _ in tracks},
-            kinds={"event"},
-        )
         now = self.clock()
         messages: list[OutgoingMessage] = []
         for envelope, event, name, contact_id in located:
@@ -270,11 +267,9 @@ class ContactHandler(BatchFirstHandler):
         if not envelopes:
             return []
         parsed = [(envelope, CONTACT_UPDATED.parse(envelope)) for envelope in envelopes]
-        stored = await store.profiles(
-            session, contact_ids=list({update.contact_id for _, update in parsed})
-        )
-        listening = await store.workflows_triggered_by(
+        stored, listening = await store.profiles(
             session,
+            contact_ids=list({update.contact_id for _, update in parsed}),
             workspace_ids={envelope.workspace_id for envelope in envelopes},
             kinds={"score_crossed", "date_trait"},
         )

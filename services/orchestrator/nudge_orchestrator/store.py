@@ -532,15 +532,53 @@ async def workflows_triggered_by(
     rows = await session.execute(
         _TRIGGERED_BY, {"workspace_ids": list(workspace_ids), "kinds": list(kinds)}
     )
+    return await _published(session, [tuple(row) for row in rows])
+
+
+async def _published(
+    session: AsyncSession, rows: Sequence[Sequence[Any]]
+) -> dict[TriggerKey, list[Published]]:
+    """Rows of ``_TRIGGERED_BY``'s columns as the workflows, by what their trigger listens to."""
     found: dict[TriggerKey, list[Published]] = {}
-    for row in rows.all():
-        definition = await version_definition(session, workflow_id=row.id, version=row.version)
-        found.setdefault((row.workspace_id, row.trigger_kind, row.trigger_key), []).append(
-            Published(
-                row.id, row.workspace_id, row.version, definition, (row.caps or {}, row.quiet)
-            )
+    for id_, workspace_id, version, kind, key, caps, quiet in rows:
+        definition = await version_definition(session, workflow_id=id_, version=version)
+        found.setdefault((workspace_id, kind, key), []).append(
+            Published(id_, workspace_id, version, definition, (caps or {}, quiet))
         )
     return found
+
+
+def _and_triggers(lookup: sa.Select[Any]) -> sa.CompoundSelect[Any]:
+    """``lookup``'s rows and ``_TRIGGERED_BY``'s in one statement (one round trip where a
+    batch needs both): each row has the columns of both, the other's null. Executed with
+    ``lookup``'s parameters and ``workspace_ids`` and ``kinds``; :func:`_split_triggers`
+    parts the rows again."""
+    own = list(lookup.selected_columns)
+    theirs = list(_TRIGGERED_BY.selected_columns)
+    return sa.union_all(
+        lookup.add_columns(
+            *(sa.cast(sa.null(), column.type).label(f"t_{column.name}") for column in theirs)
+        ),
+        _TRIGGERED_BY.with_only_columns(
+            *(sa.cast(sa.null(), column.type).label(column.name) for column in own),
+            *(column.label(f"t_{column.name}") for column in theirs),
+        ),
+    )
+
+
+async def _split_triggers(
+    session: AsyncSession, rows: sa.Result[Any], width: int
+) -> tuple[list[Sequence[Any]], dict[TriggerKey, list[Published]]]:
+    """The rows of an :func:`_and_triggers` statement: the lookup's (its ``width`` columns),
+    and the workflows."""
+    own: list[Sequence[Any]] = []
+    workflows: list[Sequence[Any]] = []
+    for row in rows:
+        if row[width] is None:
+            own.append(row[:width])
+        else:
+            workflows.append(row[width:])
+    return own, await _published(session, workflows)
 
 
 _TRIGGERED_BY = (
@@ -1234,16 +1272,26 @@ async def get_contacts(
 
 
 async def profiles(
-    session: AsyncSession, *, contact_ids: list[uuid.UUID]
-) -> dict[uuid.UUID, dict[str, Any]]:
+    session: AsyncSession, *, contact_ids: list[uuid.UUID], workspace_ids: set[str], kinds: set[str]
+) -> tuple[dict[uuid.UUID, dict[str, Any]], dict[TriggerKey, list[Published]]]:
     """The copy's ``traits`` and ``scores`` of these contacts (what a ``contact.updated``
-    is compared with), without the columns :func:`get_contacts` decodes besides."""
-    rows = await session.execute(_PROFILES, {"contact_ids": contact_ids})
-    return {row.contact_id: {"traits": row.traits, "scores": row.scores} for row in rows}
+    is compared with), without the columns :func:`get_contacts` decodes besides; and the
+    workflows of ``workspace_ids`` triggered by one of ``kinds``
+    (:func:`workflows_triggered_by`), in the same statement."""
+    rows = await session.execute(
+        _PROFILES,
+        {"contact_ids": contact_ids, "workspace_ids": list(workspace_ids), "kinds": list(kinds)},
+    )
+    found, workflows = await _split_triggers(session, rows, 3)
+    return {
+        contact_id: {"traits": traits, "scores": scores} for contact_id, traits, scores in found
+    }, workflows
 
 
-_PROFILES = sa.select(contacts.c.contact_id, contacts.c.traits, contacts.c.scores).where(
-    contacts.c.contact_id == sa.any_(array_param("contact_ids", contacts.c.contact_id.type))
+_PROFILES = _and_triggers(
+    sa.select(contacts.c.contact_id, contacts.c.traits, contacts.c.scores).where(
+        contacts.c.contact_id == sa.any_(array_param("contact_ids", contacts.c.contact_id.type))
+    )
 )
 _COPY = sa.select(*_COPY_COLUMNS)
 _CONTACT = _COPY.where(contacts.c.contact_id == sa.bindparam("contact_id"))
@@ -1309,14 +1357,14 @@ class Identity(NamedTuple):
 
 
 async def event_contacts(
-    session: AsyncSession, *, identities: set[Identity]
-) -> dict[uuid.UUID, tuple[uuid.UUID, bool]]:
+    session: AsyncSession, *, identities: set[Identity], kinds: set[str]
+) -> tuple[dict[uuid.UUID, tuple[uuid.UUID, bool]], dict[TriggerKey, list[Published]]]:
     """For each identity, by its ``first_seen_id``: its contact (the copy's with this user
     id, the lowest id if it has several, else ``first_seen_id``) and whether that contact
-    is in an active run. One query for a batch of events, on the indexes (workspace, user
-    id) of the copy and (workspace, contact) of the active runs."""
-    if not identities:
-        return {}
+    is in an active run; and the workflows of the identities' workspaces triggered by one
+    of ``kinds`` (:func:`workflows_triggered_by`). One statement for a batch of events, on
+    the indexes (workspace, user id) of the copy and (workspace, contact) of the active
+    runs."""
     given = list(identities)
     rows = await session.execute(
         _EVENT_CONTACTS,
@@ -1324,9 +1372,12 @@ async def event_contacts(
             "workspace_id": [i.workspace_id for i in given],
             "user_id": [i.user_id for i in given],
             "first_seen_id": [i.first_seen_id for i in given],
+            "workspace_ids": list({i.workspace_id for i in given}),
+            "kinds": list(kinds),
         },
     )
-    return {row.first_seen_id: (row.contact_id, row.in_run) for row in rows}
+    found, workflows = await _split_triggers(session, rows, 3)
+    return {first_seen: (contact_id, in_run) for first_seen, contact_id, in_run in found}, workflows
 
 
 def _event_contacts() -> sa.Select[Any]:
@@ -1361,7 +1412,7 @@ def _event_contacts() -> sa.Select[Any]:
     ).select_from(given.outerjoin(known, sa.true()))
 
 
-_EVENT_CONTACTS = _event_contacts()
+_EVENT_CONTACTS = _and_triggers(_event_contacts())
 
 
 # --- templates ----------------------------------------------------------------------------
