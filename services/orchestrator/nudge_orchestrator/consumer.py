@@ -59,9 +59,9 @@ _SEGMENT_TRIGGERS = {SEGMENT_ENTERED.name: "segment_entered", SEGMENT_EXITED.nam
 class MembershipHandler(BatchFirstHandler):
     """Segment entries and exits start the workflows they trigger. A whole batch (a segment
     that many contacts enter at once) goes through :meth:`handle_batch`: one lookup of the
-    workflows (with their workspaces' messaging settings) for the batch, one statement for
-    the copies (which reads them back for the runs), one entry check and one insert of runs
-    per workflow."""
+    workflows (with their workspaces' messaging settings), the copies' update (read back
+    for the runs) and the entry states, all in one statement for the batch; then one
+    insert of runs per workflow."""
 
     message_types = frozenset({SEGMENT_ENTERED.name, SEGMENT_EXITED.name})
 
@@ -81,13 +81,8 @@ class MembershipHandler(BatchFirstHandler):
             return messages
         now = self.clock()
         out = execution.Outputs()
-        kinds = {_SEGMENT_TRIGGERS[envelope.type] for envelope, _ in parsed}
-        listening = await store.workflows_triggered_by(
-            session, workspace_ids={envelope.workspace_id for envelope, _ in parsed}, kinds=kinds
-        )
-        # The copy first, so what the entries send already sees the new membership; read
-        # back by the same statement when runs may start.
-        copies = await store.apply_memberships(
+        # The copy first, so what the entries send already sees the new membership.
+        applied = await store.apply_memberships(
             session,
             [
                 store.Membership(
@@ -102,14 +97,14 @@ class MembershipHandler(BatchFirstHandler):
                 )
                 for envelope, change in parsed
             ],
-            read=bool(listening),
+            kinds={_SEGMENT_TRIGGERS[envelope.type] for envelope, _ in parsed},
         )
-        if not listening:
+        if not applied.workflows:
             return []
         entrants: dict[uuid.UUID, tuple[store.Published, list[execution.Entrant]]] = {}
         for envelope, change in parsed:
             key = (envelope.workspace_id, _SEGMENT_TRIGGERS[envelope.type], str(change.segment_id))
-            for workflow in listening.get(key, ()):
+            for workflow in applied.workflows.get(key, ()):
                 entrants.setdefault(workflow.id, (workflow, []))[1].append(
                     execution.Entrant(
                         change.contact.contact_id,
@@ -121,7 +116,17 @@ class MembershipHandler(BatchFirstHandler):
                 )
         for workflow, group in entrants.values():
             await execution.enter_many(
-                session, out, workflow=workflow, entrants=group, now=now, copies=copies
+                session,
+                out,
+                workflow=workflow,
+                entrants=group,
+                now=now,
+                copies=applied.copies,
+                entry_states={
+                    entrant.contact_id: state
+                    for entrant in group
+                    if (state := applied.entry_states.get((workflow.id, entrant.contact_id)))
+                },
             )
         return out.messages
 

@@ -112,14 +112,20 @@ async def enter_many(
     entrants: list[Entrant],
     now: datetime,
     copies: dict[uuid.UUID, dict[str, Any]] | None = None,
+    entry_states: dict[uuid.UUID, tuple[datetime, bool]] | None = None,
 ) -> list[uuid.UUID]:
     """:func:`enter` for many contacts at once (each contact at most once), with a few
-    set-based statements. Returns the ids of the runs started. ``copies``: the entrants'
-    copies (:func:`store.get_contacts`), when the caller read them in this transaction."""
+    set-based statements. Returns the ids of the runs started. ``copies`` (the entrants'
+    copies, :func:`store.get_contacts`) and ``entry_states`` (:func:`store.entry_states`),
+    when the caller read them in this transaction, are not read again."""
     definition = workflow.definition
     entry = definition.entry
-    states = await store.entry_states(
-        session, workflow_id=workflow.id, contact_ids=[e.contact_id for e in entrants]
+    states = (
+        entry_states
+        if entry_states is not None
+        else await store.entry_states(
+            session, workflow_id=workflow.id, contact_ids=[e.contact_id for e in entrants]
+        )
     )
     rows: list[dict[str, Any]] = []
     candidates: dict[uuid.UUID, store.Run] = {}

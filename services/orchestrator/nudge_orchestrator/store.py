@@ -1177,47 +1177,76 @@ class Membership:
     scores: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class MembershipsApplied:
+    workflows: dict[TriggerKey, list[Published]]
+    """The workflows the batch's kinds of change trigger in its workspaces."""
+    copies: dict[uuid.UUID, dict[str, Any]]
+    """The changed contacts' copies as they are now (what :func:`get_contacts` reads next
+    in this transaction, as their rows stay locked); none when no workflow is triggered."""
+    entry_states: dict[tuple[uuid.UUID, uuid.UUID], tuple[datetime, bool]]
+    """:func:`entry_states` of the changed contacts in those workflows, by (workflow,
+    contact)."""
+
+
 async def apply_memberships(
-    session: AsyncSession, changes: list[Membership], *, read: bool = False
-) -> dict[uuid.UUID, dict[str, Any]]:
+    session: AsyncSession, changes: list[Membership], *, kinds: set[str]
+) -> MembershipsApplied:
     """Entries add the segment to the copy's ``segments`` (a contact not copied yet is
-    copied from the change's snapshot), exits remove it: one statement for the entries and
-    one for the exits, each contact at most once. With ``read``, returns the copies as they
-    are now (what :func:`get_contacts` reads next in this transaction, as their rows stay
-    locked), else nothing."""
+    copied from the change's snapshot), exits remove it (each contact at most once), and
+    what starting the triggered runs reads is read: the workflows triggered by one of
+    ``kinds`` (:func:`workflows_triggered_by`), the copies and the contacts' entry states
+    in them. One statement (``_APPLY_MEMBERSHIPS``) for a whole batch."""
     entries = [c for c in changes if c.entered]
     exits = [c for c in changes if not c.entered]
+    rows = await session.execute(
+        _APPLY_MEMBERSHIPS,
+        {
+            "e_contact_id": [c.contact_id for c in entries],
+            "e_workspace_id": [c.workspace_id for c in entries],
+            "e_user_id": [c.user_id for c in entries],
+            "e_traits": [c.traits for c in entries],
+            "e_scores": [c.scores for c in entries],
+            "e_segments": [{str(c.segment_id): c.segment_name} for c in entries],
+            "contact": [c.contact_id for c in exits],
+            "segment": [str(c.segment_id) for c in exits],
+            "workspace_ids": list({c.workspace_id for c in changes}),
+            "kinds": list(kinds),
+            "changed": [c.contact_id for c in changes],
+        },
+    )
     copies: dict[uuid.UUID, dict[str, Any]] = {}
-    if entries:
-        rows = await session.execute(
-            _ENTER_SEGMENTS_READ if read else _ENTER_SEGMENTS,
-            {
-                "contact_id": [c.contact_id for c in entries],
-                "workspace_id": [c.workspace_id for c in entries],
-                "user_id": [c.user_id for c in entries],
-                "traits": [c.traits for c in entries],
-                "scores": [c.scores for c in entries],
-                "segments": [{str(c.segment_id): c.segment_name} for c in entries],
-            },
-        )
-        if read:
-            copies.update((row.contact_id, _contact(row)) for row in rows)
-    if exits:
-        rows = await session.execute(
-            _EXIT_SEGMENTS_READ if read else _EXIT_SEGMENTS,
-            {
-                "contact": [c.contact_id for c in exits],
-                "segment": [str(c.segment_id) for c in exits],
-            },
-        )
-        if read:
-            copies.update((row.contact_id, _contact(row)) for row in rows)
-    return copies
+    workflows: list[Sequence[Any]] = []
+    states: dict[tuple[uuid.UUID, uuid.UUID], tuple[datetime, bool]] = {}
+    for part, *values in rows:
+        if part == _COPY_PART:
+            row = values[: len(_COPY_COLUMNS)]
+            copies[row[0]] = _contact(_CopyRow(*row))
+        elif part == _WORKFLOW_PART:
+            workflows.append(values[len(_COPY_COLUMNS) : len(_COPY_COLUMNS) + 7])
+        else:
+            workflow_id, contact_id, started_at, active = values[-4:]
+            states[workflow_id, contact_id] = (started_at, bool(active))
+    return MembershipsApplied(await _published(session, workflows), copies, states)
+
+
+class _CopyRow(NamedTuple):
+    contact_id: uuid.UUID
+    user_id: str | None
+    traits: dict[str, Any]
+    scores: dict[str, int]
+    tags: dict[str, int]
+    stages: dict[str, str]
+    segments: dict[str, str]
 
 
 def _enter_segments() -> sa.Insert:
+    # its parameters are prefixed: the exits' update in the same statement would take
+    # parameters named after the table's columns as values to set
     statement = insert_arrays(
-        contacts, ["contact_id", "workspace_id", "user_id", "traits", "scores", "segments"]
+        contacts,
+        ["contact_id", "workspace_id", "user_id", "traits", "scores", "segments"],
+        prefix="e_",
     )
     return statement.on_conflict_do_update(
         index_elements=[contacts.c.contact_id],
@@ -1244,8 +1273,60 @@ _COPY_COLUMNS = (
     contacts.c.stages,
     contacts.c.segments,
 )
-_ENTER_SEGMENTS_READ = _ENTER_SEGMENTS.returning(*_COPY_COLUMNS)
-_EXIT_SEGMENTS_READ = _EXIT_SEGMENTS.returning(*_COPY_COLUMNS)
+_COPY_PART, _WORKFLOW_PART, _STATE_PART = 1, 2, 3
+
+
+def _apply_memberships() -> sa.CompoundSelect[Any]:
+    """The entries' upsert and the exits' update (returning the copies), the trigger
+    lookup and the entry states, as one ``UNION ALL``: each row is a part number and every
+    part's columns, the other parts' null. Copies are returned only when a workflow is
+    triggered (what a batch that starts nothing would decode for nothing)."""
+    entered = _ENTER_SEGMENTS.returning(*_COPY_COLUMNS).cte("entered")
+    exited = _EXIT_SEGMENTS.returning(*_COPY_COLUMNS).cte("exited")
+    triggered = _TRIGGERED_BY.cte("triggered")
+    states = (
+        sa.select(
+            runs.c.workflow_id,
+            runs.c.contact_id,
+            sa.func.max(runs.c.started_at),
+            sa.func.bool_or(runs.c.status == ACTIVE),
+        )
+        .select_from(runs.join(triggered, runs.c.workflow_id == triggered.c.id))
+        .where(runs.c.contact_id == sa.any_(array_param("changed", runs.c.contact_id.type)))
+        .group_by(runs.c.workflow_id, runs.c.contact_id)
+        .subquery("states")
+    )
+    layout = [
+        *((f"c_{column.name}", column.type) for column in _COPY_COLUMNS),
+        *((f"t_{column.name}", column.type) for column in _TRIGGERED_BY.selected_columns),
+        ("s_workflow_id", runs.c.workflow_id.type),
+        ("s_contact_id", runs.c.contact_id.type),
+        ("s_started_at", TIMESTAMP),
+        ("s_active", sa.Boolean()),
+    ]
+
+    def part(number: int, first: int, columns: Sequence[Any]) -> list[Any]:
+        """The part's number and ``columns`` at ``first`` in the layout, nulls elsewhere."""
+        values: list[Any] = [sa.literal(number, sa.Integer()).label("part")]
+        for index, (name, type_) in enumerate(layout):
+            inside = first <= index < first + len(columns)
+            value = columns[index - first] if inside else sa.cast(sa.null(), type_)
+            values.append(value.label(name))
+        return values
+
+    any_triggered = sa.exists(sa.select(triggered.c.id))
+    copies_width = len(_COPY_COLUMNS)
+    return sa.union_all(
+        *(
+            sa.select(*part(_COPY_PART, 0, list(changed.c))).where(any_triggered)
+            for changed in (entered, exited)
+        ),
+        sa.select(*part(_WORKFLOW_PART, copies_width, list(triggered.c))),
+        sa.select(*part(_STATE_PART, copies_width + len(triggered.c), list(states.c))),
+    )
+
+
+_APPLY_MEMBERSHIPS = _apply_memberships()
 
 
 def _contact(row: Any) -> dict[str, Any]:

@@ -177,3 +177,19 @@ async def test_track_events_in_one_batch_reach_the_run_an_earlier_one_started(
     assert runs[engine.contact_id("batch-buyer")].status == "converted"
     assert runs[engine.contact_id("batch-buyer")].performed == ["Order Completed"]
     assert runs[engine.contact_id("batch-browser")].status == "active"
+
+
+async def test_a_later_batch_keeps_the_entry_rule_of_earlier_runs(engine: Engine) -> None:
+    """The entry states come with the batch's one read of workflows and copies: contacts
+    who entered a "once" workflow before are refused in a later batch, the others enter."""
+    segment = uuid.uuid4()
+    one_send = {  # its runs end at once
+        **flow(segment),
+        "steps": [{"kind": "send", "channel": "email", "template_id": str(TEMPLATE)}],
+    }
+    workflow = await engine.workflow(one_send)
+    contacts = [uuid.uuid4() for _ in range(3)]
+    assert await apply_batch(engine, [entered(engine, segment, c) for c in contacts[:2]]) == 2
+    assert await apply_batch(engine, [entered(engine, segment, c) for c in contacts]) == 1
+    runs = await engine.runs(workflow)
+    assert sorted(run.contact_id for run in runs) == sorted(contacts)
