@@ -6,9 +6,10 @@ ceiling).
 
 The events are produced before the service starts, so the service reads a full topic: its
 rate is what its consumer group commits per second between 10% and 90% of the way (start-up
-and the tail are left out), and its CPU per event the service's processes' CPU time (from
-/proc) over the same stretch. Everything is loopback, in a sandbox (its own database and
-topic prefix, deleted afterwards), and bounded by ``--deadline-s``.
+and the tail are left out), and its CPU per event the CPU time (from /proc) of the service's
+processes and of its PostgreSQL backends over the same stretch. Everything is loopback, in a
+sandbox (its own database and topic prefix, deleted afterwards), and bounded by
+``--deadline-s``.
 
     .venv/bin/python -m bench.scoring [--contacts 100000 --events 1000000 --rules 50]
 
@@ -25,6 +26,7 @@ import json
 import os
 import platform
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -34,6 +36,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
+import sqlalchemy as sa
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
@@ -279,9 +283,9 @@ async def committed(
     return sum(max(offsets[tp].offset, 0) for tp in partitions if tp in offsets)
 
 
-def process_cpu_s(pid: int) -> float:
-    """CPU seconds (user and system) of a process and its live children (``--workers N``
-    starts them), from /proc; 0 where there is no /proc."""
+def cpu_s(pids: set[int], *, children_of: int | None = None) -> float:
+    """CPU seconds (user and system) of these processes and of the live children of
+    ``children_of`` (``--workers N`` starts them), from /proc; 0 where there is none."""
     tick = os.sysconf("SC_CLK_TCK")
     total = 0.0
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -289,49 +293,96 @@ def process_cpu_s(pid: int) -> float:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if stat.parent.name == str(pid) or fields[1] == str(pid):
+        if int(stat.parent.name) in pids or (children_of and fields[1] == str(children_of)):
             total += (int(fields[11]) + int(fields[12])) / tick
     return total
 
 
-Sample = tuple[float, int, float]
-"""(seconds since start, committed offsets, the service's CPU seconds)"""
+Sample = tuple[float, int, float, float]
+"""(seconds since start, committed offsets, CPU seconds of the service and of its
+PostgreSQL backends)"""
+
+_BACKENDS = sa.text(
+    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+    "AND pid <> pg_backend_pid()"
+)
 
 
 async def watch_service(
     settings: NudgeSettings, events: int, deadline_s: float, pid: int
 ) -> tuple[list[Sample], bool]:
     """A sample every half second until all are committed or the deadline passes; and
-    whether all were."""
+    whether all were. The service's PostgreSQL backends are those of the sandbox's
+    database (the pool keeps them for the run)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
     await admin.start()
+    engine = create_engine(settings)
     try:
         partitions = await topic_partitions(admin, [settings.topic(Topic.EVENTS)])
         samples: list[Sample] = []
         started = time.perf_counter()
         while time.perf_counter() - started < deadline_s:
             done = await committed(admin, settings, partitions)
-            samples.append((time.perf_counter() - started, done, process_cpu_s(pid)))
+            async with engine.connect() as connection:
+                backends = set((await connection.execute(_BACKENDS)).scalars())
+            samples.append(
+                (
+                    time.perf_counter() - started,
+                    done,
+                    cpu_s({pid}, children_of=pid),
+                    cpu_s(backends),
+                )
+            )
             if done >= events:
                 return samples, True
             await asyncio.sleep(0.5)
         return samples, False
     finally:
+        await engine.dispose()
         await admin.close()
 
 
-def sustained(samples: list[Sample], events: int) -> tuple[float, float]:
+def sustained(samples: list[Sample], events: int) -> tuple[float, float, float]:
     """Events per second between the samples at 10% and 90% of the events (or the last
-    sample, when the run did not get that far), and the service's CPU microseconds per
-    event over the same stretch."""
+    sample, when the run did not get that far), and the CPU microseconds per event of the
+    service and of its PostgreSQL backends over the same stretch."""
     low = next((s for s in samples if s[1] >= events * 0.1), samples[0])
     high = next((s for s in samples if s[1] >= events * 0.9), samples[-1])
     if high[0] <= low[0]:
         high = samples[-1]
     if high[0] <= low[0] or high[1] <= low[1]:
-        return 0.0, 0.0
+        return 0.0, 0.0, 0.0
     count = high[1] - low[1]
-    return count / (high[0] - low[0]), (high[2] - low[2]) / count * 1e6
+    return (
+        count / (high[0] - low[0]),
+        (high[2] - low[2]) / count * 1e6,
+        (high[3] - low[3]) / count * 1e6,
+    )
+
+
+BATCH_SERIES = re.compile(
+    r'^nudge_consumer_batch_(size|duration_seconds)_(sum|count)\{consumer="scoring"\} (\S+)$'
+)
+
+
+async def batch_stats(url: str) -> dict[str, float]:
+    """Mean size and duration of the consumer's batches, from the service's /metrics (one
+    process's, with ``--workers N``)."""
+    async with httpx.AsyncClient(timeout=5) as client:
+        text = (await client.get(f"{url}/metrics")).text
+    found = {
+        (match[1], match[2]): float(match[3])
+        for line in text.splitlines()
+        if (match := BATCH_SERIES.match(line))
+    }
+    batches = found.get(("size", "count"), 0.0)
+    if not batches:
+        return {}
+    return {
+        "batches": batches,
+        "mean_size": round(found[("size", "sum")] / batches, 1),
+        "mean_ms": round(found[("duration_seconds", "sum")] / batches * 1000, 1),
+    }
 
 
 def machine() -> dict[str, Any]:
@@ -391,19 +442,23 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             samples, finished = await watch_service(
                 settings, args.events, args.deadline_s, service.process.pid
             )
+            batches = await batch_stats(service.url)
         finally:
             await service.stop()
         done = samples[-1][1]
-        rate, cpu_us = sustained(samples, args.events)
+        rate, cpu_us, pg_cpu_us = sustained(samples, args.events)
         print(
             f"scoring: {done} of {args.events} committed in {samples[-1][0]:.1f}s, "
-            f"sustained {rate:.0f} events/s, {cpu_us:.0f} us of CPU per event (10%..90%)",
+            f"sustained {rate:.0f} events/s; CPU per event: {cpu_us:.0f} us in the service, "
+            f"{pg_cpu_us:.0f} us in PostgreSQL (10%..90%)",
             flush=True,
         )
         return {
             "bench": "scoring",
             "events_per_s": round(rate),
             "cpu_us_per_event": round(cpu_us),
+            "pg_cpu_us_per_event": round(pg_cpu_us),
+            "batches": batches,
             "raw_consume_events_per_s": round(raw),
             "contacts": args.contacts,
             "events": args.events,
