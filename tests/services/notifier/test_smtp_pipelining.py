@@ -194,6 +194,20 @@ async def test_a_refused_rcpt_sends_no_content_even_if_the_server_accepts_data()
     assert provider.pool.open == 0
 
 
+async def test_a_refusal_then_a_closed_connection_is_the_refusal_as_one_by_one() -> None:
+    async def closing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await commands(reader, 3)
+        writer.write(b"421 4.3.2 shutting down\r\n")
+
+    async with raw_server(PIPELINING_EHLO, closing) as port:
+        provider = SmtpEmailProvider(NotifierSettings(smtp_port=port))
+        with pytest.raises(TransientFailure) as refused:
+            await provider.send(outbound("ada@example.com"))
+    assert str(refused.value) == "421 4.3.2 shutting down"
+    assert refused.value.per_recipient
+    assert provider.pool.open == 0
+
+
 async def test_a_connection_lost_before_the_content_is_transient_and_during_it_unknown() -> None:
     async def lost_before(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await commands(reader, 3)

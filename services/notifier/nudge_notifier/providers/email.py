@@ -357,37 +357,35 @@ class SmtpEmailProvider:
 
     async def _envelope(self, connection: SmtpConnection, to: str) -> None:
         """MAIL, RCPT and DATA, in one write when the server pipelines (RFC 2920), else
-        one by one; returns when the server waits for the content (354). Every reply is
-        checked in order, whatever came before: a refusal raises as a failure of the
-        message (4xx: transient), and the connection is then closed without the content
-        (a server that answers DATA with 354 although it refused RCPT gets no message).
-        The sender was quoted once at start and the recipient checked and normalised
-        before: both are written as they stand."""
+        one by one; returns when the server waits for the content (354). The replies are
+        read in order and the first refusal fails the message (4xx: transient), as one by
+        one: a 421 to MAIL followed by a closed connection is the 421. The replies after a
+        refusal are not read and the connection is closed without the content, so a server
+        that answers DATA with 354 although it refused RCPT gets no message. The sender was
+        quoted once at start and the recipient checked and normalised before: both are
+        written as they stand."""
         if _NOT_IN_A_MAILBOX.search(to):
             raise ValueError(f"{to!r} cannot be sent to: not a plain SMTP mailbox")
         commands = [self.mail, b"RCPT TO:<" + to.encode("ascii") + b">\r\n", b"DATA\r\n"]
         try:
             if connection.pipelining:
                 connection.write(b"".join(commands))
-                replies = [await connection.reply() for _ in commands]
-            else:
-                replies = []
-                for command, accepted in zip(commands, _ACCEPTED, strict=True):
+            for index, command in enumerate(commands):
+                if not connection.pipelining:
                     connection.write(command)
-                    replies.append(await connection.reply())
-                    if replies[-1].code not in accepted:
-                        break
+                reply = await connection.reply()
+                if reply.code not in _ACCEPTED[index]:
+                    raise self._refused(index, reply, to)
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as error:
             raise TransientFailure(f"connection lost before the content: {error}") from error
-        mail, *rest = replies
-        if mail.code not in _ACCEPTED[0]:
-            raise _refusal(aiosmtplib.SMTPSenderRefused(mail.code, mail.message, self.sender))
-        rcpt, *rest = rest
-        if rcpt.code not in _ACCEPTED[1]:
-            raise _refusal(aiosmtplib.SMTPRecipientRefused(rcpt.code, rcpt.message, to))
-        (start,) = rest
-        if start.code not in _ACCEPTED[2]:
-            raise _data_refusal(start)
+
+    def _refused(self, index: int, reply: SMTPResponse, to: str) -> Exception:
+        """The failure of the message when the server refuses MAIL, RCPT or DATA."""
+        if index == 0:
+            return _refusal(aiosmtplib.SMTPSenderRefused(reply.code, reply.message, self.sender))
+        if index == 1:
+            return _refusal(aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, to))
+        return _data_refusal(reply)
 
     async def close(self) -> None:
         await self.pool.close()
