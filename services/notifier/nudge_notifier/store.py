@@ -592,6 +592,8 @@ async def load_plan(
     """The templates (by workspace and id) and, for the addresses, the suppression
     reasons and the consents by topic: one statement for the batch, three result sets
     in one row (as JSON) instead of a round trip each."""
+    if not templates and not addresses:
+        return Plan({}, {}, {})
     given = {
         "tw": [w for w, _ in templates],
         "tid": [t for _, t in templates],
