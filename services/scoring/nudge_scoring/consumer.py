@@ -62,6 +62,7 @@ from nudge_scoring.domain.rules import (
     stage_for,
 )
 from nudge_scoring.domain.scoring import incoming_traits
+from nudge_scoring.settings import ScoringSettings
 
 MergeReason = Literal["identify", "alias", "email"]
 Changed = Literal["traits", "scores", "tags", "stages"]
@@ -833,17 +834,25 @@ async def after_points(
 
 
 def consumers(runtime: Runtime) -> list[Worker]:
+    """The events topic's consumers (``events_consumers`` of them, one group: Kafka shares
+    the partitions among them, so a contact's events stay in order) and the timer worker."""
     from nudge_scoring.worker import TimerWorker  # the worker builds on this module
 
+    settings = runtime.settings
+    count = settings.events_consumers if isinstance(settings, ScoringSettings) else 1
+    handler = ScoringHandler()
     return [
-        ConsumerRunner(
-            name="scoring",
-            topics=[Topic.EVENTS],
-            handler=ScoringHandler(),
-            settings=runtime.settings,
-            sessionmaker=runtime.sessionmaker,
-            producer=runtime.producer,
-            processed_messages=store.processed_messages,
+        *(
+            ConsumerRunner(
+                name="scoring",
+                topics=[Topic.EVENTS],
+                handler=handler,
+                settings=settings,
+                sessionmaker=runtime.sessionmaker,
+                producer=runtime.producer,
+                processed_messages=store.processed_messages,
+            )
+            for _ in range(count)
         ),
         TimerWorker(
             settings=runtime.settings,
