@@ -108,7 +108,12 @@ class MembershipHandler(BatchFirstHandler):
                 entrants.setdefault(workflow.id, (workflow, []))[1].append(
                     execution.Entrant(
                         change.contact.contact_id,
-                        change.contact.model_dump(mode="json", exclude={"contact_id", "segments"}),
+                        # the snapshot's JSON as it came (model_dump would copy it)
+                        {
+                            "user_id": change.contact.user_id,
+                            "traits": change.contact.traits,
+                            "scores": change.contact.scores,
+                        },
                         str(envelope.id),
                         envelope.origin_received_at,
                         change.segment_id,

@@ -672,31 +672,32 @@ def _notification(
     ``NotificationRequested(..., contact=_snapshot(run, contact))``, field for field, built
     without validating and dumping the models (the copy's traits and scores are JSON
     already; a send is the hot path of every workflow)."""
+    run_id, contact_id = str(run.id), str(run.contact_id)  # each used twice below
     payload = {
         "idempotency_key": key,
         "channel": channel,
         "template_id": str(template_id),
         "contact": {
-            "contact_id": str(run.contact_id),
+            "contact_id": contact_id,
             "user_id": contact.get("user_id"),
             "traits": contact.get("traits") or {},
             "scores": contact.get("scores") or {},
             "segments": contact.get("segments") or [],
         },
         "workflow_id": str(run.workflow_id),
-        "run_id": str(run.id),
+        "run_id": run_id,
         "step": step,
         "recipient": None,
         "data": {},
     }
     return OutgoingMessage(
         Topic.NOTIFICATIONS,
-        key=str(run.contact_id),
+        key=contact_id,
         envelope=Envelope.model_construct(
             type=NOTIFICATION_REQUESTED.name,
             version=NOTIFICATION_REQUESTED.version,
             # Derived from (run, step): a re-publication after a crash is the same message.
-            id=stable_id(str(run.id), "notification.requested", str(step)),
+            id=stable_id(run_id, "notification.requested", str(step)),
             occurred_at=now,
             workspace_id=run.workspace_id,
             origin_received_at=out.origins.get(run.id, out.origin_received_at),
