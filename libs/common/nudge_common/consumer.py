@@ -265,8 +265,14 @@ class ConsumerRunner:
                 records = [record for partition in batches.values() for record in partition]
                 if records:
                     started = time.perf_counter()
+                    # Left alone, aiokafka fetches the next records as soon as these are
+                    # handed out, and what arrives after that fetch waits on the broker for
+                    # the batch after next. Paused while the batch is applied, it fetches
+                    # everything up to now once the batch is done.
+                    consumer.pause(*consumer.assignment())
                     if not await self._apply_until_done(records):
                         break  # stopping while a dependency is down: the batch replays later
+                    consumer.resume(*consumer.paused())
                     if committing is not None:
                         await committing
                     committing = asyncio.create_task(self._commit(consumer, batches))
