@@ -8,6 +8,10 @@ from nudge_common.settings import NudgeSettings
 class ScoringSettings(NudgeSettings):
     service_name: str = "scoring"
     http_port: int = 8002
+    consumer_batch_max_records: int = Field(default=1000, ge=1)
+    """Up to 1,000 events a batch (500 elsewhere): with a backlog, a batch of 1,000 cost
+    ~20% less PostgreSQL CPU per event than one of 500 and ~5% less in the process (the
+    batch's statements and commit are shared by twice the events); 2,000 saved no more."""
     events_consumers: int = Field(default=2, ge=1)
     """Consumers of the events topic in one process, members of the one ``scoring`` group:
     while one waits for PostgreSQL or Kafka, another applies its batch."""
