@@ -18,7 +18,7 @@ from nudge_scoring.store import events, score_changes, scores
 from tests.conftest import StackHandle
 
 CONTACTS = 40
-EVENTS_PER_CONTACT = 100
+EVENTS_PER_CONTACT = 250
 BATCH = 100
 
 
