@@ -10,10 +10,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import math
-import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -404,25 +401,9 @@ async def _stage_changed(
 class DeliveryHandler(BatchFirstHandler):
     """What became of a message a run requested (its idempotency key is ``<run>:<step>``),
     counted once per status for analytics; other deliveries (not from a run) are ignored.
-
-    Analytics can wait, so a batch starts at least ``every_s`` after the one before: the
-    reports then come in fewer, larger batches (a batch's transaction, claim and commit cost
-    the same CPU and WAL flush for 3 reports as for 300), leaving the process's one event
-    loop to the consumers a workflow waits for."""
+    Analytics can wait: its runner paces the batches (``delivery_batch_interval_s``)."""
 
     message_types = frozenset({DELIVERY_REPORTED.name})
-
-    def __init__(self, every_s: float = 0.0) -> None:
-        self.every_s = every_s
-        self._last = -math.inf
-
-    async def prepare(self, envelopes: Sequence[Envelope]) -> None:
-        """Called by the runner before the batch's transaction opens: waits out the rest of
-        ``every_s`` (the records that arrive meanwhile make the next batch)."""
-        wait = self._last + self.every_s - time.monotonic()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        self._last = time.monotonic()
 
     async def handle_batch(
         self, session: AsyncSession, envelopes: Sequence[Envelope]
@@ -445,7 +426,9 @@ def consumers(runtime: Runtime) -> list[Worker]:
     assert isinstance(settings, OrchestratorSettings)
     clock = clock_from(settings.clock_file)
 
-    def runner(name: str, topic: Topic, handler: MessageHandler) -> ConsumerRunner:
+    def runner(
+        name: str, topic: Topic, handler: MessageHandler, min_batch_interval_s: float = 0.0
+    ) -> ConsumerRunner:
         return ConsumerRunner(
             name=name,
             topics=[topic],
@@ -454,6 +437,7 @@ def consumers(runtime: Runtime) -> list[Worker]:
             sessionmaker=runtime.sessionmaker,
             producer=runtime.producer,
             processed_messages=store.processed_messages,
+            min_batch_interval_s=min_batch_interval_s,
         )
 
     return [
@@ -463,7 +447,10 @@ def consumers(runtime: Runtime) -> list[Worker]:
         runner(
             "orchestrator-deliveries",
             Topic.DELIVERIES,
-            DeliveryHandler(every_s=settings.delivery_batch_interval_s),
+            DeliveryHandler(),
+            # fewer, larger batches leave the process's one event loop to the consumers a
+            # workflow waits for
+            min_batch_interval_s=settings.delivery_batch_interval_s,
         ),
         TimerWorker(
             settings=settings,

@@ -5,6 +5,7 @@ failure is retried instead."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
@@ -22,7 +23,7 @@ from nudge_common.events import Envelope, EventType, Topic
 from nudge_common.kafka import OutgoingMessage, create_producer, publish
 from nudge_common.settings import NudgeSettings
 from nudge_common.topics import delete_topics, ensure_topics
-from nudge_devtools.pipeline import read_topic, wait_until_idle
+from nudge_devtools.pipeline import eventually, read_topic, wait_until_idle
 from tests.conftest import StackHandle
 
 SCHEMA = "runner_test"
@@ -181,6 +182,54 @@ async def test_batch_handler_applies_whole_batches_and_isolates_a_bad_message(
         await wait_until_idle(settings, consumers={"runner-batch-test": (Topic.EVENTS,)})
         assert await count_effects(sessionmaker) == len(good) + len(more)  # replay: no change
         assert handler.batches_applied  # batches of two or more went through handle_batch
+    finally:
+        runner.stop()
+        await asyncio.wait_for(task, 30)
+        await producer.stop()
+
+
+class TimedHandler(BatchHandler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_starts: list[float] = []
+
+    async def prepare(self, envelopes: Sequence[Envelope]) -> None:
+        """Called as soon as the runner has decoded a batch it took."""
+        self.batch_starts.append(time.monotonic())
+
+
+async def test_a_paced_runner_starts_a_batch_at_most_every_interval(
+    settings: NudgeSettings, sessionmaker: SessionMaker
+) -> None:
+    now = datetime.now(UTC)
+    handler = TimedHandler()
+    producer: AIOKafkaProducer = create_producer(settings)
+    await producer.start()
+    runner = ConsumerRunner(
+        name="runner-paced-test",
+        topics=[Topic.EVENTS],
+        handler=handler,
+        settings=settings,
+        sessionmaker=sessionmaker,
+        producer=producer,
+        processed_messages=processed,
+        min_batch_interval_s=1.0,
+    )
+    task = asyncio.create_task(runner.run())
+    try:
+        for applied in (1, 2):
+            thing = THING.envelope(workspace_id="ws", payload=Thing(), occurred_at=now)
+            await publish(producer, settings, [OutgoingMessage(Topic.EVENTS, "k", thing)])
+
+            async def effects_counted(count: int = applied) -> bool:
+                return await count_effects(sessionmaker) == count
+
+            await eventually(effects_counted, what=f"{applied} effects")
+        # The second message was published as soon as the first was applied (~0.1 s later
+        # unpaced). The runner's interval runs from when it took the records, a few
+        # microseconds before it decoded them.
+        first, second = handler.batch_starts
+        assert second - first >= 0.99
     finally:
         runner.stop()
         await asyncio.wait_for(task, 30)

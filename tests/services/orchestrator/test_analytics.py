@@ -3,7 +3,6 @@ deliveries topic, and the A/B verdict (two-proportion z-test on conversions)."""
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import pytest
@@ -268,16 +267,3 @@ async def test_analytics_per_segment_count_the_runs_the_segment_started(engine: 
     assert (total["entered"], total["requested"], total["delivered"]) == (8, 8, 4)
     assert per_workflow[onboarding]["open_rate"] == 0.5
     assert (per_workflow[winback]["entered"], per_workflow[winback]["opened"]) == (2, 0)
-
-
-async def test_delivery_batches_are_paced() -> None:
-    """The deliveries consumer starts a batch at most every ``every_s`` (analytics can wait;
-    fewer, larger batches leave the event loop to the workflows)."""
-    handler = DeliveryHandler(every_s=0.2)
-    await handler.prepare([])
-    started = time.monotonic()
-    await handler.prepare([])
-    assert time.monotonic() - started >= 0.2
-    started = time.monotonic()
-    await DeliveryHandler().prepare([])
-    assert time.monotonic() - started < 0.1
