@@ -13,6 +13,7 @@ from fastapi import APIRouter
 from nudge_common.consumer import is_transient
 from nudge_common.db import SessionMaker, create_engine, create_sessionmaker, transaction
 from nudge_common.service import create_service_app
+from nudge_devtools.pipeline import eventually
 from nudge_devtools.services import free_port
 from tests.conftest import StackHandle
 
@@ -57,11 +58,14 @@ def test_errors_outside_the_database() -> None:
 
 
 async def test_a_connection_the_server_closed_fails_one_request_with_503_then_is_replaced(
-    stack: StackHandle, sessionmaker: SessionMaker
+    stack: StackHandle,
 ) -> None:
     """Pooled connections are not pinged before use: the first request on a connection the
     server closed (as a PostgreSQL restart does) gets a 503 to retry, not a 500, and the
-    pool's next connection works."""
+    pool's next connection works. The test has its own pool, so the connection it has killed
+    cannot reach another test."""
+    engine = create_engine(stack.settings)
+    sessionmaker = create_sessionmaker(engine)
     router = APIRouter()
 
     @router.get("/backend")
@@ -71,24 +75,41 @@ async def test_a_connection_the_server_closed_fails_one_request_with_503_then_is
 
     app = create_service_app(settings=stack.settings, routers=[router])
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://nudge") as client:
-        first = await client.get("/backend")
-        assert first.status_code == 200
-        dsn = sa.make_url(stack.settings.database_url).set(drivername="postgresql")
-        closer = await asyncpg.connect(dsn.render_as_string(hide_password=False))
-        try:
-            assert await closer.fetchval("SELECT pg_terminate_backend($1)", first.json()["pid"])
-        finally:
-            await closer.close()
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://nudge") as client:
+            first = await client.get("/backend")
+            assert first.status_code == 200
+            await terminate_backend(stack, first.json()["pid"])
 
-        refused = await client.get("/backend")
-        assert refused.status_code == 503
-        assert refused.headers["retry-after"] == "1"
-        assert "unavailable" in refused.json()["detail"]
+            refused = await client.get("/backend")
+            assert refused.status_code == 503
+            assert refused.headers["retry-after"] == "1"
+            assert "unavailable" in refused.json()["detail"]
 
-        again = await client.get("/backend")
-        assert again.status_code == 200
-        assert again.json()["pid"] != first.json()["pid"]
+            again = await client.get("/backend")
+            assert again.status_code == 200
+            assert again.json()["pid"] != first.json()["pid"]
+    finally:
+        await engine.dispose()
+
+
+async def terminate_backend(stack: StackHandle, pid: int) -> None:
+    """pg_terminate_backend only signals the backend: wait until it has exited, or the next
+    request may still find the connection alive."""
+    dsn = sa.make_url(stack.settings.database_url).set(drivername="postgresql")
+    closer = await asyncpg.connect(dsn.render_as_string(hide_password=False))
+    try:
+        assert await closer.fetchval("SELECT pg_terminate_backend($1)", pid)
+
+        async def exited() -> bool:
+            alive = await closer.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid
+            )
+            return bool(alive == 0)
+
+        await eventually(exited, deadline_s=10, what=f"backend {pid} exited")
+    finally:
+        await closer.close()
 
 
 async def test_a_database_that_refuses_connections_gets_503(stack: StackHandle) -> None:
