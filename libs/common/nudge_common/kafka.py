@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -13,15 +14,21 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
     InvalidProducerEpoch,
     KafkaError,
+    MessageSizeTooLargeError,
     OutOfOrderSequenceNumber,
     ProducerFenced,
     UnknownProducerId,
 )
+from aiokafka.partitioner import murmur2
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from nudge_common.events import TYPE_HEADER, Envelope, Topic
 from nudge_common.settings import NudgeSettings
 
 log = structlog.get_logger(__name__)
+
+MAX_BATCH_BYTES = 256 * 1024
+MAX_REQUEST_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -68,7 +75,8 @@ class Producer:
             enable_idempotence=True,
             compression_type="lz4",
             linger_ms=self._settings.kafka_linger_ms,
-            max_batch_size=256 * 1024,
+            max_batch_size=MAX_BATCH_BYTES,
+            max_request_size=MAX_REQUEST_BYTES,
             request_timeout_ms=self._request_timeout_ms,
             retry_backoff_ms=100,
         )
@@ -108,6 +116,56 @@ class Producer:
     async def send_and_wait(self, topic: str, value: bytes, key: bytes | None = None) -> Any:
         return await (await self.send(topic, value=value, key=key))
 
+    async def send_batched(self, records: Sequence[EncodedRecord]) -> None:
+        """Send records as one batch per topic partition, in their order, and return once
+        the broker acknowledged every one of them.
+
+        A record costs about a third of what :meth:`send` costs (no future, no coroutine and
+        no partitioner call of its own): right for a consumer's outputs. A caller that sends
+        a batch to a partition waits until the batch before it there has gone out, so
+        concurrent callers of a few records each (ingest's requests) should use
+        :func:`send_all`, whose records share batches instead.
+        """
+        producer = self._current
+        builders: dict[tuple[str, int], Any] = {}
+        headers: dict[str, list[tuple[str, bytes]]] = {}
+        acks: list[asyncio.Future[Any]] = []
+        try:
+            partitions = {
+                topic: list(await producer.partitions_for(topic))
+                for topic in {record.topic for record in records}
+            }
+            for topic, key, value, type_ in records:
+                header = headers.get(type_)
+                if header is None:
+                    header = headers[type_] = [(TYPE_HEADER, type_.encode())]
+                if len(value) > MAX_BATCH_BYTES:
+                    check_record_size(key, value, header)
+                record = {"timestamp": None, "key": key, "value": value, "headers": header}
+                of_topic = partitions[topic]
+                partition = of_topic[key_hash(key) % len(of_topic)]
+                builder = builders.get((topic, partition))
+                if builder is None or builder.append(**record) is None:
+                    if builder is not None:  # full: it goes now, the record opens the next
+                        acks.append(await self._send_batch(producer, builder, topic, partition))
+                    builder = builders[topic, partition] = producer.create_batch()
+                    if builder.append(**record) is None:
+                        raise MessageSizeTooLargeError(f"a record of {len(value)} bytes")
+            for (topic, partition), builder in builders.items():
+                acks.append(await self._send_batch(producer, builder, topic, partition))
+        except PRODUCER_IDENTITY_ERRORS:
+            self._replace(producer)
+            raise
+        await asyncio.gather(*acks)
+
+    async def _send_batch(
+        self, producer: AIOKafkaProducer, builder: Any, topic: str, partition: int
+    ) -> asyncio.Future[Any]:
+        builder.close()  # complete: it need not linger for more records
+        sent: asyncio.Future[Any] = await producer.send_batch(builder, topic, partition=partition)
+        sent.add_done_callback(lambda done: self._on_delivery(producer, done))
+        return sent
+
     def _on_delivery(self, producer: AIOKafkaProducer, done: asyncio.Future[Any]) -> None:
         if not done.cancelled() and isinstance(done.exception(), PRODUCER_IDENTITY_ERRORS):
             self._replace(producer)
@@ -145,12 +203,30 @@ PRODUCER_IDENTITY_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def key_hash(key: bytes) -> int:
+    """The Java client's and aiokafka's default partitioner: a key's partition is this
+    modulo the topic's partition count, so one contact's records share a partition whichever
+    way they were sent."""
+    return int(murmur2(key)) & 0x7FFFFFFF
+
+
+def check_record_size(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+    """What :meth:`AIOKafkaProducer.send` checks before it queues a record."""
+    size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers)
+    if size > MAX_REQUEST_BYTES:
+        raise MessageSizeTooLargeError(
+            f"The message is {size} bytes when serialized, over the {MAX_REQUEST_BYTES}"
+            " bytes of a request"
+        )
+
+
 async def publish(
     producer: Producer, settings: NudgeSettings, messages: Sequence[OutgoingMessage]
 ) -> None:
-    """Send all messages and return once the broker acknowledged every one of them."""
-    await send_all(
-        producer,
+    """Send all messages, one batch per partition, and return once the broker acknowledged
+    every one of them."""
+    await producer.send_batched(
         [
             EncodedRecord(
                 settings.topic(message.topic),
@@ -173,7 +249,9 @@ class EncodedRecord(NamedTuple):
 
 async def send_all(producer: Producer, records: Sequence[EncodedRecord]) -> None:
     """Send encoded records, all queued before any is awaited, and return once the broker
-    acknowledged every one of them."""
+    acknowledged every one of them. Each record joins the partition's open batch, which
+    other callers' records join too: right for many concurrent requests of a few records
+    each; a consumer's outputs go faster through :meth:`Producer.send_batched`."""
     headers: dict[str, list[tuple[str, bytes]]] = {}
     acks = []
     for topic, key, value, type_ in records:
