@@ -48,14 +48,18 @@ from nudge_common.service import Runtime, Worker
 from nudge_scoring import metrics, store
 from nudge_scoring.domain import profile
 from nudge_scoring.domain.rules import (
+    EVER,
+    HELD,
     ORDER_COMPLETED,
     TRANSACTION_EVENTS,
+    BehaviouralSpec,
     DecaySpec,
     ProfileSpec,
     Rule,
     RuleIndex,
     ScoringState,
     Stage,
+    day_period,
     order_value,
     score_event,
     score_profile,
@@ -400,13 +404,21 @@ class Rulebook:
         return [(r.id, r.definition) for r in self.rules if isinstance(r.definition, DecaySpec)]
 
     @cached_property
-    def needs_state(self) -> bool:
-        return any(
-            isinstance(r.definition, ProfileSpec)
-            or getattr(r.definition, "cap_per_day", None) is not None
-            or getattr(r.definition, "cap_ever", None) is not None
-            for r in self.rules
-        )
+    def _held(self) -> tuple[str, ...]:
+        return (HELD,) if any(isinstance(r.definition, ProfileSpec) for r in self.rules) else ()
+
+    def spending_periods(self, event: SegmentEvent) -> set[str]:
+        """The cap spending periods applying ``event`` can read: those of the caps of the
+        rules it may match (``score_event``) and, with profile rules, what they hold."""
+        periods = set(self._held)
+        for rule in self.index.candidates(event):
+            spec = rule.definition
+            if isinstance(spec, BehaviouralSpec):
+                if spec.cap_per_day is not None:
+                    periods.add(day_period(event.timestamp))
+                if spec.cap_ever is not None:
+                    periods.add(EVER)
+        return periods
 
 
 async def load_rulebook(session: AsyncSession, *, workspace_id: str) -> Rulebook:
@@ -580,7 +592,11 @@ class WorkspaceBatch:
         states, new = await store.lock_states_claiming(
             session,
             [p.contact_id for p in run],
-            with_spent=self.book.needs_state,
+            spending=[
+                (p.contact_id, period)
+                for p in run
+                for period in self.book.spending_periods(p.event)
+            ],
             workspace_id=self.workspace_id,
             events=[(p.event.message_id, p.event.timestamp, p.contact_id) for p in first.values()],
         )
@@ -608,11 +624,11 @@ class WorkspaceBatch:
         if not items:
             return []
         states = await store.lock_states(
-            session, {adjustment.contact_id for _, adjustment in items}, with_spent=False
+            session, {adjustment.contact_id for _, adjustment in items}
         )
         survivors = {s.merged_into for s in states.values() if s.merged_into} - states.keys()
         if survivors:
-            states |= await store.lock_states(session, survivors, with_spent=False)
+            states |= await store.lock_states(session, survivors)
         first: dict[str, tuple[Envelope, ScoreAdjusted, store.ContactState]] = {}
         for envelope, adjustment in items:
             contact = states.get(adjustment.contact_id)
@@ -698,7 +714,7 @@ class WorkspaceBatch:
         state = ScoringState(spent=contact.spent, orders_before=contact.orders_count)
         if new_traits:  # profile rules are scored: what each holds
             spent = contact.spent.items()
-            state.held = {rule: points for (rule, period), points in spent if period == "held"}
+            state.held = {rule: points for (rule, period), points in spent if period == HELD}
         revenue: float | None = None
         if event.type is SegmentType.TRACK and event.event in TRANSACTION_EVENTS:
             value = order_value(event.properties) or 0.0
@@ -725,7 +741,7 @@ class WorkspaceBatch:
         if new_traits:
             held = score_profile(book.rules, contact.traits, state.held)
             for delta in held:
-                key = (delta.rule_id, "held")
+                key = (delta.rule_id, HELD)
                 contact.spent[key] = contact.spent.get(key, 0) + delta.points
             deltas += held
         before = {} if pending.merged else dict(contact.scores)

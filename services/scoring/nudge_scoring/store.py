@@ -166,10 +166,13 @@ score_changes = sa.Table(
 rule_spending = sa.Table(
     "rule_spending",
     metadata,
-    sa.Column("contact_id", UUID(as_uuid=True), primary_key=True),
-    sa.Column("rule_id", UUID(as_uuid=True), primary_key=True),
-    sa.Column("period", sa.Text, primary_key=True),  # day:YYYY-MM-DD | ever | held
+    sa.Column("contact_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("rule_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("period", sa.Text, nullable=False),  # day:YYYY-MM-DD | ever | held
     sa.Column("points", sa.Integer, nullable=False),
+    # period before rule: a batch reads a contact's rows of a few periods
+    # (``lock_states_claiming``), one index range each, however many days it has
+    sa.PrimaryKeyConstraint("contact_id", "period", "rule_id", name="rule_spending_pkey"),
 )
 stages = sa.Table(
     "stages",
@@ -820,15 +823,6 @@ _BATCH_SETTINGS = sa.select(
 # --- scores, spending, stages, tags --------------------------------------------------------
 
 
-async def scoring_spent(
-    session: AsyncSession, *, contact_id: uuid.UUID
-) -> dict[tuple[uuid.UUID, str], int]:
-    rows = await session.execute(
-        sa.select(rule_spending).where(rule_spending.c.contact_id == contact_id)
-    )
-    return {(row.rule_id, row.period): row.points for row in rows}
-
-
 async def add_points(
     session: AsyncSession,
     *,
@@ -1157,19 +1151,15 @@ async def create_and_claim(
 
 
 async def lock_states(
-    session: AsyncSession, ids: Iterable[uuid.UUID], *, with_spent: bool
+    session: AsyncSession, ids: Iterable[uuid.UUID]
 ) -> dict[uuid.UUID, ContactState]:
-    """Lock the contacts' rows (in id order, as merges do) and read what scoring needs:
-    profile, scores, stages, tags and (when a rule has caps or profile conditions)
-    spending."""
+    """Lock the contacts' rows (in id order, as merges do) and read their profile, scores,
+    stages and tags (no cap spending)."""
     wanted = sorted(set(ids))
     if not wanted:
         return {}
     states = await _lock_contacts(session, wanted)
-    rows = await session.execute(
-        _STATE_ROWS_WITH_SPENT if with_spent else _STATE_ROWS, {"id": wanted}
-    )
-    _read_states(states, rows)
+    _read_states(states, await session.execute(_STATE_ROWS, {"id": wanted}))
     return states
 
 
@@ -1177,17 +1167,24 @@ async def lock_states_claiming(
     session: AsyncSession,
     ids: Iterable[uuid.UUID],
     *,
-    with_spent: bool,
+    spending: Iterable[tuple[uuid.UUID, str]],
     workspace_id: str,
     events: Sequence[tuple[str, datetime, uuid.UUID]],
 ) -> tuple[dict[uuid.UUID, ContactState], set[str]]:
-    """``lock_states`` and ``claim_event_ids`` of the events (message ids distinct), the
-    claim made by the statement that reads the states: one round trip fewer a batch."""
+    """``lock_states``, the contacts' cap spending of the (contact, period) pairs
+    ``spending`` (only those: per-day caps leave a row per rule per day, which a contact
+    accumulates without end), and ``claim_event_ids`` of the events (message ids
+    distinct), the claim made by the statement that reads the states: one round trip
+    fewer a batch."""
     wanted = sorted(set(ids))
+    periods = sorted(set(spending))
     states = await _lock_contacts(session, wanted)
+    parameters = {"id": wanted, **_event_id_arrays(workspace_id, events)}
+    if periods:
+        parameters["sp_contact"] = [contact_id for contact_id, _ in periods]
+        parameters["sp_period"] = [period for _, period in periods]
     rows = await session.execute(
-        _CLAIMING_STATE_ROWS_WITH_SPENT if with_spent else _CLAIMING_STATE_ROWS,
-        {"id": wanted, **_event_id_arrays(workspace_id, events)},
+        _CLAIMING_STATE_ROWS_WITH_SPENT if periods else _CLAIMING_STATE_ROWS, parameters
     )
     return states, _read_states(states, rows)
 
@@ -1254,6 +1251,8 @@ def _state_rows(
     rule_id: sa.ColumnElement[Any] | None = None,
     points: sa.ColumnElement[Any] | None = None,
     active: sa.ColumnElement[Any] | None = None,
+    keys: sa.TableValuedAlias = _IDS,
+    where: sa.ColumnElement[bool] | None = None,
 ) -> sa.Select[Any]:
     """One table's part of what ``lock_states`` reads, as rows (contact, kind, name, stage,
     rule, points, active) of one shape, so every table is read with one statement.
@@ -1261,7 +1260,8 @@ def _state_rows(
     Each contact's rows are read by a lateral subquery, one index probe per id: joined to
     the array, PostgreSQL hashed the whole table whenever its statistics lagged behind the
     table's growth (with 100,000 contacts, ~200 ms a batch instead of a few). ``OFFSET 0``
-    keeps the subquery from being flattened back into that join."""
+    keeps the subquery from being flattened back into that join. ``keys`` and ``where``
+    replace the id array and the probe (``_SPENT_ROWS``: one per contact and period)."""
     per_contact = (
         sa.select(
             table.c.contact_id.label("contact_id"),
@@ -1274,11 +1274,11 @@ def _state_rows(
             (sa.cast(sa.null(), sa.Integer) if points is None else points).label("points"),
             (sa.cast(sa.null(), sa.Boolean) if active is None else active).label("active"),
         )
-        .where(table.c.contact_id == _IDS.c.id)
+        .where(table.c.contact_id == _IDS.c.id if where is None else where)
         .offset(0)
         .lateral()
     )
-    return sa.select(*per_contact.c).select_from(_IDS).join(per_contact, sa.true())
+    return sa.select(*per_contact.c).select_from(keys).join(per_contact, sa.true())
 
 
 _STATE_PARTS = [
@@ -1286,15 +1286,20 @@ _STATE_PARTS = [
     _state_rows("stage", stages, stages.c.model, stage=stages.c.stage),
     _state_rows("tag", tags, tags.c.tag, points=tags.c.assignments, active=tags.c.active),
 ]
+_SPENDING = array_rows_of([("sp_contact", UUID(as_uuid=True)), ("sp_period", sa.Text())])
 _SPENT_ROWS = _state_rows(
     "spent",
     rule_spending,
     rule_spending.c.period,
     rule_id=rule_spending.c.rule_id,
     points=rule_spending.c.points,
+    keys=_SPENDING,
+    where=sa.and_(
+        rule_spending.c.contact_id == _SPENDING.c.sp_contact,
+        rule_spending.c.period == _SPENDING.c.sp_period,
+    ),
 )
 _STATE_ROWS = sa.union_all(*_STATE_PARTS)
-_STATE_ROWS_WITH_SPENT = sa.union_all(*_STATE_PARTS, _SPENT_ROWS)
 
 
 async def claim_event_ids(

@@ -248,7 +248,7 @@ async def tag(
     row = await _contact_or_404(session, workspace, contact_id)
     at = datetime.now(UTC)
     # locked as the consumer locks it, so the published tags are the committed ones
-    contact = (await store.lock_states(session, [row.id], with_spent=False))[row.id]
+    contact = (await store.lock_states(session, [row.id]))[row.id]
     await store.assign_tags(
         session, workspace_id=workspace, contact_id=row.id, add=body.add, remove=body.remove, at=at
     )

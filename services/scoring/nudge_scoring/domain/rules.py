@@ -181,7 +181,18 @@ class ScoreDelta:
     model: str
     points: int
     periods: tuple[str, ...] = ()
-    """The cap periods (``day:YYYY-MM-DD``, ``ever``) the points count against."""
+    """The cap periods (``day_period``, ``EVER``, ``HELD``) the points count against."""
+
+
+EVER = "ever"
+"""The period of ``cap_ever``."""
+HELD = "held"
+"""The period of what a profile rule holds."""
+
+
+def day_period(at: datetime) -> str:
+    """The period of ``cap_per_day`` for an event at ``at``: ``day:YYYY-MM-DD``."""
+    return f"day:{at.date().isoformat()}"
 
 
 @dataclass
@@ -273,9 +284,9 @@ def order_value(properties: Mapping[str, Any]) -> float | None:
 def _capped(rule: Rule, spec: BehaviouralSpec, at: datetime, state: ScoringState) -> ScoreDelta:
     periods: list[tuple[str, int]] = []
     if spec.cap_per_day is not None:
-        periods.append((f"day:{at.date().isoformat()}", spec.cap_per_day))
+        periods.append((day_period(at), spec.cap_per_day))
     if spec.cap_ever is not None:
-        periods.append(("ever", spec.cap_ever))
+        periods.append((EVER, spec.cap_ever))
     points = rule.points
     for period, cap in periods:
         left = max(cap - abs(state.spent.get((rule.id, period), 0)), 0)
@@ -378,7 +389,7 @@ def score_profile(
         target = rule.points if compare(spec.op, lookup(traits, spec.trait), spec.value) else 0
         delta = target - held.get(rule.id, 0)
         if delta:
-            deltas.append(ScoreDelta(rule.id, rule.model, delta, ("held",)))
+            deltas.append(ScoreDelta(rule.id, rule.model, delta, (HELD,)))
     return deltas
 
 
