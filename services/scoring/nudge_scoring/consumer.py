@@ -404,21 +404,36 @@ class Rulebook:
         return [(r.id, r.definition) for r in self.rules if isinstance(r.definition, DecaySpec)]
 
     @cached_property
-    def _held(self) -> tuple[str, ...]:
-        return (HELD,) if any(isinstance(r.definition, ProfileSpec) for r in self.rules) else ()
+    def _holds(self) -> bool:
+        return any(isinstance(r.definition, ProfileSpec) for r in self.rules)
 
-    def spending_periods(self, event: SegmentEvent) -> set[str]:
-        """The cap spending periods applying ``event`` can read: those of the caps of the
-        rules it may match (``score_event``) and, with profile rules, what they hold."""
-        periods = set(self._held)
-        for rule in self.index.candidates(event):
-            spec = rule.definition
-            if isinstance(spec, BehaviouralSpec):
-                if spec.cap_per_day is not None:
-                    periods.add(day_period(event.timestamp))
-                if spec.cap_ever is not None:
-                    periods.add(EVER)
-        return periods
+    @cached_property
+    def _caps(self) -> dict[tuple[str, str | None], tuple[bool, bool]]:
+        """(call type, name) -> whether a rule such events may match has a cap per day, and
+        one for ever; filled as names are met."""
+        return {}
+
+    def spending_range(self, event: SegmentEvent) -> tuple[str, str] | None:
+        """The range of cap spending periods applying ``event`` can read (``score_event``,
+        ``score_profile``), None for none: its day's when a rule it may match has a cap per
+        day, ``ever`` when one has a cap for ever, ``held`` when the workspace has profile
+        rules. Periods sort ``day:YYYY-MM-DD`` < ``ever`` < ``held``."""
+        key = (event.type, event.event if event.type is SegmentType.TRACK else event.name)
+        caps = self._caps.get(key)
+        if caps is None:
+            specs = [rule.definition for rule in self.index.candidates(event)]
+            behavioural = [spec for spec in specs if isinstance(spec, BehaviouralSpec)]
+            caps = self._caps[key] = (
+                any(spec.cap_per_day is not None for spec in behavioural),
+                any(spec.cap_ever is not None for spec in behavioural),
+            )
+        per_day, ever = caps
+        periods = [
+            *((day_period(event.timestamp),) if per_day else ()),
+            *((EVER,) if ever else ()),
+            *((HELD,) if self._holds else ()),
+        ]
+        return (periods[0], periods[-1]) if periods else None
 
 
 async def load_rulebook(session: AsyncSession, *, workspace_id: str) -> Rulebook:
@@ -587,16 +602,20 @@ class WorkspaceBatch:
         if not run:
             return []
         first: dict[str, Pending] = {}
+        spending: dict[uuid.UUID, tuple[str, str]] = {}
         for pending in run:
             first.setdefault(pending.event.message_id, pending)
+            periods = self.book.spending_range(pending.event)
+            if periods is not None:
+                known = spending.get(pending.contact_id, periods)
+                spending[pending.contact_id] = (
+                    min(known[0], periods[0]),
+                    max(known[1], periods[1]),
+                )
         states, new = await store.lock_states_claiming(
             session,
             [p.contact_id for p in run],
-            spending=[
-                (p.contact_id, period)
-                for p in run
-                for period in self.book.spending_periods(p.event)
-            ],
+            spending=spending,
             workspace_id=self.workspace_id,
             events=[(p.event.message_id, p.event.timestamp, p.contact_id) for p in first.values()],
         )

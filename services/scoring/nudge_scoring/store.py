@@ -11,7 +11,7 @@ history take the contact and every contact merged into it.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -170,8 +170,8 @@ rule_spending = sa.Table(
     sa.Column("rule_id", UUID(as_uuid=True), nullable=False),
     sa.Column("period", sa.Text, nullable=False),  # day:YYYY-MM-DD | ever | held
     sa.Column("points", sa.Integer, nullable=False),
-    # period before rule: a batch reads a contact's rows of a few periods
-    # (``lock_states_claiming``), one index range each, however many days it has
+    # period before rule: a batch reads a contact's rows of a range of periods
+    # (``lock_states_claiming``), one index range, however many days it had before
     sa.PrimaryKeyConstraint("contact_id", "period", "rule_id", name="rule_spending_pkey"),
 )
 stages = sa.Table(
@@ -1167,24 +1167,24 @@ async def lock_states_claiming(
     session: AsyncSession,
     ids: Iterable[uuid.UUID],
     *,
-    spending: Iterable[tuple[uuid.UUID, str]],
+    spending: Mapping[uuid.UUID, tuple[str, str]],
     workspace_id: str,
     events: Sequence[tuple[str, datetime, uuid.UUID]],
 ) -> tuple[dict[uuid.UUID, ContactState], set[str]]:
-    """``lock_states``, the contacts' cap spending of the (contact, period) pairs
-    ``spending`` (only those: per-day caps leave a row per rule per day, which a contact
-    accumulates without end), and ``claim_event_ids`` of the events (message ids
-    distinct), the claim made by the statement that reads the states: one round trip
+    """``lock_states``, the contacts' cap spending of the periods in the range (from, to)
+    ``spending`` gives each (only those: per-day caps leave a row per rule per day, which
+    a contact accumulates without end), and ``claim_event_ids`` of the events (message
+    ids distinct), the claim made by the statement that reads the states: one round trip
     fewer a batch."""
-    wanted = sorted(set(ids))
-    periods = sorted(set(spending))
+    wanted = list(dict.fromkeys(ids))
     states = await _lock_contacts(session, wanted)
     parameters = {"id": wanted, **_event_id_arrays(workspace_id, events)}
-    if periods:
-        parameters["sp_contact"] = [contact_id for contact_id, _ in periods]
-        parameters["sp_period"] = [period for _, period in periods]
+    if spending:
+        parameters["sp_contact"] = list(spending)
+        parameters["sp_from"] = [first for first, _ in spending.values()]
+        parameters["sp_to"] = [last for _, last in spending.values()]
     rows = await session.execute(
-        _CLAIMING_STATE_ROWS_WITH_SPENT if periods else _CLAIMING_STATE_ROWS, parameters
+        _CLAIMING_STATE_ROWS_WITH_SPENT if spending else _CLAIMING_STATE_ROWS, parameters
     )
     return states, _read_states(states, rows)
 
@@ -1286,7 +1286,9 @@ _STATE_PARTS = [
     _state_rows("stage", stages, stages.c.model, stage=stages.c.stage),
     _state_rows("tag", tags, tags.c.tag, points=tags.c.assignments, active=tags.c.active),
 ]
-_SPENDING = array_rows_of([("sp_contact", UUID(as_uuid=True)), ("sp_period", sa.Text())])
+_SPENDING = array_rows_of(
+    [("sp_contact", UUID(as_uuid=True)), ("sp_from", sa.Text()), ("sp_to", sa.Text())]
+)
 _SPENT_ROWS = _state_rows(
     "spent",
     rule_spending,
@@ -1296,7 +1298,7 @@ _SPENT_ROWS = _state_rows(
     keys=_SPENDING,
     where=sa.and_(
         rule_spending.c.contact_id == _SPENDING.c.sp_contact,
-        rule_spending.c.period == _SPENDING.c.sp_period,
+        rule_spending.c.period.between(_SPENDING.c.sp_from, _SPENDING.c.sp_to),
     ),
 )
 _STATE_ROWS = sa.union_all(*_STATE_PARTS)

@@ -1,7 +1,7 @@
 """The batch reads only the cap spending its events can need: a contact active for a year
 has a row per per-day-capped rule per day, and reading them all made every batch it appears
-in cost more without end. Caps stay exact, for an event of today and for a late one
-timestamped on a past day."""
+in cost more without end. Today's events read today's periods; a late event, timestamped
+on a past day, the days since. Caps stay exact for both."""
 
 from __future__ import annotations
 
@@ -77,24 +77,37 @@ async def test_a_batch_reads_only_the_spending_of_its_periods_and_caps_hold(
         return states, new
 
     monkeypatch.setattr(store, "lock_states_claiming", spy)
+    views = [segment(ws, event="Viewed", userId="p", at=now) for _ in range(3)]
     async with transaction(sessionmaker) as session:
-        await handler.handle_batch(
-            session,
-            [segment(ws, event="Viewed", userId="p", at=at) for at in (now, past, now, past, now)],
-        )
-
+        await handler.handle_batch(session, views)
+    # today's events read today's spending, ever's and held's: not the year before
     assert read == [
         {
             (daily, day_period(now)): 5,
-            (daily, day_period(past)): 5,
             (ever, "ever"): 1,
+            (held, "held"): 8,
+            (other, day_period(now)): 2,
+        }
+    ]
+
+    read.clear()
+    late = [segment(ws, event="Viewed", userId="p", at=at) for at in (past, now, past)]
+    async with transaction(sessionmaker) as session:
+        await handler.handle_batch(session, late)
+    # a late event reads from its day on (the periods between come with the range)
+    assert read == [
+        {
+            **{(daily, day_period(now - timedelta(days=days))): 5 for days in range(1, 31)},
+            (daily, day_period(now)): 10,
+            (ever, "ever"): 3,
             (held, "held"): 8,
             (other, day_period(now)): 2,
         }
     ]
     async with transaction(sessionmaker) as session:
         # held 8, then per day 5 today and 5 on the past day (each cap 10 half spent
-        # before), 2 of the cap for ever (1 of 3 spent before)
+        # before), 2 of the cap for ever (1 of 3 spent before); the late batch's event of
+        # today found today's and the cap for ever spent
         assert await store.scores_of(session, contact_id=contact_id) == {"m": 8 + 5 + 5 + 2}
         rows = await session.execute(
             sa.select(store.rule_spending.c.period, store.rule_spending.c.points).where(
