@@ -16,7 +16,8 @@
    spent in SQL statements (stage included), ``backfill_publish_s`` in ``publish`` (waiting
    for the broker's acknowledgements).
 3. **Real time**: 199 more active segments of every kind (200 with the backfilled one),
-   memberships precomputed set-based for the contacts the phase will touch, then one
+   memberships precomputed set-based for the contacts the phase will touch (then
+   ``VACUUM ANALYZE``d, as autovacuum keeps tables that grew gradually), then one
    segmenter service process (``python -m nudge_segmenter run``) consumes
    ``contact.activity`` messages put on the contacts topic, keyed by contact, at fixed
    times. Each activity is the first of its event name within a day for its contact,
@@ -27,7 +28,9 @@
    unprocessed is skipped): **throughput** at ``--rate`` for ``--duration`` seconds
    (``realtime_events_per_s`` is the processing rate between 10% and 90% of the activities
    processed), then **latency** at ``--latency-rate`` (by default a quarter of the measured
-   throughput) for ``--latency-duration`` seconds (``realtime_p99_ms``).
+   throughput) for ``--latency-duration`` seconds (``realtime_p99_ms``). This process's
+   heap is frozen out of the garbage collector before each run, as the services' are: a
+   full collection stalled the sending loop for ~200 ms.
 
 Every run gets its own database and topic prefix on the stack (``scripts/stack up``),
 removed afterwards; every wait is bounded. Sizes default to the issue's and can be set by
@@ -82,7 +85,7 @@ from nudge_common.db import create_engine, create_sessionmaker, transaction
 from nudge_common.events import CONTACT_ACTIVITY, SEGMENT_ENTERED, ContactActivity, Topic
 from nudge_common.ids import stable_id
 from nudge_common.kafka import OutgoingMessage, create_producer, publish
-from nudge_common.service import Runtime
+from nudge_common.service import Runtime, freeze_startup_heap
 from nudge_common.settings import NudgeSettings
 from nudge_devtools.pipeline import topic_partitions
 from nudge_devtools.services import ServiceProcess, free_port
@@ -236,8 +239,7 @@ async def load(
                 flush=True,
             )
         inserted_s = time.perf_counter() - started
-        for table in ("contacts", "contact_events"):
-            await connection.execute(f"VACUUM ANALYZE segmenter.{table}")
+        await vacuum_analyze(connection, ("contacts", "contact_events"))
         loaded_events = int(
             await connection.fetchval("SELECT count(*) FROM segmenter.contact_events")
         )
@@ -252,6 +254,14 @@ async def load(
         "events": loaded_events,
         "database_size": size,
     }
+
+
+async def vacuum_analyze(connection: asyncpg.Connection, tables: Sequence[str]) -> None:
+    """What autovacuum gives tables that grew gradually: statistics (without them the
+    segmenter's batch statements get plans for the wrong sizes) and a visibility map (for
+    its index-only scans)."""
+    for table in tables:
+        await connection.execute(f"VACUUM ANALYZE segmenter.{table}")
 
 
 # ----------------------------------------------------------------------------- statements
@@ -691,7 +701,17 @@ async def create_realtime_segments(
                     ).where(store.memberships.c.segment_id == segment_id),
                 )
             )
-    return triggers, time.perf_counter() - started
+    # Inserted in bulk after the load's VACUUM ANALYZE: without fresh statistics the
+    # batches' state read planned sequential scans of memberships and rechecks from ~80
+    # contacts on (~200 ms at 100,000 contacts), and the history update a merge join over
+    # the whole table, until autovacuum came by during the measurement.
+    elapsed = time.perf_counter() - started
+    connection = await asyncpg.connect(_dsn(runtime.settings))
+    try:
+        await vacuum_analyze(connection, ("memberships", "membership_history", "rechecks"))
+    finally:
+        await connection.close()
+    return triggers, elapsed
 
 
 # ----------------------------------------------------------------------------- real time
@@ -963,6 +983,9 @@ async def run_at_rate(
     drain_s: float,
 ) -> RunResult:
     before = await scrape(url)
+    # A full collection of this process's heap (the activities, the outputs seen) stalled
+    # the sending loop for ~200-250 ms: the activities stamped meanwhile went out late.
+    freeze_startup_heap()
     started = time.perf_counter()
     sent_at, send_s = await send_at_rate(producer, settings.topic(Topic.CONTACTS), batch, rate)
     await outputs.wait_for(sent_at.keys(), drain_s)
