@@ -23,7 +23,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from nudge_common.db import (
     array_rows_of,
-    insert_arrays,
     processed_messages_table,
 )
 from nudge_common.events import SegmentEvent
@@ -313,7 +312,7 @@ async def identities_of(
         rows = await session.execute(_IDENTITIES_AND_CONTACTS, {**parameters, "named": named})
     else:
         rows = await session.execute(_IDENTITIES, parameters)
-    return {(kind, value): contact_id for kind, value, contact_id in rows}
+    return {(kind, value): contact_id for kind, value, contact_id in rows.all()}
 
 
 # The statements of the consumer's path are built once, here: a statement built per call is
@@ -1159,7 +1158,7 @@ async def lock_states(
     if not wanted:
         return {}
     states = await _lock_contacts(session, wanted)
-    _read_states(states, await session.execute(_STATE_ROWS, {"id": wanted}))
+    _read_states(states, (await session.execute(_STATE_ROWS, {"id": wanted})).all())
     return states
 
 
@@ -1186,7 +1185,7 @@ async def lock_states_claiming(
     rows = await session.execute(
         _CLAIMING_STATE_ROWS_WITH_SPENT if spending else _CLAIMING_STATE_ROWS, parameters
     )
-    return states, _read_states(states, rows)
+    return states, _read_states(states, rows.all())
 
 
 async def _lock_contacts(
@@ -1197,7 +1196,7 @@ async def _lock_contacts(
         contact_id: ContactState(
             contact_id, user_id, traits, sources, has_first_touch, orders, merged_into, {}, {}, {}
         )
-        for contact_id, user_id, traits, sources, has_first_touch, orders, merged_into in rows
+        for contact_id, user_id, traits, sources, has_first_touch, orders, merged_into in rows.all()
     }
 
 
@@ -1323,15 +1322,23 @@ def _event_id_arrays(
     workspace_id: str, rows: Sequence[tuple[str, datetime, uuid.UUID]]
 ) -> dict[str, Any]:
     return {
-        "workspace_id": [workspace_id] * len(rows),
+        "workspace_id": workspace_id,
         "message_id": [message_id for message_id, _, _ in rows],
         "occurred_at": [at for _, at, _ in rows],
         "contact_id": [contact_id for _, _, contact_id in rows],
     }
 
 
+_EVENT_IDS = array_rows_of(
+    [(name, event_ids.c[name].type) for name in ("message_id", "occurred_at", "contact_id")]
+)
 _CLAIM_EVENT_IDS = (
-    insert_arrays(event_ids, ["workspace_id", "message_id", "occurred_at", "contact_id"])
+    pg_insert(event_ids)
+    .from_select(
+        ["message_id", "occurred_at", "contact_id", "workspace_id"],
+        # the workspace is one parameter, not an array of copies
+        sa.select(*_EVENT_IDS.c, sa.bindparam("workspace_id", type_=sa.Text)),
+    )
     .on_conflict_do_nothing()
     .returning(event_ids.c.message_id)
 )

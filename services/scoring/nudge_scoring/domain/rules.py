@@ -24,9 +24,10 @@ from __future__ import annotations
 import math
 import re
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
@@ -52,6 +53,11 @@ class Filter(BaseModel):
     field: str = Field(min_length=1)
     op: FilterOp
     value: Any = None
+
+    @cached_property
+    def parts(self) -> tuple[str, ...]:
+        """``field`` split at its dots."""
+        return tuple(self.field.split("."))
 
     @field_validator("field")
     @classmethod
@@ -210,9 +216,15 @@ class ScoringState:
 
 
 def lookup(document: Mapping[str, Any], path: str) -> Any:
+    return lookup_parts(document, path.split("."))
+
+
+def lookup_parts(document: Mapping[str, Any], parts: Sequence[str]) -> Any:
+    """``lookup`` of a path already split at its dots."""
     value: Any = document
-    for part in path.split("."):
-        if not isinstance(value, Mapping) or part not in value:
+    for part in parts:
+        # JSON objects are dicts: the exact type check first spares the ABC's
+        if not (type(value) is dict or isinstance(value, Mapping)) or part not in value:
             return None
         value = value[part]
     return value
@@ -294,14 +306,21 @@ def _capped(rule: Rule, spec: BehaviouralSpec, at: datetime, state: ScoringState
     return ScoreDelta(rule.id, rule.model, points, tuple(p for p, _ in periods))
 
 
-def matches_behavioural(spec: BehaviouralSpec, event: SegmentEvent) -> bool:
-    if event.type.value != spec.type:
+def matches_behavioural(
+    spec: BehaviouralSpec, event: SegmentEvent, document: Mapping[str, Any] | None = None
+) -> bool:
+    """Whether the event matches the spec; ``document`` is the event's ``event_document``,
+    when the caller has it already (it checks several rules against one event)."""
+    if event.type != spec.type:  # a StrEnum: equal to its value
         return False
     name = event.event if event.type is SegmentType.TRACK else event.name
     if spec.event is not None and name != spec.event:
         return False
-    document = event_document(event)
-    return all(compare(f.op, lookup(document, f.field), f.value) for f in spec.filters)
+    if not spec.filters:
+        return True
+    if document is None:
+        document = event_document(event)
+    return all(compare(f.op, lookup_parts(document, f.parts), f.value) for f in spec.filters)
 
 
 def matches_transactional(spec: TransactionalSpec, event: SegmentEvent, orders_before: int) -> bool:
@@ -357,9 +376,10 @@ def score_event(
     caller scoring several events in a row sees its own spending."""
     state = state if state is not None else ScoringState()
     deltas: list[ScoreDelta] = []
+    document = event_document(event)
     for rule in rules:
         spec = rule.definition
-        if isinstance(spec, BehaviouralSpec) and matches_behavioural(spec, event):
+        if isinstance(spec, BehaviouralSpec) and matches_behavioural(spec, event, document):
             delta = _capped(rule, spec, event.timestamp, state)
         elif isinstance(spec, TransactionalSpec) and matches_transactional(
             spec, event, state.orders_before
