@@ -414,11 +414,12 @@ class Rulebook:
         one for ever; filled as names are met."""
         return {}
 
-    def spending_range(self, event: SegmentEvent) -> tuple[str, str] | None:
-        """The range of cap spending periods applying ``event`` can read (``score_event``,
+    def spending_from(self, event: SegmentEvent) -> str | None:
+        """The first of the cap spending periods applying ``event`` can read (``score_event``,
         ``score_profile``), None for none: its day's when a rule it may match has a cap per
         day, ``ever`` when one has a cap for ever, ``held`` when the workspace has profile
-        rules. Periods sort ``day:YYYY-MM-DD`` < ``ever`` < ``held``."""
+        rules. Periods sort ``day:YYYY-MM-DD`` < ``ever`` < ``held``: reading from the first
+        on reads the others, and the days after it (few: those of later events)."""
         key = (event.type, event.event if event.type is SegmentType.TRACK else event.name)
         caps = self._caps.get(key)
         if caps is None:
@@ -429,12 +430,9 @@ class Rulebook:
                 any(spec.cap_ever is not None for spec in behavioural),
             )
         per_day, ever = caps
-        periods = [
-            *((day_period(event.timestamp),) if per_day else ()),
-            *((EVER,) if ever else ()),
-            *((HELD,) if self._holds else ()),
-        ]
-        return (periods[0], periods[-1]) if periods else None
+        if per_day:
+            return day_period(event.timestamp)
+        return EVER if ever else HELD if self._holds else None
 
 
 async def load_rulebook(session: AsyncSession, *, workspace_id: str) -> Rulebook:
@@ -603,16 +601,12 @@ class WorkspaceBatch:
         if not run:
             return []
         first: dict[str, Pending] = {}
-        spending: dict[uuid.UUID, tuple[str, str]] = {}
+        spending: dict[uuid.UUID, str] = {}
         for pending in run:
             first.setdefault(pending.event.message_id, pending)
-            periods = self.book.spending_range(pending.event)
-            if periods is not None:
-                known = spending.get(pending.contact_id, periods)
-                spending[pending.contact_id] = (
-                    min(known[0], periods[0]),
-                    max(known[1], periods[1]),
-                )
+            period = self.book.spending_from(pending.event)
+            if period is not None:
+                spending[pending.contact_id] = min(spending.get(pending.contact_id, period), period)
         states, new = await store.lock_states_claiming(
             session,
             [p.contact_id for p in run],

@@ -169,7 +169,7 @@ rule_spending = sa.Table(
     sa.Column("rule_id", UUID(as_uuid=True), nullable=False),
     sa.Column("period", sa.Text, nullable=False),  # day:YYYY-MM-DD | ever | held
     sa.Column("points", sa.Integer, nullable=False),
-    # period before rule: a batch reads a contact's rows of a range of periods
+    # period before rule: a batch reads a contact's rows from a period on
     # (``lock_states_claiming``), one index range, however many days it had before
     sa.PrimaryKeyConstraint("contact_id", "period", "rule_id", name="rule_spending_pkey"),
 )
@@ -1166,22 +1166,21 @@ async def lock_states_claiming(
     session: AsyncSession,
     ids: Iterable[uuid.UUID],
     *,
-    spending: Mapping[uuid.UUID, tuple[str, str]],
+    spending: Mapping[uuid.UUID, str],
     workspace_id: str,
     events: Sequence[tuple[str, datetime, uuid.UUID]],
 ) -> tuple[dict[uuid.UUID, ContactState], set[str]]:
-    """``lock_states``, the contacts' cap spending of the periods in the range (from, to)
-    ``spending`` gives each (only those: per-day caps leave a row per rule per day, which
-    a contact accumulates without end), and ``claim_event_ids`` of the events (message
-    ids distinct), the claim made by the statement that reads the states: one round trip
+    """``lock_states``, the contacts' cap spending of the periods from the one ``spending``
+    gives each on (only those: per-day caps leave a row per rule per day, which a contact
+    accumulates without end), and ``claim_event_ids`` of the events (message ids
+    distinct), the claim made by the statement that reads the states: one round trip
     fewer a batch."""
     wanted = list(dict.fromkeys(ids))
     states = await _lock_contacts(session, wanted)
     parameters = {"id": wanted, **_event_id_arrays(workspace_id, events)}
     if spending:
         parameters["sp_contact"] = list(spending)
-        parameters["sp_from"] = [first for first, _ in spending.values()]
-        parameters["sp_to"] = [last for _, last in spending.values()]
+        parameters["sp_from"] = list(spending.values())
     rows = await session.execute(
         _CLAIMING_STATE_ROWS_WITH_SPENT if spending else _CLAIMING_STATE_ROWS, parameters
     )
@@ -1285,9 +1284,7 @@ _STATE_PARTS = [
     _state_rows("stage", stages, stages.c.model, stage=stages.c.stage),
     _state_rows("tag", tags, tags.c.tag, points=tags.c.assignments, active=tags.c.active),
 ]
-_SPENDING = array_rows_of(
-    [("sp_contact", UUID(as_uuid=True)), ("sp_from", sa.Text()), ("sp_to", sa.Text())]
-)
+_SPENDING = array_rows_of([("sp_contact", UUID(as_uuid=True)), ("sp_from", sa.Text())])
 _SPENT_ROWS = _state_rows(
     "spent",
     rule_spending,
@@ -1297,7 +1294,7 @@ _SPENT_ROWS = _state_rows(
     keys=_SPENDING,
     where=sa.and_(
         rule_spending.c.contact_id == _SPENDING.c.sp_contact,
-        rule_spending.c.period.between(_SPENDING.c.sp_from, _SPENDING.c.sp_to),
+        rule_spending.c.period >= _SPENDING.c.sp_from,
     ),
 )
 _STATE_ROWS = sa.union_all(*_STATE_PARTS)
