@@ -276,6 +276,10 @@ class ConsumerRunner:
                 if records:
                     last_batch = time.monotonic()
                     started = time.perf_counter()
+                    oldest_s = min(record.timestamp for record in records) / 1000
+                    metrics.CONSUMER_RECORD_AGE.labels(self.name).observe(
+                        max(0.0, time.time() - oldest_s)
+                    )
                     # Left alone, aiokafka fetches the next records as soon as these are
                     # handed out, and what arrives after that fetch waits on the broker for
                     # the batch after next. Paused while the batch is applied, it fetches

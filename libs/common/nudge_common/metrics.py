@@ -57,6 +57,14 @@ CONSUMER_BATCH_DURATION = Histogram(
     ["consumer"],
     buckets=LATENCY_BUCKETS,
 )
+CONSUMER_RECORD_AGE = Histogram(
+    "nudge_consumer_record_age_seconds",
+    "How long the oldest record of a batch had been on its topic (by the timestamp its "
+    "producer gave it) when the consumer took the batch: how far behind real time the "
+    "consumer is, backlog included.",
+    ["consumer"],
+    buckets=(*LATENCY_BUCKETS, 30.0, 60.0, 300.0, 900.0, 3600.0),
+)
 CONSUMER_RETRIES = Counter(
     "nudge_consumer_retries_total",
     "Batches retried after a transient failure (back-pressure), by error type.",

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 import pytest
 import sqlalchemy as sa
 from aiokafka import AIOKafkaProducer
+from prometheus_client import REGISTRY
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -294,3 +295,49 @@ async def test_a_selective_handler_never_sees_nor_records_the_types_it_does_not_
         runner.stop()
         await asyncio.wait_for(task, 30)
         await producer.stop()
+
+
+async def test_the_record_age_metric_shows_how_far_behind_the_consumer_is(
+    settings: NudgeSettings, sessionmaker: SessionMaker
+) -> None:
+    """A record written two minutes before the consumer takes it is observed as a batch
+    between one and five minutes behind (the broker keeps the producer's timestamp)."""
+    name = f"runner-age-{uuid.uuid4().hex[:6]}"
+    thing = THING.envelope(workspace_id="ws", payload=Thing(), occurred_at=datetime.now(UTC))
+    written_before = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await written_before.start()
+    try:
+        await written_before.send_and_wait(
+            settings.topic(Topic.EVENTS),
+            thing.encode(),
+            key=b"k",
+            timestamp_ms=int((time.time() - 120) * 1000),
+        )
+    finally:
+        await written_before.stop()
+    producer = create_producer(settings)
+    await producer.start()
+    runner = ConsumerRunner(
+        name=name,
+        topics=[Topic.EVENTS],
+        handler=Handler(),
+        settings=settings,
+        sessionmaker=sessionmaker,
+        producer=producer,
+        processed_messages=processed,
+    )
+    task = asyncio.create_task(runner.run())
+    try:
+        await wait_until_idle(settings, consumers={name: (Topic.EVENTS,)})
+    finally:
+        runner.stop()
+        await asyncio.wait_for(task, 30)
+        await producer.stop()
+
+    def batches(le: str) -> float:
+        labels = {"consumer": name, "le": le}
+        return REGISTRY.get_sample_value("nudge_consumer_record_age_seconds_bucket", labels) or 0
+
+    assert batches("+Inf") == 1
+    assert batches("60.0") == 0
+    assert batches("300.0") == 1
