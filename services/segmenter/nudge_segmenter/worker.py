@@ -101,8 +101,11 @@ async def _backfill(
         segment = await segment_now(session)
         if segment is None:
             return
-        if segment.status == "backfilling" and segment.backfill_total is None:
+        staging = segment.status == "backfilling" and segment.backfill_total is None
+        if staging:
             await backfill.stage(session, segment, clock())
+    if staging:
+        await _analyze_bulk_written(connection)
     if segment.status == "backfilling":
         while True:
             async with AsyncSession(bind=connection) as session, session.begin():
@@ -113,6 +116,7 @@ async def _backfill(
         async with AsyncSession(bind=connection) as session, session.begin():
             if not await backfill.hand_over(session, segment, clock()):
                 return
+        await _analyze_bulk_written(connection)
         metrics.BACKFILL_SECONDS.observe(time.perf_counter() - started)
     while True:
         async with AsyncSession(bind=connection) as session, session.begin():
@@ -120,6 +124,14 @@ async def _backfill(
             await publish(runtime.producer, runtime.settings, messages)
         if settled == 0:
             return
+
+
+async def _analyze_bulk_written(connection: AsyncConnection) -> None:
+    """A backfill's rows planned on statistics that never saw them make the real-time
+    batch's reads seq-scan (:func:`store.analyze_bulk_written`): the staged rechecks before
+    applying, the memberships and history before real time takes the segment over."""
+    async with AsyncSession(bind=connection) as session, session.begin():
+        await store.analyze_bulk_written(session)
 
 
 def BackfillWorker(runtime: Runtime, clock: Clock) -> PollingWorker:  # noqa: N802
