@@ -17,7 +17,7 @@ from nudge_devtools.smtp_sink import SmtpSink
 from nudge_scoring.store import events, score_changes, scores
 from tests.conftest import StackHandle
 
-CONTACTS = 40
+CONTACTS = 100
 EVENTS_PER_CONTACT = 250
 BATCH = 100
 
