@@ -1,14 +1,18 @@
-"""A large backfill leaves the tables it wrote analyzed: the real-time batch's statements are
-not planned on statistics that never saw those rows."""
+"""What the real-time batch's reads rely on: statistics that know the rows a backfill wrote,
+and the contacts' state read after their lock is held."""
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from datetime import timedelta
 
 import sqlalchemy as sa
 
 from nudge_common.db import transaction
+from nudge_devtools.pipeline import eventually
 from nudge_segmenter import store, worker
+from nudge_segmenter.evaluation import ContactBatch
 from tests.services.segmenter.conftest import Segmenter
 
 CONTACTS = 20_000
@@ -61,3 +65,50 @@ async def test_a_large_backfill_leaves_statistics_that_know_its_rows(
         if name == "membership_history":
             assert open_share is not None
             assert open_share > 0.9
+
+
+async def test_the_batch_reads_the_state_a_transaction_it_waited_for_committed(
+    segmenter: Segmenter,
+) -> None:
+    """The batch locks its contacts and reads their memberships in one round trip; the
+    memberships must still be read after the lock, not as of before it."""
+    vip = await segmenter.segment({"kind": "trait", "name": "vip", "op": "eq", "value": True})
+    contact = uuid.uuid4()
+    await segmenter.update(contact, traits={"vip": False})  # known, and the index cached
+    async with transaction(segmenter.sessionmaker) as holder:
+        await holder.execute(
+            sa.select(store.contacts.c.contact_id)
+            .where(store.contacts.c.contact_id == contact)
+            .with_for_update()
+        )
+        await holder.execute(
+            sa.insert(store.memberships).values(
+                segment_id=vip,
+                contact_id=contact,
+                workspace_id=segmenter.workspace_id,
+                entered_at=segmenter.now,
+            )
+        )
+
+        async def load() -> ContactBatch:
+            async with transaction(segmenter.sessionmaker) as session:
+                return await ContactBatch.load(
+                    session, segmenter.workspace_id, [contact], facts=["traits"]
+                )
+
+        loading = asyncio.create_task(load())
+
+        async def waiting() -> bool:
+            return bool(
+                await holder.scalar(
+                    sa.text(
+                        "SELECT count(*) FROM pg_locks WHERE NOT granted"
+                        " AND pid <> pg_backend_pid()"
+                        " AND transactionid = txid_current()::text::xid"
+                    )
+                )
+            )
+
+        await eventually(waiting, deadline_s=10, what="the batch waiting for the lock")
+    batch = await asyncio.wait_for(loading, 10)
+    assert vip in batch.contacts[contact].segments
