@@ -115,10 +115,14 @@ _CONTACT = (
 )
 _STATE = ("segment_ids", "names", "ats", "properties")
 _STATE_CALL = (
-    f"{_S}.batch_state(CAST(:ids AS uuid[]), {{locked}}, :all, CAST(:segments AS uuid[]),"
+    f"{_S}.batch_state(CAST(:ids AS uuid[]), {{new}}, :all, CAST(:segments AS uuid[]),"
     " CAST(:events AS text[]), CAST(:needed_events AS text[]), CAST(:filtered AS text[]),"
     " :timed)"
 )
+
+
+_NEW = "ARRAY(SELECT unnest(CAST(:ids AS uuid[])) EXCEPT SELECT contact_id FROM locked)"
+"""The contacts not in the table (and any merged away: what is read for them is dropped)."""
 
 
 def _nulls(types: Iterable[str]) -> str:
@@ -138,7 +142,7 @@ _LOAD = sa.text(
     f" {', '.join(c for c, _ in _CONTACT)}, NULL, NULL, NULL, NULL FROM locked"
     f" UNION ALL SELECT s.kind, s.contact_id, {_nulls(t for _, t in _HEAD)},"
     f" {_nulls(t for _, t in _CONTACT)}, {', '.join(f's.{c}' for c in _STATE)}"
-    f" FROM {_STATE_CALL.format(locked='ARRAY(SELECT contact_id FROM locked)')} AS s"
+    f" FROM {_STATE_CALL.format(new=_NEW)} AS s"
     " WHERE :state"
 )
 """In one round trip: the workspace's head (kind -1), the contacts locked in id order
@@ -158,9 +162,9 @@ of 10 (and no faster for 500). One row per contact with its lookups joined later
 it too, but took ~40% longer in batches of 500."""
 _LOAD_STATE = sa.text(
     f"SELECT kind, contact_id, {', '.join(_STATE)}"
-    f" FROM {_STATE_CALL.format(locked='CAST(:locked AS uuid[])')}"
+    f" FROM {_STATE_CALL.format(new='CAST(:new AS uuid[])')}"
 )
-"""The state alone, for the contacts ``:locked`` (the others are new to the table)."""
+"""The state alone; everything for the contacts ``:new`` to the table."""
 
 
 def _state_params(workspace: Workspace | None, facts: Iterable[str] | None) -> dict[str, Any]:
@@ -400,7 +404,7 @@ class ContactBatch:
                     _LOAD_STATE,
                     {
                         "ids": ids,
-                        "locked": [cid for cid, c in loaded.items() if c.exists],
+                        "new": [cid for cid, c in loaded.items() if not c.exists],
                         **_state_params(workspace, facts),
                     },
                 )
