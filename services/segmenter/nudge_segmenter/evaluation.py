@@ -18,7 +18,7 @@ import bisect
 import functools
 import heapq
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -82,113 +82,56 @@ class Workspace:
 
 
 _S = store.SCHEMA
-_HEAD = (
-    ("(SELECT count(*) FROM {s}.segments WHERE workspace_id = :ws)", "bigint"),
-    ("(SELECT max(updated_at) FROM {s}.segments WHERE workspace_id = :ws)", "timestamptz"),
-    ("(SELECT rfm_cuts FROM {s}.value_models WHERE workspace_id = :ws)", "jsonb"),
-    (
-        "ARRAY(SELECT contact_id FROM {s}.merged_contacts"
-        " WHERE :skip_merged AND contact_id = ANY(CAST(:ids AS uuid[])))",
-        "uuid[]",
-    ),
+_HEAD_COLUMNS = (
+    f"(SELECT count(*) FROM {_S}.segments WHERE workspace_id = :ws),"
+    f" (SELECT max(updated_at) FROM {_S}.segments WHERE workspace_id = :ws),"
+    f" (SELECT rfm_cuts FROM {_S}.value_models WHERE workspace_id = :ws),"
+    f" ARRAY(SELECT contact_id FROM {_S}.merged_contacts"
+    " WHERE :skip_merged AND contact_id = ANY(CAST(:ids AS uuid[])))"
 )
+_HEAD = sa.text(f"SELECT {_HEAD_COLUMNS}")
 """The workspace's segments fingerprint, its RFM cut points and (if asked) which of the
 contacts were merged away."""
-_CONTACT = (
-    ("user_id", "text"),
-    ("traits", "jsonb"),
-    ("scores", "jsonb"),
-    ("tags", "jsonb"),
-    ("stages", "jsonb"),
-    ("consents", "text[]"),
-    ("last_seen_at", "timestamptz"),
-    ("orders", "integer"),
-    ("revenue", "float8"),
-    ("first_order_at", "timestamptz"),
-    ("last_order_at", "timestamptz"),
-    ("rfm_recency", "smallint"),
-    ("rfm_frequency", "smallint"),
-    ("rfm_monetary", "smallint"),
-    ("clv", "float8"),
-    ("p_alive", "float8"),
-    ("expected_purchases", "float8"),
-)
-_STATE = ("segment_ids", "names", "ats", "properties")
-_STATE_CALL = (
-    f"{_S}.batch_state(CAST(:ids AS uuid[]), {{new}}, :all, CAST(:segments AS uuid[]),"
-    " CAST(:events AS text[]), CAST(:needed_events AS text[]), CAST(:filtered AS text[]),"
-    " :timed)"
-)
-
-
-_NEW = "ARRAY(SELECT unnest(CAST(:ids AS uuid[])) EXCEPT SELECT contact_id FROM locked)"
-"""The contacts not in the table (and any merged away: what is read for them is dropped)."""
-
-
-def _nulls(types: Iterable[str]) -> str:
-    return ", ".join(f"NULL::{t}" for t in types)
-
-
-_LOAD = sa.text(
-    f"WITH locked AS MATERIALIZED (SELECT contact_id, {', '.join(c for c, _ in _CONTACT)}"
+_LOAD_CONTACTS = sa.text(
+    f"SELECT {_HEAD_COLUMNS}, contact_id, user_id, traits, scores, tags, stages, consents,"
+    " last_seen_at, orders, revenue, first_order_at, last_order_at, rfm_recency,"
+    " rfm_frequency, rfm_monetary, clv, p_alive, expected_purchases"
     f" FROM {_S}.contacts AS c WHERE contact_id = ANY(CAST(:ids AS uuid[]))"
     f" AND NOT (:skip_merged AND EXISTS (SELECT FROM {_S}.merged_contacts AS m"
     " WHERE m.contact_id = c.contact_id))"
-    " ORDER BY contact_id FOR UPDATE OF c)"
-    f" SELECT -1, NULL::uuid, {', '.join(h.format(s=_S) for h, _ in _HEAD)},"
-    f" {_nulls(t for _, t in _CONTACT)}, NULL::uuid[], NULL::text[], NULL::timestamptz[],"
-    " NULL::jsonb[]"
-    f" UNION ALL SELECT 3, contact_id, {_nulls(t for _, t in _HEAD)},"
-    f" {', '.join(c for c, _ in _CONTACT)}, NULL, NULL, NULL, NULL FROM locked"
-    f" UNION ALL SELECT s.kind, s.contact_id, {_nulls(t for _, t in _HEAD)},"
-    f" {_nulls(t for _, t in _CONTACT)}, {', '.join(f's.{c}' for c in _STATE)}"
-    f" FROM {_STATE_CALL.format(new=_NEW)} AS s"
-    " WHERE :state"
+    " ORDER BY contact_id FOR UPDATE OF c"
 )
-"""In one round trip: the workspace's head (kind -1), the contacts locked in id order
-(kind 3), then, if ``:state``, the memberships (0), events (1) and scheduled rechecks (2) of
-the batch's contacts that its evaluations read, as arrays per contact (a few rows a
-contact, not one per membership; the event properties only of the events a condition
-filters on; everything for a contact new to the table). ``UNION ALL`` runs its parts in
-order, so ``batch_state`` (migration ``a7d41c2e9b10``: VOLATILE, its own snapshot) reads
-after the locks are held and sees what the transactions it waited for committed, as a
-statement of its own would. Its reads are what the cached segment index says the batch
-needs; if the index changed meanwhile, :data:`_LOAD_STATE` reads them again.
-
-``batch_state``'s ``never_parallel`` is never run (a ``WITH`` query nothing reads), but
-its locking clause keeps PostgreSQL from planning it in parallel: for the ``UNION ALL`` it
-chose a parallel plan whose workers took ~10-20 ms to start, for ~1 ms of work in a batch
-of 10 (and no faster for 500). One row per contact with its lookups joined laterally avoids
-it too, but took ~40% longer in batches of 500."""
+"""The contacts, locked in id order, each row with :data:`_HEAD` in front (one round trip;
+:data:`_HEAD` alone when none of them is known yet)."""
 _LOAD_STATE = sa.text(
-    f"SELECT kind, contact_id, {', '.join(_STATE)}"
-    f" FROM {_STATE_CALL.format(new='CAST(:new AS uuid[])')}"
+    f"WITH never_parallel AS (SELECT FROM {_S}.contacts"
+    " WHERE contact_id = ANY(CAST(:ids AS uuid[])) FOR KEY SHARE)"
+    " SELECT 0, contact_id, array_agg(segment_id), NULL::text[], NULL::timestamptz[],"
+    f" NULL::jsonb[] FROM {_S}.memberships WHERE contact_id = ANY(CAST(:ids AS uuid[]))"
+    " AND (:all OR segment_id = ANY(CAST(:segments AS uuid[]))"
+    " OR contact_id = ANY(CAST(:new AS uuid[]))) GROUP BY contact_id"
+    " UNION ALL"
+    " SELECT 1, contact_id, NULL::uuid[], array_agg(event), array_agg(at),"
+    " array_agg(CASE WHEN event = ANY(CAST(:filtered AS text[])) THEN properties END)"
+    f" FROM {_S}.contact_events WHERE contact_id = ANY(CAST(:ids AS uuid[]))"
+    " AND event = ANY(CAST(:events AS text[])) AND (:all"
+    " OR event = ANY(CAST(:needed_events AS text[])) OR contact_id = ANY(CAST(:new AS uuid[])))"
+    " GROUP BY contact_id"
+    " UNION ALL"
+    " SELECT 2, contact_id, array_agg(segment_id), NULL::text[], array_agg(due_at),"
+    f" NULL::jsonb[] FROM {_S}.rechecks WHERE :timed AND contact_id = ANY(CAST(:ids AS uuid[]))"
+    " AND (:all OR segment_id = ANY(CAST(:segments AS uuid[]))"
+    " OR contact_id = ANY(CAST(:new AS uuid[]))) GROUP BY contact_id"
 )
-"""The state alone; everything for the contacts ``:new`` to the table."""
+"""The memberships (0), events (1) and scheduled rechecks (2) of the batch's contacts that
+its evaluations read, in one round trip, as arrays per contact (a few rows a contact, not
+one per membership; the event properties only of the events a condition filters on).
 
-
-def _state_params(workspace: Workspace | None, facts: Iterable[str] | None) -> dict[str, Any]:
-    """What :data:`_LOAD` and :data:`_LOAD_STATE` read of the contacts' state for a batch
-    touching ``facts`` (None: anything), by the workspace's index (None: not read)."""
-    if workspace is None:
-        return {
-            "state": False,
-            "all": False,
-            "segments": [],
-            "events": [],
-            "needed_events": [],
-            "filtered": [],
-            "timed": False,
-        }
-    needed = workspace.needed(facts)
-    return {
-        "all": needed is None,
-        "segments": sorted(needed.segments) if needed else [],
-        "events": sorted(workspace.event_names),
-        "needed_events": sorted(needed.events) if needed else [],
-        "filtered": sorted(workspace.filtered_events),
-        "timed": any(s.timed for s in workspace.index.ordered),
-    }
+``never_parallel`` is never run (a ``WITH`` query nothing reads), but its locking clause
+keeps PostgreSQL from planning the statement in parallel: for the ``UNION ALL`` it chose a
+parallel plan whose workers took ~10-20 ms to start, for ~1 ms of work in a batch of 10
+(and no faster for 500). One row per contact with its lookups joined laterally avoids it
+too, but took ~40% longer in batches of 500."""
 
 
 class SegmentCache:
@@ -197,10 +140,6 @@ class SegmentCache:
 
     def __init__(self) -> None:
         self._cached: dict[str, Workspace] = {}
-
-    def peek(self, workspace_id: str) -> Workspace | None:
-        """The index last built for the workspace, maybe outdated (no query)."""
-        return self._cached.get(workspace_id)
 
     async def get(
         self, session: AsyncSession, workspace_id: str, fingerprint: tuple[int, datetime | None]
@@ -355,24 +294,17 @@ class ContactBatch:
         evaluating after such changes reads (all of them for a contact new to the table).
         With ``skip_merged``, contacts merged into another are left out, in ``stale``."""
         ids = sorted(set(contact_ids))
-        cached = segment_cache.peek(workspace_id)
-        given = {"ws": workspace_id, "ids": ids, "skip_merged": skip_merged, "state": True}
-        given.update(_state_params(cached, facts))
-        rows = (await session.execute(_LOAD, given)).all()
-        head = rows[0][2:6]
+        given = {"ws": workspace_id, "ids": ids, "skip_merged": skip_merged}
+        rows = (await session.execute(_LOAD_CONTACTS, given)).all()
+        head = rows[0][:4] if rows else (await session.execute(_HEAD, given)).one()
         stale = set(head[3])
         if stale:
             ids = [cid for cid in ids if cid not in stale]
         workspace = await segment_cache.get(session, workspace_id, (int(head[0]), head[1]))
         loaded = {cid: Contact(cid, exists=False) for cid in ids}
-        own: list[Any] = []
-        for row in rows[1:]:
-            if row[0] != 3:
-                own.append(row)
-                continue
-            cid = row[1]
-            (user_id, traits, scores, tags, stages, consents, last_seen_at, orders) = row[6:14]
-            (revenue, first_order_at, last_order_at, recency, frequency, monetary) = row[14:20]
+        for row in rows:
+            (cid, user_id, traits, scores, tags, stages, consents, last_seen_at, orders) = row[4:13]
+            (revenue, first_order_at, last_order_at, recency, frequency, monetary) = row[13:19]
             cid = loaded[cid].contact_id  # the caller's object
             loaded[cid] = Contact(
                 contact_id=cid,
@@ -391,39 +323,38 @@ class ContactBatch:
                 rfm=None
                 if recency is None
                 else {"recency": recency, "frequency": frequency, "monetary": monetary},
-                clv=row[20],
-                p_alive=row[21],
-                expected_purchases=row[22],
+                clv=row[19],
+                p_alive=row[20],
+                expected_purchases=row[21],
             )
+        # A contact new to this table may already have memberships and events: a merge
+        # moves them to a survivor not seen yet, a list takes anyone.
+        needed = workspace.needed(facts)
+        timed = any(s.timed for s in workspace.index.ordered)
+        new = [cid for cid, c in loaded.items() if not c.exists]
         batch = cls(workspace_id, workspace, loaded, head[2])
         batch.stale = stale
-        state: Sequence[Any] = own
-        if workspace is not cached:  # read for another index (or none): read again
-            state = (
-                await session.execute(
-                    _LOAD_STATE,
-                    {
-                        "ids": ids,
-                        "new": [cid for cid, c in loaded.items() if not c.exists],
-                        **_state_params(workspace, facts),
-                    },
-                )
-            ).all()
-            offset = 2
-        else:
-            offset = 23
+        state = await session.execute(
+            _LOAD_STATE,
+            {
+                "ids": ids,
+                "all": needed is None,
+                "new": new,
+                "segments": sorted(needed.segments) if needed else [],
+                "events": sorted(workspace.event_names),
+                "needed_events": sorted(needed.events) if needed else [],
+                "filtered": sorted(workspace.filtered_events),
+                "timed": timed,
+            },
+        )
         canonical = workspace.canonical  # ids hashed and compared from now on: one object
-        for row in state:
-            kind, cid = row[0], row[1]
-            segment_ids, names, ats, properties = row[offset : offset + 4]
-            contact = loaded.get(cid)
-            if contact is None:  # merged away (``stale``)
-                continue
+        for kind, cid, segment_ids, names, ats, properties in state:
+            contact = loaded[cid]
             if kind == 0:
                 contact.segments.update(canonical.get(s, s) for s in segment_ids)
             elif kind == 1:
-                for name, at, properties_given in zip(names, ats, properties, strict=True):
-                    contact.add_event(EventFact(name, at, properties_given or {}))
+                for name, at, given in zip(names, ats, properties, strict=True):
+                    contact.add_event(EventFact(name, at, given or {}))
             else:
                 batch.scheduled[contact.contact_id] = (segment_ids, ats)
         return batch

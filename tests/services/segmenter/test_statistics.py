@@ -70,8 +70,8 @@ async def test_a_large_backfill_leaves_statistics_that_know_its_rows(
 async def test_the_batch_reads_the_state_a_transaction_it_waited_for_committed(
     segmenter: Segmenter,
 ) -> None:
-    """The batch locks its contacts and reads their memberships in one round trip; the
-    memberships must still be read after the lock, not as of before it."""
+    """The batch reads its contacts' memberships after it holds their locks, not as of
+    before: what the transaction it waited for committed is part of the state."""
     vip = await segmenter.segment({"kind": "trait", "name": "vip", "op": "eq", "value": True})
     contact = uuid.uuid4()
     await segmenter.update(contact, traits={"vip": False})  # known, and the index cached
