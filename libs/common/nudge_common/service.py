@@ -86,7 +86,7 @@ def create_service_app(
         runtime = Runtime(settings, engine, create_sessionmaker(engine), producer)
         app.state.runtime = runtime
         try:
-            freeze_startup_heap()
+            freeze_startup_heap(settings.gc_young_threshold)
             runtime.runners = list(consumers(runtime)) if consumers else []
             runtime.runners.extend(
                 processed_messages_trimmer(settings, runtime.sessionmaker, table)
@@ -141,12 +141,9 @@ async def dependency_unavailable(request: Request, error: Exception) -> JsonResp
     )
 
 
-YOUNG_GENERATION_THRESHOLD = 50_000
-"""Container allocations (net of deallocations) between two young-generation collections;
-CPython's default is 700."""
-
-
-def freeze_startup_heap() -> None:
+def freeze_startup_heap(
+    young_threshold: int = NudgeSettings.model_fields["gc_young_threshold"].default,
+) -> None:
     """Move what the process built so far (modules, models, routes, clients) out of the
     garbage collector's sight, and collect the young generation less often. Under load,
     full collections came every few dozen batches or requests and each walked that whole
@@ -155,12 +152,13 @@ def freeze_startup_heap() -> None:
     each consumer's CPU (measured with ``gc.callbacks`` in ``make bench-e2e`` at 600
     events/s): every 700 allocations they walked the batch in hand, which is alive until
     the batch ends and is freed by reference counting, not by the collector. At
-    ``YOUNG_GENERATION_THRESHOLD`` they took 0-3%. The benches' load generators call this
-    too before they measure: a collection of their heap stalled them for ~150 ms."""
+    50,000 (``NudgeSettings.gc_young_threshold``) they took 0-3%. The benches' load
+    generators call this too before they measure: a collection of their heap stalled them
+    for ~150 ms."""
     gc.collect()
     gc.freeze()
     _, middle, old = gc.get_threshold()
-    gc.set_threshold(YOUNG_GENERATION_THRESHOLD, middle, old)
+    gc.set_threshold(young_threshold, middle, old)
 
 
 async def start_producer(producer: AIOKafkaProducer, *, deadline_s: float = 60.0) -> None:

@@ -46,6 +46,9 @@ class NudgeSettings(BaseSettings):
     """How long a consumer remembers the ids of the messages it applied. Longer than the
     topics keep messages (7 days), so any replay Kafka can still serve finds them."""
     processed_messages_trim_every_s: float = Field(default=300.0, gt=0)
+    gc_young_threshold: int = Field(default=50_000, ge=1)
+    """Container allocations (net of deallocations) between two young-generation garbage
+    collections (CPython's default is 700); see ``nudge_common.service.freeze_startup_heap``."""
 
     @model_validator(mode="after")
     def refuse_development_defaults_in_production(self) -> Self:

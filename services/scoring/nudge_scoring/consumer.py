@@ -12,7 +12,6 @@ batch replayed after a crash produces the same rows and the same messages.
 
 from __future__ import annotations
 
-import gc
 import uuid
 from collections import Counter
 from collections.abc import Sequence
@@ -863,22 +862,11 @@ async def after_points(
     return changed
 
 
-YOUNG_GENERATION_THRESHOLD = 500_000
-"""Scoring's young-generation threshold (``nudge_common.service`` sets 50,000 for every
-service). A batch of 1,000 events allocates a few hundred thousand containers, most of them
-alive until the batch ends (rows, states, outputs) and then freed by reference counting:
-at 50,000 the collector walked the batch in hand several times a batch, ~10% of the CPU per
-event (``gc.callbacks``, in process); at 500,000, about once every two batches."""
-
-
 def consumers(runtime: Runtime) -> list[Worker]:
     """The events topic's consumers (``events_consumers`` of them, one group: Kafka shares
-    the partitions among them, so a contact's events stay in order) and the timer worker.
-    Sets the process's young-generation threshold (``YOUNG_GENERATION_THRESHOLD``)."""
+    the partitions among them, so a contact's events stay in order) and the timer worker."""
     from nudge_scoring.worker import TimerWorker  # the worker builds on this module
 
-    _, middle, old = gc.get_threshold()
-    gc.set_threshold(YOUNG_GENERATION_THRESHOLD, middle, old)
     settings = runtime.settings
     count = settings.events_consumers if isinstance(settings, ScoringSettings) else 1
     handler = ScoringHandler()

@@ -18,3 +18,9 @@ class ScoringSettings(NudgeSettings):
     event loop was idle a third of the time (both waiting at once); four took 150,000
     events at 5,112-5,119 events/s instead of 4,445-4,634 (three: 4,990), the same CPU
     per event, no lock waits between them."""
+    gc_young_threshold: int = Field(default=500_000, ge=1)
+    """Ten times the other services': a batch of 1,000 events allocates a few hundred
+    thousand containers, most of them alive until the batch ends (rows, states, outputs) and
+    then freed by reference counting. At 50,000 the collector walked the batch in hand
+    several times a batch, ~10% of the CPU per event (``gc.callbacks``, in process); at
+    500,000, about once every two batches."""
