@@ -17,11 +17,11 @@ from prometheus_client import REGISTRY
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from nudge_common.consumer import ConsumerRunner
+from nudge_common.consumer import ConsumerRunner, MessageHandler
 from nudge_common.db import SessionMaker, processed_messages_table, transaction
 from nudge_common.errors import InvalidMessage, RetryLater
 from nudge_common.events import Envelope, EventType, Topic
-from nudge_common.kafka import OutgoingMessage, create_producer, publish
+from nudge_common.kafka import OutgoingMessage, Producer, create_producer, publish
 from nudge_common.settings import NudgeSettings
 from nudge_common.topics import delete_topics, ensure_topics
 from nudge_devtools.pipeline import eventually, read_topic, wait_until_idle
@@ -76,6 +76,28 @@ async def settings(stack: StackHandle, sessionmaker: SessionMaker) -> AsyncItera
     await delete_topics(settings)
 
 
+def events_runner(
+    name: str,
+    handler: MessageHandler,
+    settings: NudgeSettings,
+    sessionmaker: SessionMaker,
+    producer: Producer,
+    *,
+    min_batch_interval_s: float = 0.0,
+) -> ConsumerRunner:
+    """A runner of the events topic recording into the test schema's processed ids."""
+    return ConsumerRunner(
+        name=name,
+        topics=[Topic.EVENTS],
+        handler=handler,
+        settings=settings,
+        sessionmaker=sessionmaker,
+        producer=producer,
+        processed_messages=processed,
+        min_batch_interval_s=min_batch_interval_s,
+    )
+
+
 async def count_effects(sessionmaker: SessionMaker) -> int:
     async with transaction(sessionmaker) as session:
         return await session.scalar(sa.select(sa.func.count()).select_from(effects)) or 0
@@ -90,22 +112,14 @@ async def test_runner_applies_once_dead_letters_bad_messages_and_retries_transie
     bad = THING.envelope(workspace_id="ws", payload=Thing(behaviour="bad"), occurred_at=now)
     messages = [OutgoingMessage(Topic.EVENTS, str(e.id), e) for e in [*good, flaky, bad]]
 
-    producer: AIOKafkaProducer = create_producer(settings)
+    producer = create_producer(settings)
     await producer.start()
     try:
         await publish(producer, settings, messages)
         await producer.send_and_wait(settings.topic(Topic.EVENTS), b"not json", key=b"x")
 
         async def run_once() -> None:
-            runner = ConsumerRunner(
-                name="runner-test",
-                topics=[Topic.EVENTS],
-                handler=Handler(),
-                settings=settings,
-                sessionmaker=sessionmaker,
-                producer=producer,
-                processed_messages=processed,
-            )
+            runner = events_runner("runner-test", Handler(), settings, sessionmaker, producer)
             task = asyncio.create_task(runner.run())
             await wait_until_idle(settings, consumers={"runner-test": (Topic.EVENTS,)})
             runner.stop()
@@ -153,17 +167,9 @@ async def test_batch_handler_applies_whole_batches_and_isolates_a_bad_message(
     good = [THING.envelope(workspace_id="ws", payload=Thing(), occurred_at=now) for _ in range(20)]
     bad = THING.envelope(workspace_id="ws", payload=Thing(behaviour="bad"), occurred_at=now)
     handler = BatchHandler()
-    producer: AIOKafkaProducer = create_producer(settings)
+    producer = create_producer(settings)
     await producer.start()
-    runner = ConsumerRunner(
-        name="runner-batch-test",
-        topics=[Topic.EVENTS],
-        handler=handler,
-        settings=settings,
-        sessionmaker=sessionmaker,
-        producer=producer,
-        processed_messages=processed,
-    )
+    runner = events_runner("runner-batch-test", handler, settings, sessionmaker, producer)
     task = asyncio.create_task(runner.run())
     try:
         # one partition key: the bad message lands in the batch of the good ones
@@ -204,17 +210,10 @@ async def test_a_paced_runner_starts_a_batch_at_most_every_interval(
 ) -> None:
     now = datetime.now(UTC)
     handler = TimedHandler()
-    producer: AIOKafkaProducer = create_producer(settings)
+    producer = create_producer(settings)
     await producer.start()
-    runner = ConsumerRunner(
-        name="runner-paced-test",
-        topics=[Topic.EVENTS],
-        handler=handler,
-        settings=settings,
-        sessionmaker=sessionmaker,
-        producer=producer,
-        processed_messages=processed,
-        min_batch_interval_s=1.0,
+    runner = events_runner(
+        "runner-paced-test", handler, settings, sessionmaker, producer, min_batch_interval_s=1.0
     )
     task = asyncio.create_task(runner.run())
     try:
@@ -254,16 +253,10 @@ async def test_a_selective_handler_never_sees_nor_records_the_types_it_does_not_
         OTHER.envelope(workspace_id="ws", payload=Thing(behaviour="bad"), occurred_at=now)
         for _ in range(6)
     ]
-    producer: AIOKafkaProducer = create_producer(settings)
+    producer = create_producer(settings)
     await producer.start()
-    runner = ConsumerRunner(
-        name="runner-selective-test",
-        topics=[Topic.EVENTS],
-        handler=SelectiveHandler(),
-        settings=settings,
-        sessionmaker=sessionmaker,
-        producer=producer,
-        processed_messages=processed,
+    runner = events_runner(
+        "runner-selective-test", SelectiveHandler(), settings, sessionmaker, producer
     )
     task = asyncio.create_task(runner.run())
     try:
@@ -317,15 +310,7 @@ async def test_the_record_age_metric_shows_how_far_behind_the_consumer_is(
         await written_before.stop()
     producer = create_producer(settings)
     await producer.start()
-    runner = ConsumerRunner(
-        name=name,
-        topics=[Topic.EVENTS],
-        handler=Handler(),
-        settings=settings,
-        sessionmaker=sessionmaker,
-        producer=producer,
-        processed_messages=processed,
-    )
+    runner = events_runner(name, Handler(), settings, sessionmaker, producer)
     task = asyncio.create_task(runner.run())
     try:
         await wait_until_idle(settings, consumers={name: (Topic.EVENTS,)})
