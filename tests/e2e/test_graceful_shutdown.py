@@ -50,6 +50,10 @@ async def test_sigterm_mid_stream_loses_nothing_and_duplicates_nothing(
         for i in range(CONTACTS)
     ]
     total = len(calls)
+    scoring = fleet["scoring"]
+    # Stopped while the stream is produced, so that it is all waiting when scoring starts
+    # and the SIGTERM finds it in flight (scoring can keep up with the requests).
+    await scoring.stop()
     async with httpx.AsyncClient(
         base_url=fleet["ingest"].url, auth=(workspace.write_key, ""), timeout=30
     ) as client:
@@ -57,18 +61,20 @@ async def test_sigterm_mid_stream_loses_nothing_and_duplicates_nothing(
             response = await client.post("/v1/batch", json={"batch": calls[start : start + BATCH]})
             assert response.status_code == 200, response.text
 
-    scoring = fleet["scoring"]
-
     async def some_stored() -> bool:
         return await count_stored(sessionmaker, workspace.workspace_id) > 0
 
+    log_start = scoring.log_path.stat().st_size
+    scoring.start()
     await eventually(some_stored, what="scoring started")
     scoring.signal(signal.SIGTERM)
     # uvicorn re-raises the signal once its graceful shutdown is complete.
     assert await scoring.wait_exit() == -signal.SIGTERM
     stored_at_stop = await count_stored(sessionmaker, workspace.workspace_id)
     assert stored_at_stop < total, "the stream should still have been in flight"
-    log = scoring.log_tail(200)
+    with scoring.log_path.open(errors="replace") as log_file:
+        log_file.seek(log_start)
+        log = log_file.read()
     assert '"consumer stopped"' in log
     assert '"Application shutdown complete."' in log
 
