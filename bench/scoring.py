@@ -302,7 +302,7 @@ Sample = tuple[float, int, float, float]
 """(seconds since start, committed offsets, CPU seconds of the service and of its
 PostgreSQL backends)"""
 
-_BACKENDS = sa.text(
+SANDBOX_BACKENDS = sa.text(
     "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
     "AND pid <> pg_backend_pid()"
 )
@@ -324,7 +324,7 @@ async def watch_service(
         while time.perf_counter() - started < deadline_s:
             done = await committed(admin, settings, partitions)
             async with engine.connect() as connection:
-                backends = set((await connection.execute(_BACKENDS)).scalars())
+                backends = set((await connection.execute(SANDBOX_BACKENDS)).scalars())
             samples.append(
                 (
                     time.perf_counter() - started,

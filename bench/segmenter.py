@@ -75,8 +75,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bench.harness import admin_dsn, percentile, sandbox
-from bench.scoring import machine
+from bench.harness import admin_dsn, percentile, process_tree_cpu_s, sandbox
+from bench.scoring import SANDBOX_BACKENDS, cpu_s, machine
 from nudge_common import codec
 from nudge_common.clock import system_clock
 from nudge_common.conditions import condition_adapter
@@ -936,7 +936,7 @@ class SegmenterProcess(ServiceProcess):
 @contextlib.asynccontextmanager
 async def segmenter_process(
     env: dict[str, str], logs: Path, label: str, workers: int = 1
-) -> AsyncIterator[str]:
+) -> AsyncIterator[SegmenterProcess]:
     process = SegmenterProcess(
         "segmenter",
         free_port(),
@@ -947,7 +947,7 @@ async def segmenter_process(
     process.start()
     try:
         await process.wait_ready()
-        yield process.url
+        yield process
     finally:
         await process.stop()
 
@@ -973,16 +973,27 @@ async def send_at_rate(
     return sent_at, time.perf_counter() - started
 
 
+async def cpu_now(engine: AsyncEngine, service: SegmenterProcess) -> tuple[float, float]:
+    """CPU seconds so far of the service's processes and of the sandbox database's
+    PostgreSQL backends (the service's pool keeps its connections for the run)."""
+    async with engine.connect() as connection:
+        backends = set((await connection.execute(SANDBOX_BACKENDS)).scalars())
+    assert service.process is not None
+    return process_tree_cpu_s(service.process.pid), cpu_s(backends)
+
+
 async def run_at_rate(
-    producer: AIOKafkaProducer,
-    settings: NudgeSettings,
+    runtime: Runtime,
     outputs: Outputs,
-    url: str,
+    service: SegmenterProcess,
     batch: Sequence[Activity],
     rate: float,
     drain_s: float,
+    producer: AIOKafkaProducer,
 ) -> RunResult:
+    settings, url = runtime.settings, service.url
     before = await scrape(url)
+    cpu_before = await cpu_now(runtime.engine, service)
     # A full collection of this process's heap (the activities, the outputs seen) stalled
     # the sending loop for ~200-250 ms: the activities stamped meanwhile went out late.
     freeze_startup_heap()
@@ -995,6 +1006,8 @@ async def run_at_rate(
         float(outputs.seen[key] - stamp) for key, stamp in sent_at.items() if key in outputs.seen
     ]
     after = await scrape(url)
+    cpu_after = await cpu_now(runtime.engine, service)
+    service_cpu, pg_cpu = (a - b for a, b in zip(cpu_after, cpu_before, strict=True))
     rate_done = 0.0
     if len(done) >= 10:
         low, high = len(done) // 10, (len(done) * 9) // 10
@@ -1008,7 +1021,11 @@ async def run_at_rate(
         processed_rate=rate_done,
         latencies_ms=latencies,
         elapsed_s=elapsed,
-        metrics=per_message(before, after, len(done)),
+        metrics={
+            **per_message(before, after, len(done)),
+            "cpu_us_per_message": round(1e6 * service_cpu / max(len(done), 1)),
+            "pg_cpu_us_per_message": round(1e6 * pg_cpu / max(len(done), 1)),
+        },
     )
 
 
@@ -1086,14 +1103,14 @@ async def realtime_phase(
     try:
         start = await topic_end(settings, Topic.MEMBERSHIPS)
         async with Outputs(settings, start) as outputs:
-            async with segmenter_process(env, logs, "throughput", args.workers) as url:
+            async with segmenter_process(env, logs, "throughput", args.workers) as service:
                 warmed = await run_at_rate(
-                    producer, settings, outputs, url, warm_batches[0], 100, 60
+                    runtime, outputs, service, warm_batches[0], 100, 60, producer
                 )
                 print(f"  warm-up: {warmed.processed} of {warmed.sent} processed", flush=True)
                 print(f"  throughput: {len(throughput_batch):,} at {args.rate}/s", flush=True)
                 throughput = await run_at_rate(
-                    producer, settings, outputs, url, throughput_batch, args.rate, args.drain_s
+                    runtime, outputs, service, throughput_batch, args.rate, args.drain_s, producer
                 )
             skipped = await skip_backlog(settings)
             print(
@@ -1111,11 +1128,11 @@ async def realtime_phase(
                 triggers,
                 rng,
             )
-            async with segmenter_process(env, logs, "latency", args.workers) as url:
-                await run_at_rate(producer, settings, outputs, url, warm_batches[1], 100, 60)
+            async with segmenter_process(env, logs, "latency", args.workers) as service:
+                await run_at_rate(runtime, outputs, service, warm_batches[1], 100, 60, producer)
                 print(f"  latency: {len(latency_batch):,} at {latency_rate}/s", flush=True)
                 latency = await run_at_rate(
-                    producer, settings, outputs, url, latency_batch, latency_rate, args.drain_s
+                    runtime, outputs, service, latency_batch, latency_rate, args.drain_s, producer
                 )
             print(
                 f"  latency: p50 {percentile(latency.latencies_ms, 50):.0f} ms, "
