@@ -823,16 +823,17 @@ def _transition(
     (_ENTERED if entered else _EXITED).inc()
     event_type: EventType[MembershipChanged] = SEGMENT_ENTERED if entered else SEGMENT_EXITED
     caused_by = cause.envelope
+    segment_key = _text_of(segment_id)
     id = cause.message_id(segment_id, contact_id)
     if id is None:
         id = (
-            stable_id(str(caused_by.id), event_type.name, str(segment_id))
+            stable_id(_text_of(caused_by.id), event_type.name, segment_key)
             if caused_by
             else uuid.uuid4()
         )
     return OutgoingMessage(
         Topic.MEMBERSHIPS,
-        key=str(contact_id),
+        key=snapshot["contact_id"],
         envelope=Envelope.model_construct(
             type=event_type.name,
             version=event_type.version,
@@ -841,10 +842,24 @@ def _transition(
             workspace_id=workspace_id,
             origin_received_at=caused_by.origin_received_at if caused_by else None,
             payload={
-                "segment_id": str(segment_id),
+                "segment_id": segment_key,
                 "segment_name": segment_name,
                 "contact": snapshot,
-                "at": _DATETIME.dump_python(at, mode="json"),
+                "at": _json_time(at),
             },
         ),
     )
+
+
+@functools.lru_cache(maxsize=4096)
+def _text_of(id: uuid.UUID) -> str:
+    """An id as text, remembered: a batch names the same segments and causes again and
+    again (``str`` of a UUID costs more than the lookup)."""
+    return str(id)
+
+
+@functools.lru_cache(maxsize=64)
+def _json_time(at: datetime) -> str:
+    """A time as pydantic writes it in JSON; a batch's transitions share one."""
+    text: str = _DATETIME.dump_python(at, mode="json")
+    return text
