@@ -5,7 +5,7 @@ with a clock moved by hand, lifecycle stages, tag scores, replays and dead lette
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import sqlalchemy as sa
@@ -97,6 +97,26 @@ async def test_behavioural_rules_with_filters_caps_and_negative_points(
         .order_by(store.score_changes.c.id)
     )
     assert [r.points for r in breakdown] == [5, 5, 5, 20, -15, -30]
+
+
+async def test_a_per_day_cap_counts_utc_days_whatever_the_offset_of_the_timestamp(
+    scoring: ScoringHarness, ws: str
+) -> None:
+    """Ingest keeps a client's offset when the call has no ``sentAt``: 01:15 at +02:00 is
+    23:15 UTC the day before, the same UTC day as the first view."""
+    await add_rules(scoring, ws, ("engagement", 5, BehaviouralSpec(type="page", cap_per_day=5)))
+    evening = datetime(2026, 11, 23, 23, 0, tzinfo=UTC)
+    past_local_midnight = datetime(2026, 11, 24, 1, 15, tzinfo=timezone(timedelta(hours=2)))
+    await scoring.send(
+        segment(ws, "page", userId="tz", at=evening),
+        segment(ws, "page", userId="tz", at=past_local_midnight),
+    )
+    contact = await scoring.contact_of(ws, "user_id", "tz")
+    assert await scoring.scores(contact) == {"engagement": 5}
+    spent = await scoring.rows(
+        sa.select(store.rule_spending.c.period).where(store.rule_spending.c.contact_id == contact)
+    )
+    assert [r.period for r in spent] == ["day:2026-11-23"]
 
 
 async def test_profile_rules_by_value_and_by_presence(scoring: ScoringHarness, ws: str) -> None:

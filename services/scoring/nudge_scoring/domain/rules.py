@@ -26,7 +26,7 @@ import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import cached_property
 from typing import Annotated, Any, Literal
 
@@ -197,7 +197,11 @@ HELD = "held"
 
 
 def day_period(at: datetime) -> str:
-    """The period of ``cap_per_day`` for an event at ``at``: ``day:YYYY-MM-DD``."""
+    """The period of ``cap_per_day`` for an event at ``at``: ``day:YYYY-MM-DD``, its UTC
+    day (a time without an offset is taken as UTC): a client's own offset, which ingest
+    keeps when the call has no ``sentAt``, must not move an instant to another day."""
+    if at.tzinfo is not None:
+        at = at.astimezone(UTC)
     return f"day:{at.date().isoformat()}"
 
 
