@@ -89,7 +89,7 @@ from nudge_common.service import Runtime, freeze_startup_heap
 from nudge_common.settings import NudgeSettings
 from nudge_devtools.pipeline import topic_partitions
 from nudge_devtools.services import ServiceProcess, free_port
-from nudge_segmenter import store, value, worker
+from nudge_segmenter import backfill, store, value, worker
 from nudge_segmenter.consumer import ContactsHandler
 from nudge_segmenter.settings import SegmenterSettings
 from nudge_segmenter.sql import compile_condition
@@ -477,7 +477,7 @@ async def backfill_phase(
         members = await store.member_count(session, segment_id=segment_id)
         rechecks = int(
             await session.scalar(
-                sa.select(sa.func.count()).where(store.rechecks.c.segment_id == segment_id)
+                sa.select(sa.func.count()).where(store.rechecks.c.workspace_id == workspace_id)
             )
             or 0
         )
@@ -508,10 +508,7 @@ async def backfill_phase(
     for row in results["backfill_top_statements"]:
         print(f"  {row['total_s']:8.3f} s {row['calls']:6d} x  {row['sql']}", flush=True)
     if explain_stage:
-        undo = [
-            f"DELETE FROM segmenter.{table} WHERE segment_id = '{segment_id}'"
-            for table in ("memberships", "rechecks")
-        ]
+        undo = [f"DELETE FROM segmenter.memberships WHERE segment_id = '{segment_id}'"]
         for statement, params, duration in stage_statements:
             print(f"EXPLAIN ANALYZE ({duration:.2f} s in the run):\n{statement}", flush=True)
             print(await explain(runtime.engine, statement, params, before=undo), flush=True)
@@ -670,24 +667,11 @@ async def create_realtime_segments(
             columns = ["segment_id", "contact_id", "workspace_id", "entered_at"]
             await session.execute(sa.insert(store.memberships).from_select(columns, matching))
             if compiled.recheck_at is not None:
-                # as a backfill leaves them: each contact's next time-driven recheck
-                scheduled = (
-                    sa.select(
-                        sa.literal(segment_id),
-                        store.contacts.c.contact_id,
-                        sa.literal(workspace_id),
-                        compiled.recheck_at.label("due_at"),
-                    )
-                    .where(
+                await session.execute(
+                    backfill.schedule_rechecks(
+                        compiled.recheck_at,
                         store.contacts.c.workspace_id == workspace_id,
                         store.contacts.c.contact_id.between(low, high),
-                    )
-                    .subquery()
-                )
-                await session.execute(
-                    sa.insert(store.rechecks).from_select(
-                        ["segment_id", "contact_id", "workspace_id", "due_at"],
-                        sa.select(scheduled).where(scheduled.c.due_at.is_not(None)),
                     )
                 )
             await session.execute(
@@ -1243,11 +1227,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         runtime = await segmenter_runtime(box.settings)
         try:
             results.update(await value_refresh(runtime, workspace_id, args.value_refresh))
-            backfill = await backfill_phase(
+            backfilled = await backfill_phase(
                 runtime, workspace_id, args.backfill_chunk, args.explain
             )
-            backfill.pop("segment_id")
-            results.update(backfill)
+            backfilled.pop("segment_id")
+            results.update(backfilled)
             results["backfill_published"] = sum(
                 (await topic_end(box.settings, Topic.MEMBERSHIPS)).values()
             )

@@ -68,27 +68,8 @@ async def stage(session: AsyncSession, segment: store.Segment, now: datetime) ->
             ["segment_id", "contact_id", "version", "entering"], changes
         )
     )
-    await session.execute(
-        sa.delete(store.rechecks).where(store.rechecks.c.segment_id == segment.id)
-    )
     if compiled.recheck_at is not None:
-        due = compiled.recheck_at.label("due_at")
-        scheduled = (
-            sa.select(
-                sa.literal(segment.id, UUID(as_uuid=True)),
-                contacts.c.contact_id,
-                contacts.c.workspace_id,
-                due,
-            )
-            .where(in_workspace)
-            .subquery()
-        )
-        await session.execute(
-            pg_insert(store.rechecks).from_select(
-                ["segment_id", "contact_id", "workspace_id", "due_at"],
-                sa.select(scheduled).where(scheduled.c.due_at.is_not(None)),
-            )
-        )
+        await session.execute(schedule_rechecks(compiled.recheck_at, in_workspace))
     total = int(staged.rowcount or 0)  # type: ignore[attr-defined]
     await session.execute(
         sa.update(store.segments)
@@ -96,6 +77,29 @@ async def stage(session: AsyncSession, segment: store.Segment, now: datetime) ->
         .values(backfill_total=total, backfill_done=0, backfill_started_at=now)
     )
     return total
+
+
+def schedule_rechecks(
+    recheck_at: sa.ColumnElement[Any], *where: sa.ColumnElement[bool]
+) -> sa.Executable:
+    """The contacts (``where``) whose recheck time for a segment is ``recheck_at`` get it
+    as their recheck if it is earlier than theirs: a recheck moves earlier, never later,
+    and then re-evaluates every time-driven segment of the contact (and schedules the
+    next)."""
+    scheduled = (
+        sa.select(contacts.c.contact_id, contacts.c.workspace_id, recheck_at.label("due_at"))
+        .where(*where)
+        .subquery()
+    )
+    upsert = pg_insert(store.rechecks).from_select(
+        ["contact_id", "workspace_id", "due_at"],
+        sa.select(scheduled).where(scheduled.c.due_at.is_not(None)),
+    )
+    return upsert.on_conflict_do_update(
+        index_elements=[store.rechecks.c.contact_id],
+        set_={"due_at": upsert.excluded.due_at},
+        where=upsert.excluded.due_at < store.rechecks.c.due_at,
+    )
 
 
 async def apply_chunk(

@@ -118,12 +118,10 @@ _LOAD_STATE = sa.text(
     " OR event = ANY(CAST(:needed_events AS text[])) OR contact_id = ANY(CAST(:new AS uuid[])))"
     " GROUP BY contact_id"
     " UNION ALL"
-    " SELECT 2, contact_id, array_agg(segment_id), NULL::text[], array_agg(due_at),"
-    f" NULL::jsonb[] FROM {_S}.rechecks WHERE :timed AND contact_id = ANY(CAST(:ids AS uuid[]))"
-    " AND (:all OR segment_id = ANY(CAST(:segments AS uuid[]))"
-    " OR contact_id = ANY(CAST(:new AS uuid[]))) GROUP BY contact_id"
+    " SELECT 2, contact_id, NULL::uuid[], NULL::text[], ARRAY[due_at], NULL::jsonb[]"
+    f" FROM {_S}.rechecks WHERE :timed AND contact_id = ANY(CAST(:ids AS uuid[]))"
 )
-"""The memberships (0), events (1) and scheduled rechecks (2) of the batch's contacts that
+"""The memberships (0), events (1) and scheduled recheck (2) of the batch's contacts that
 its evaluations read, in one round trip, as arrays per contact (a few rows a contact, not
 one per membership; the event properties only of the events a condition filters on).
 
@@ -269,11 +267,10 @@ class ContactBatch:
         self.rfm_cuts = rfm_cuts
         self.new_events: list[dict[str, Any]] = []
         self.transitions: list[_Transition] = []
-        self.rechecks: dict[uuid.UUID, dict[uuid.UUID, datetime | None]] = {}
-        """Each contact's evaluated rechecks, by segment."""
-        self.scheduled: dict[uuid.UUID, tuple[list[uuid.UUID], list[datetime]]] = {}
-        """The rechecks already due for each of these contacts, as loaded: segment ids and
-        due times (looked up only for the rechecks evaluated)."""
+        self.rechecks: dict[uuid.UUID, datetime] = {}
+        """The earliest recheck time the contact's evaluated segments ask for, if any does."""
+        self.scheduled: dict[uuid.UUID, datetime] = {}
+        """Each contact's recheck already due, as loaded."""
         self.dirty: set[tuple[uuid.UUID, uuid.UUID]] = set()
         self.messages: list[OutgoingMessage] = []
         self.stale: set[uuid.UUID] = set()
@@ -356,7 +353,7 @@ class ContactBatch:
                 for name, at, given in zip(names, ats, properties, strict=True):
                     contact.add_event(EventFact(name, at, given or {}))
             else:
-                batch.scheduled[contact.contact_id] = (segment_ids, ats)
+                batch.scheduled[contact.contact_id] = ats[0]
         return batch
 
     # --- changes -----------------------------------------------------------------------
@@ -446,7 +443,7 @@ class ContactBatch:
         profile = contact.profile()
         snapshot: dict[str, Any] | None = None
         backfilling = self.workspace.backfilling
-        rechecks = self.rechecks.setdefault(contact_id, {})
+        recheck = self.rechecks.get(contact_id)
         while pending:
             place = heapq.heappop(pending)
             if place <= done:
@@ -457,8 +454,8 @@ class ContactBatch:
                 self.dirty.add((segment.id, contact_id))
                 continue
             matches, recheck_at = segment.check(profile, now)
-            if segment.timed:
-                rechecks[segment.id] = recheck_at
+            if recheck_at is not None and (recheck is None or recheck_at < recheck):
+                recheck = self.rechecks[contact_id] = recheck_at
             if matches == (segment.id in contact.segments):
                 continue
             if matches:
@@ -669,30 +666,23 @@ class ContactBatch:
             )
 
     def _save_rechecks(self, writes: _Writes) -> None:
-        """Only earlier rechecks are written: a recheck already due sooner stays (it then
-        finds nothing changed and schedules the right one), so a contact active every
-        minute does not rewrite its rechecks every minute."""
-        due = []
-        for contact_id, evaluated in self.rechecks.items():
-            wanted = {segment_id: at for segment_id, at in evaluated.items() if at is not None}
-            if not wanted:
-                continue
-            ids, ats = self.scheduled.get(contact_id, ((), ()))
-            for segment_id, before in zip(ids, ats, strict=True):
-                at = wanted.get(segment_id)
-                if at is not None and not at < before:
-                    del wanted[segment_id]
-            due += [(segment_id, contact_id, at) for segment_id, at in wanted.items()]
+        """A contact's recheck is written only when it moves earlier: one due sooner stays
+        (it then re-evaluates every time-driven segment of the contact and schedules the
+        right one), so a contact active every minute does not rewrite it every minute."""
+        due = [
+            (contact_id, at)
+            for contact_id, at in self.rechecks.items()
+            if (before := self.scheduled.get(contact_id)) is None or at < before
+        ]
         if due:
             writes.add(
-                f"INSERT INTO {_S}.rechecks (segment_id, contact_id, workspace_id, due_at)"
-                " SELECT r.s, r.c, CAST(:{p}ws AS text), r.d FROM unnest(CAST(:{p}s AS uuid[]),"
-                " CAST(:{p}c AS uuid[]), CAST(:{p}d AS timestamptz[])) AS r(s, c, d)"
-                " ON CONFLICT (segment_id, contact_id) DO UPDATE SET due_at = excluded.due_at",
+                f"INSERT INTO {_S}.rechecks (contact_id, workspace_id, due_at)"
+                " SELECT r.c, CAST(:{p}ws AS text), r.d FROM unnest(CAST(:{p}c AS uuid[]),"
+                " CAST(:{p}d AS timestamptz[])) AS r(c, d)"
+                " ON CONFLICT (contact_id) DO UPDATE SET due_at = excluded.due_at",
                 ws=self.workspace_id,
-                s=[d[0] for d in due],
-                c=[d[1] for d in due],
-                d=[d[2] for d in due],
+                c=[d[0] for d in due],
+                d=[d[1] for d in due],
             )
 
     async def _save_dirty(self, session: AsyncSession) -> None:
@@ -771,7 +761,10 @@ async def reevaluate(
 ) -> list[OutgoingMessage]:
     """Re-evaluate one contact whose state changed in the database (a merge, a consent,
     a list) or whose time came (a recheck, a hand-over)."""
-    batch = await ContactBatch.load(session, workspace_id, [contact_id])
+    facts = None if facts is None else list(facts)
+    batch = await ContactBatch.load(
+        session, workspace_id, [contact_id], facts=facts if only is None else None
+    )
     if not batch.contacts[contact_id].exists:
         return []
     batch.evaluate(contact_id, now=now, cause=cause, facts=facts, only=only)

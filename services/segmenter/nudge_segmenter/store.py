@@ -109,15 +109,15 @@ membership_history = sa.Table(
 rechecks = sa.Table(
     "rechecks",
     metadata,
-    sa.Column("segment_id", UUID(as_uuid=True), primary_key=True),
     sa.Column("contact_id", UUID(as_uuid=True), primary_key=True),
     sa.Column("workspace_id", sa.Text, nullable=False),
     sa.Column("due_at", TIMESTAMP, nullable=False, index=True),
-    sa.Index("rechecks_contact_segment_due", "contact_id", "segment_id", "due_at"),
 )
-"""When time alone may change a contact's membership of a segment (a window closing, a
-birthday coming): the recheck worker re-evaluates the pair then. A contact's rechecks are
-read by ``(contact_id, segment_id, due_at)``, an index-only scan."""
+"""The earliest time at which time alone may change one of a contact's memberships (a
+window closing, a birthday coming): the recheck worker then re-evaluates the contact's
+time-driven segments, which schedules the next one. One row per contact, not one per
+(segment, contact): a real-time batch reads one row a contact instead of one per timed
+segment (~40 in the bench) and writes one only when it moves earlier."""
 BULK_WRITTEN = (memberships, membership_history, rechecks)
 """What a backfill writes in bulk, and the real-time batch reads by ``= ANY(:contacts)``."""
 _STALE_STATISTICS = sa.text(
@@ -413,14 +413,13 @@ async def exit_(
 
 @dataclass(frozen=True)
 class DueRecheck:
-    segment_id: uuid.UUID
     contact_id: uuid.UUID
     workspace_id: str
     due_at: datetime
 
 
 _DUE = (
-    sa.select(rechecks.c.segment_id, rechecks.c.contact_id)
+    sa.select(rechecks.c.contact_id)
     .where(rechecks.c.due_at <= sa.bindparam("now"))
     .order_by(rechecks.c.due_at)
     .limit(sa.bindparam("limit", type_=sa.Integer))
@@ -429,10 +428,8 @@ _DUE = (
 )
 _CLAIM_DUE = (
     sa.delete(rechecks)
-    .where(rechecks.c.segment_id == _DUE.c.segment_id, rechecks.c.contact_id == _DUE.c.contact_id)
-    .returning(
-        rechecks.c.segment_id, rechecks.c.contact_id, rechecks.c.workspace_id, rechecks.c.due_at
-    )
+    .where(rechecks.c.contact_id == _DUE.c.contact_id)
+    .returning(rechecks.c.contact_id, rechecks.c.workspace_id, rechecks.c.due_at)
 )
 """Built once: the recheck worker runs it five times a second, mostly finding nothing."""
 
@@ -444,7 +441,7 @@ async def claim_due_rechecks(
     this transaction ends) in due order."""
     rows = await session.execute(_CLAIM_DUE, {"now": now, "limit": limit})
     return sorted(
-        (DueRecheck(r.segment_id, r.contact_id, r.workspace_id, r.due_at) for r in rows),
+        (DueRecheck(r.contact_id, r.workspace_id, r.due_at) for r in rows),
         key=lambda r: r.due_at,
     )
 

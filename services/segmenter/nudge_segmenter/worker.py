@@ -16,6 +16,7 @@ from nudge_common.kafka import OutgoingMessage, publish
 from nudge_common.service import Runtime
 from nudge_common.worker import PollingWorker
 from nudge_segmenter import backfill, metrics, store, value
+from nudge_segmenter.domain.segments import TIME
 from nudge_segmenter.evaluation import Cause, reevaluate
 from nudge_segmenter.settings import SegmenterSettings
 
@@ -27,7 +28,8 @@ def _settings(runtime: Runtime) -> SegmenterSettings:
 
 
 async def fire_due_rechecks(runtime: Runtime, clock: Clock, limit: int) -> int:
-    """Re-evaluate up to ``limit`` due (segment, contact) pairs in one transaction."""
+    """Re-evaluate the time-driven segments of up to ``limit`` contacts whose recheck is
+    due, in one transaction."""
     now = clock()
     async with transaction(runtime.sessionmaker) as session:
         due = await store.claim_due_rechecks(session, now=now, limit=limit)
@@ -39,7 +41,7 @@ async def fire_due_rechecks(runtime: Runtime, clock: Clock, limit: int) -> int:
                 contact_id=recheck.contact_id,
                 now=now,
                 cause=Cause(work=f"recheck:{recheck.due_at.isoformat()}"),
-                only=[recheck.segment_id],
+                facts=[TIME],
             )
         await publish(runtime.producer, runtime.settings, messages)
     for recheck in due:

@@ -5,7 +5,7 @@ service runs them, with a clock the test moves)."""
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Literal
 
 import sqlalchemy as sa
@@ -47,6 +47,40 @@ async def test_behavioural_segment_enters_on_the_event_and_exits_when_the_window
     assert await segmenter.rechecks() >= 1
     assert await segmenter.members(buyers) == set()
     assert await segmenter.transitions(buyers, 2) == [("entered", alice), ("exited", alice)]
+
+
+async def test_a_contact_has_one_recheck_at_the_earliest_time_its_segments_ask_for(
+    segmenter: Segmenter,
+) -> None:
+    weekly = await segmenter.segment({"kind": "event", "event": "Signed In", "within_days": 7})
+    recent = await segmenter.segment({"kind": "event", "event": "Searched", "within_days": 3})
+    dana = uuid.uuid4()
+    signed_in = segmenter.now
+    await segmenter.activity(dana, "Signed In", at=signed_in)
+    assert await due_rechecks(segmenter, dana) == [signed_in + timedelta(days=7)]
+    segmenter.advance(days=1)
+    searched = segmenter.now
+    await segmenter.activity(dana, "Searched", at=searched)
+    assert await due_rechecks(segmenter, dana) == [searched + timedelta(days=3)]
+    assert await segmenter.members(weekly) == await segmenter.members(recent) == {dana}
+
+    segmenter.advance(days=3, seconds=1)  # the search leaves its window; the week goes on
+    assert await segmenter.rechecks() == 1
+    assert await segmenter.members(recent) == set()
+    assert await segmenter.members(weekly) == {dana}
+    assert await due_rechecks(segmenter, dana) == [signed_in + timedelta(days=7)]
+    segmenter.advance(days=3)
+    assert await segmenter.rechecks() == 1
+    assert await segmenter.members(weekly) == set()
+    assert await due_rechecks(segmenter, dana) == []
+
+
+async def due_rechecks(segmenter: Segmenter, contact_id: uuid.UUID) -> list[datetime]:
+    async with transaction(segmenter.sessionmaker) as session:
+        rows = await session.scalars(
+            sa.select(store.rechecks.c.due_at).where(store.rechecks.c.contact_id == contact_id)
+        )
+        return list(rows)
 
 
 async def test_last_seen_and_birthday_segments_follow_the_clock(segmenter: Segmenter) -> None:

@@ -40,6 +40,8 @@ from nudge_common.conditions import (
 MAX_LEAVES = 64
 MAX_DEPTH = 8
 ALL_FACTS = frozenset({"traits", "scores", "tags", "stages", "consent", "value", "activity"})
+TIME = "time"
+"""The fact of every segment whose answer time alone can change: what a recheck touches."""
 
 
 def facts_of(condition: Condition) -> frozenset[str]:
@@ -64,6 +66,8 @@ def facts_of(condition: Condition) -> frozenset[str]:
                 facts.add(f"event:{event}")
             case InSegment(segment_id=segment_id):
                 facts.add(f"segment:{segment_id}")
+    if is_timed(condition):
+        facts.add(TIME)
     return frozenset(facts)
 
 
