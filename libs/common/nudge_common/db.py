@@ -7,22 +7,20 @@ consumer runner for a batch, a route for a request) opens it with :func:`transac
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, NoReturn, cast
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY, UUID, Insert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import (
-    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
 from sqlalchemy.pool import QueuePool
-from sqlalchemy.sql.compiler import SQLCompiler
 
 from nudge_common import codec, metrics
 from nudge_common.settings import NudgeSettings
@@ -168,116 +166,6 @@ def insert_arrays(table: sa.Table, names: Sequence[str], *, prefix: str = "") ->
     (so that several such inserts can be parts of one statement)."""
     given = array_rows_of([(prefix + name, table.c[name].type) for name in names])
     return pg_insert(table).from_select(list(names), sa.select(*given.c))
-
-
-class RawStatement:
-    """A statement built once, run on the asyncpg connection of the session's own
-    transaction, without SQLAlchemy's execution path (its compiled-cache lookup, execution
-    context, result objects and greenlet adapter: several times the CPU of the driver's
-    call on a consumer's hot path). Compiled at its first run with the connection's dialect,
-    so the SQL and the bound values (bind processors) are SQLAlchemy's own; asyncpg's
-    statement cache prepares it once per connection. Returns asyncpg records (tuples by
-    position); the columns read must need no result processing (UUIDs, text, numbers,
-    JSON: the dialect's codecs on the connection decode JSON as SQLAlchemy does). Its time
-    counts in ``nudge_db_query_duration_seconds``; errors are raised as SQLAlchemy would
-    (``sa.exc.DBAPIError`` subclasses, a lost connection invalidated)."""
-
-    def __init__(self, statement: sa.ClauseElement) -> None:
-        self.statement = statement
-        self._compiled: _Compiled | None = None
-
-    async def fetch(self, session: AsyncSession, parameters: Mapping[str, Any]) -> list[Any]:
-        connection = await session.connection()
-        compiled = self._compiled or self._compile(connection.dialect)
-        sync = connection.sync_connection
-        assert sync is not None  # a session's connection has one
-        # the live connection without another trip through the greenlet adapter
-        raw = sync.connection if not sync.invalidated else await connection.get_raw_connection()
-        adapted = raw.dbapi_connection
-        args = [
-            (processor(parameters[name]) if processor else parameters[name]) if required else value
-            for name, required, value, processor in compiled.binds
-        ]
-        began = time.perf_counter()
-        try:
-            # SQLAlchemy's adapter sends BEGIN with the transaction's first statement
-            if adapted._transaction is None:  # type: ignore[union-attr]
-                await adapted._start_transaction()  # type: ignore[union-attr]
-            rows: list[Any] = await adapted.driver_connection.fetch(compiled.sql, *args)  # type: ignore[union-attr]
-        except Exception as error:
-            await _raise_as_sqlalchemy(connection, adapted, compiled.sql, error)
-        compiled.duration.observe(time.perf_counter() - began)
-        return rows
-
-    def _compile(self, dialect: sa.Dialect) -> _Compiled:
-        compiled = cast(SQLCompiler, self.statement.compile(dialect=dialect))
-        processors = compiled._bind_processors
-        binds: list[_Bind] = []
-        for name in compiled.positiontup or ():
-            bind = compiled.binds[name]
-            type_ = bind.type.dialect_impl(dialect)
-            found = processors.get(name)
-            if found is not None and not callable(found):
-                raise TypeError(f"parameter {name}: tuple parameters are not supported")
-            processor = found
-            if isinstance(type_, ARRAY) and not type_.item_type.dialect_impl(
-                dialect
-            ).bind_processor(dialect):
-                processor = None  # it would only copy the list
-            if bind.required:
-                binds.append((name, True, None, processor))
-            else:
-                value = bind.effective_value
-                binds.append((name, False, processor(value) if processor else value, None))
-        for column in compiled._result_columns or ():
-            if column[3]._cached_result_processor(dialect, None) is not None:
-                raise TypeError(f"column {column[0]} needs result processing")
-        kind = str(compiled).lstrip().split(None, 1)[0].lower()
-        self._compiled = _Compiled(
-            str(compiled),
-            binds,
-            metrics.DB_QUERY_DURATION.labels(kind if kind in _KINDS else "other"),
-        )
-        return self._compiled
-
-
-_Bind = tuple[str, bool, Any, Callable[[Any], Any] | None]
-"""A positional parameter: name, whether the call gives it, else its value, processor."""
-
-
-class _Compiled:
-    __slots__ = ("binds", "duration", "sql")
-
-    def __init__(
-        self,
-        sql: str,
-        binds: list[_Bind],
-        duration: Any,
-    ) -> None:
-        self.sql = sql
-        self.binds = binds
-        self.duration = duration
-
-
-async def _raise_as_sqlalchemy(
-    connection: AsyncConnection, adapted: Any, sql: str, error: Exception
-) -> NoReturn:
-    """``error`` as SQLAlchemy raises a driver's error: the adapter's DB-API exception
-    wrapped in ``sa.exc.DBAPIError``, the connection invalidated when it was lost."""
-    try:
-        adapted._handle_exception(error)
-    except Exception as translated:
-        dialect = connection.dialect
-        lost = isinstance(translated, dialect.loaded_dbapi.Error) and dialect.is_disconnect(
-            translated, adapted, None
-        )
-        wrapped = sa.exc.DBAPIError.instance(
-            sql, None, translated, dialect.loaded_dbapi.Error, connection_invalidated=lost
-        )
-        if lost:
-            await connection.invalidate(translated)
-        raise wrapped from error
-    raise error
 
 
 def create_sessionmaker(engine: AsyncEngine) -> SessionMaker:

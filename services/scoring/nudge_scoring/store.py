@@ -22,7 +22,6 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from nudge_common.db import (
-    RawStatement,
     array_rows_of,
     processed_messages_table,
 )
@@ -310,10 +309,10 @@ async def identities_of(
         "value": [value for _, value in stored],
     }
     if named:
-        rows = await _RAW_IDENTITIES_AND_CONTACTS.fetch(session, {**parameters, "named": named})
+        rows = await session.execute(_IDENTITIES_AND_CONTACTS, {**parameters, "named": named})
     else:
-        rows = await _RAW_IDENTITIES.fetch(session, parameters)
-    return {(kind, value): contact_id for kind, value, contact_id in rows}
+        rows = await session.execute(_IDENTITIES, parameters)
+    return {(kind, value): contact_id for kind, value, contact_id in rows.all()}
 
 
 # The statements of the consumer's path are built once, here: a statement built per call is
@@ -335,8 +334,6 @@ _IDENTITIES_AND_CONTACTS = _IDENTITIES.union_all(
         contacts.c.id == _NAMED.c.named,
     )
 )
-_RAW_IDENTITIES = RawStatement(_IDENTITIES)
-_RAW_IDENTITIES_AND_CONTACTS = RawStatement(_IDENTITIES_AND_CONTACTS)
 
 
 async def claim_identities(
@@ -1136,8 +1133,8 @@ async def create_and_claim(
         return set()
     created = sorted(rows, key=lambda row: row[0])
     ordered = sorted(claims.items())
-    claimed = await _CREATE_AND_CLAIM.fetch(
-        session,
+    claimed = await session.execute(
+        _CREATE_AND_CLAIM,
         {
             "w_workspace_id": workspace_id,
             "n_id": [contact_id for contact_id, _, _ in created],
@@ -1161,7 +1158,7 @@ async def lock_states(
     if not wanted:
         return {}
     states = await _lock_contacts(session, wanted)
-    _read_states(states, await _STATE_ROWS.fetch(session, {"id": wanted}))
+    _read_states(states, (await session.execute(_STATE_ROWS, {"id": wanted})).all())
     return states
 
 
@@ -1184,19 +1181,21 @@ async def lock_states_claiming(
     if spending:
         parameters["sp_contact"] = list(spending)
         parameters["sp_from"] = list(spending.values())
-    statement = _CLAIMING_STATE_ROWS_WITH_SPENT if spending else _CLAIMING_STATE_ROWS
-    return states, _read_states(states, await statement.fetch(session, parameters))
+    rows = await session.execute(
+        _CLAIMING_STATE_ROWS_WITH_SPENT if spending else _CLAIMING_STATE_ROWS, parameters
+    )
+    return states, _read_states(states, rows.all())
 
 
 async def _lock_contacts(
     session: AsyncSession, wanted: list[uuid.UUID]
 ) -> dict[uuid.UUID, ContactState]:
-    rows = await _LOCK_CONTACTS.fetch(session, {"id": wanted})
+    rows = await session.execute(_LOCK_CONTACTS, {"id": wanted})
     return {
         contact_id: ContactState(
             contact_id, user_id, traits, sources, has_first_touch, orders, merged_into, {}, {}, {}
         )
-        for contact_id, user_id, traits, sources, has_first_touch, orders, merged_into in rows
+        for contact_id, user_id, traits, sources, has_first_touch, orders, merged_into in rows.all()
     }
 
 
@@ -1225,7 +1224,7 @@ def _read_states(states: dict[uuid.UUID, ContactState], rows: Iterable[Any]) -> 
 # joined to an array, not ``IN`` (compiled again per count) nor ``= ANY`` (whose generic
 # plan can scan the whole table): one index probe per contact
 _IDS = array_rows_of([("id", UUID(as_uuid=True))])
-_LOCK_CONTACTS = RawStatement(
+_LOCK_CONTACTS = (
     sa.select(
         contacts.c.id,
         contacts.c.user_id,
@@ -1298,7 +1297,7 @@ _SPENT_ROWS = _state_rows(
         rule_spending.c.period >= _SPENDING.c.sp_from,
     ),
 )
-_STATE_ROWS = RawStatement(sa.union_all(*_STATE_PARTS))
+_STATE_ROWS = sa.union_all(*_STATE_PARTS)
 
 
 async def claim_event_ids(
@@ -1312,8 +1311,8 @@ async def claim_event_ids(
     ``adjustment:<id>``). Message ids must be distinct."""
     if not rows:
         return set()
-    claimed = await _RAW_CLAIM_EVENT_IDS.fetch(session, _event_id_arrays(workspace_id, rows))
-    return {message_id for (message_id,) in claimed}
+    claimed = await session.execute(_CLAIM_EVENT_IDS, _event_id_arrays(workspace_id, rows))
+    return set(claimed.scalars())
 
 
 def _event_id_arrays(
@@ -1340,7 +1339,6 @@ _CLAIM_EVENT_IDS = (
     .on_conflict_do_nothing()
     .returning(event_ids.c.message_id)
 )
-_RAW_CLAIM_EVENT_IDS = RawStatement(_CLAIM_EVENT_IDS)
 _claimed_cte = _CLAIM_EVENT_IDS.cte("claimed_event_ids")
 _CLAIMED_ROWS = sa.select(
     sa.cast(sa.null(), UUID(as_uuid=True)),
@@ -1351,11 +1349,9 @@ _CLAIMED_ROWS = sa.select(
     sa.cast(sa.null(), sa.Integer),
     sa.cast(sa.null(), sa.Boolean),
 )
-_CLAIMING_STATE_ROWS = RawStatement(
-    sa.union_all(*_STATE_PARTS, _CLAIMED_ROWS).add_cte(_claimed_cte)
-)
-_CLAIMING_STATE_ROWS_WITH_SPENT = RawStatement(
-    sa.union_all(*_STATE_PARTS, _SPENT_ROWS, _CLAIMED_ROWS).add_cte(_claimed_cte)
+_CLAIMING_STATE_ROWS = sa.union_all(*_STATE_PARTS, _CLAIMED_ROWS).add_cte(_claimed_cte)
+_CLAIMING_STATE_ROWS_WITH_SPENT = sa.union_all(*_STATE_PARTS, _SPENT_ROWS, _CLAIMED_ROWS).add_cte(
+    _claimed_cte
 )
 
 
@@ -1540,8 +1536,8 @@ async def write_batch(session: AsyncSession, writes: BatchWrites) -> None:
         or timed
         or claimed
     ):
-        await _WRITE_BATCH.fetch(
-            session,
+        await session.execute(
+            _WRITE_BATCH,
             {
                 "w_workspace_id": writes.workspace_id,
                 **_arrays("e_", _EVENT_NAMES, writes.events),
@@ -1672,53 +1668,51 @@ _scores = _written("s_", scores, ["contact_id", "model", "points"], _WORKSPACE)
 _spending = _written("sp_", rule_spending, ["contact_id", "rule_id", "period", "points"], {})
 _stages = _written("st_", stages, ["contact_id", "model", "stage", "since"], _WORKSPACE)
 _timers = _written("m_", timers, ["contact_id", "rule_id", "due_at"], _WORKSPACE)
-_WRITE_BATCH = RawStatement(
-    sa.select(sa.literal_column("1")).add_cte(
-        # Data-modifying CTEs all run, to completion, whether read or not; each table is
-        # written once (the contacts' profiles, a second update of their rows, go apart).
-        _written("e_", events, _EVENT_NAMES, _WORKSPACE).cte("written_events"),
-        _written("t_", transactions, _TRANSACTION_NAMES, _WORKSPACE)
-        .on_conflict_do_nothing()
-        .cte("written_transactions"),
-        _touch.cte("touched_contacts"),
-        _written("i_", identities, ["kind", "value", "contact_id"], _WORKSPACE)
-        .on_conflict_do_nothing()
-        .cte("claimed_identities"),
-        _tags.on_conflict_do_update(
-            index_elements=[tags.c.contact_id, tags.c.tag],
-            set_={
-                "assignments": tags.c.assignments + _tags.excluded.assignments,
-                "active": sa.true(),
-                "last_assigned_at": sa.func.greatest(
-                    tags.c.last_assigned_at, _tags.excluded.last_assigned_at
-                ),
-            },
-        ).cte("tagged"),
-        _scores.on_conflict_do_update(
-            index_elements=[scores.c.contact_id, scores.c.model],
-            set_={"points": scores.c.points + _scores.excluded.points},
-        ).cte("scored"),
-        _written("c_", score_changes, _SCORE_CHANGE_NAMES, _WORKSPACE).cte("score_changed"),
-        _spending.on_conflict_do_update(
-            index_elements=[
-                rule_spending.c.contact_id,
-                rule_spending.c.rule_id,
-                rule_spending.c.period,
-            ],
-            set_={"points": rule_spending.c.points + _spending.excluded.points},
-        ).cte("spent"),
-        _stages.on_conflict_do_update(
-            index_elements=[stages.c.contact_id, stages.c.model],
-            set_={"stage": _stages.excluded.stage, "since": _stages.excluded.since},
-        ).cte("staged"),
-        _written("h_", stage_history, _STAGE_HISTORY_NAMES, _WORKSPACE).cte("stage_moved"),
-        _timers.on_conflict_do_update(
-            index_elements=[timers.c.contact_id, timers.c.rule_id],
-            set_={"due_at": sa.func.greatest(timers.c.due_at, _timers.excluded.due_at)},
-        ).cte("timed"),
-    )
+_WRITE_BATCH: sa.Select[Any] = sa.select(sa.literal_column("1")).add_cte(
+    # Data-modifying CTEs all run, to completion, whether read or not; each table is
+    # written once (the contacts' profiles, a second update of their rows, go apart).
+    _written("e_", events, _EVENT_NAMES, _WORKSPACE).cte("written_events"),
+    _written("t_", transactions, _TRANSACTION_NAMES, _WORKSPACE)
+    .on_conflict_do_nothing()
+    .cte("written_transactions"),
+    _touch.cte("touched_contacts"),
+    _written("i_", identities, ["kind", "value", "contact_id"], _WORKSPACE)
+    .on_conflict_do_nothing()
+    .cte("claimed_identities"),
+    _tags.on_conflict_do_update(
+        index_elements=[tags.c.contact_id, tags.c.tag],
+        set_={
+            "assignments": tags.c.assignments + _tags.excluded.assignments,
+            "active": sa.true(),
+            "last_assigned_at": sa.func.greatest(
+                tags.c.last_assigned_at, _tags.excluded.last_assigned_at
+            ),
+        },
+    ).cte("tagged"),
+    _scores.on_conflict_do_update(
+        index_elements=[scores.c.contact_id, scores.c.model],
+        set_={"points": scores.c.points + _scores.excluded.points},
+    ).cte("scored"),
+    _written("c_", score_changes, _SCORE_CHANGE_NAMES, _WORKSPACE).cte("score_changed"),
+    _spending.on_conflict_do_update(
+        index_elements=[
+            rule_spending.c.contact_id,
+            rule_spending.c.rule_id,
+            rule_spending.c.period,
+        ],
+        set_={"points": rule_spending.c.points + _spending.excluded.points},
+    ).cte("spent"),
+    _stages.on_conflict_do_update(
+        index_elements=[stages.c.contact_id, stages.c.model],
+        set_={"stage": _stages.excluded.stage, "since": _stages.excluded.since},
+    ).cte("staged"),
+    _written("h_", stage_history, _STAGE_HISTORY_NAMES, _WORKSPACE).cte("stage_moved"),
+    _timers.on_conflict_do_update(
+        index_elements=[timers.c.contact_id, timers.c.rule_id],
+        set_={"due_at": sa.func.greatest(timers.c.due_at, _timers.excluded.due_at)},
+    ).cte("timed"),
 )
-_CREATE_AND_CLAIM = RawStatement(
+_CREATE_AND_CLAIM = (
     _written("i_", identities, ["kind", "value", "contact_id"], _WORKSPACE)
     .on_conflict_do_nothing()
     .returning(identities.c.kind, identities.c.value)
