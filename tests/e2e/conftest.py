@@ -19,8 +19,10 @@ def smtp_sink() -> Iterator[SmtpSink]:
 
 @pytest.fixture(scope="module")
 async def fleet(stack: StackHandle, smtp_sink: SmtpSink) -> AsyncIterator[Fleet]:
-    """The five services as separate processes, as in production."""
-    fleet = Fleet({**stack.env, "NUDGE_SMTP_PORT": str(smtp_sink.port)}, stack.log_dir)
+    """The five services as separate processes, as in production (the segmenter with two
+    consumers of the contacts topic, so its partitions are split between them here)."""
+    env = {**stack.env, "NUDGE_SMTP_PORT": str(smtp_sink.port), "NUDGE_CONTACTS_CONSUMERS": "2"}
+    fleet = Fleet(env, stack.log_dir)
     try:
         await fleet.start()
         yield fleet

@@ -1,12 +1,13 @@
-"""Segmenter's Kafka wiring: two consumers on the one runner.
+"""Segmenter's Kafka wiring: two consumer groups on the one runner.
 
-* ``segmenter`` (contacts topic): scoring's ``contact.updated`` (traits, scores, tags,
-  stages) and ``contact.activity`` (the events a contact performs), and the orchestrator's
-  ``list.changed``, keep the segmenter's copy of each contact; each re-evaluates only the
-  segments depending on what changed (:mod:`nudge_segmenter.evaluation`). A merge moves
-  the merged contact's memberships and events to the survivor and leaves a tombstone
-  (later messages about the merged id are stale and ignored); an erasure deletes the
-  contacts' state, events, memberships and history.
+* ``segmenter`` (contacts topic; ``contacts_consumers`` of them in the group): scoring's
+  ``contact.updated`` (traits, scores, tags, stages) and ``contact.activity`` (the events a
+  contact performs), and the orchestrator's ``list.changed``, keep the segmenter's copy of
+  each contact; each re-evaluates only the segments depending on what changed
+  (:mod:`nudge_segmenter.evaluation`). A merge moves the merged contact's memberships and
+  events to the survivor and leaves a tombstone (later messages about the merged id are
+  stale and ignored); an erasure deletes the contacts' state, events, memberships and
+  history.
 * ``segmenter-consents`` (deliveries topic): the notifier's ``consent.changed`` for a
   known contact re-evaluates the segments that depend on consent.
 """
@@ -257,8 +258,12 @@ def consumers(runtime: Runtime) -> list[Worker]:
             processed_messages=store.processed_messages,
         )
 
+    contacts = ContactsHandler(clock)
     return [
-        runner("segmenter", Topic.CONTACTS, ContactsHandler(clock)),
+        *(
+            runner("segmenter", Topic.CONTACTS, contacts)
+            for _ in range(settings.contacts_consumers)
+        ),
         runner("segmenter-consents", Topic.DELIVERIES, ConsentHandler(clock)),
         RecheckWorker(runtime, clock),
         BackfillWorker(runtime, clock),

@@ -3,7 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Self
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from nudge_common.settings import NudgeSettings
 
@@ -11,6 +11,12 @@ from nudge_common.settings import NudgeSettings
 class SegmenterSettings(NudgeSettings):
     service_name: str = "segmenter"
     http_port: int = 8003
+    contacts_consumers: int = Field(default=1, ge=1)
+    """Consumers of the contacts topic in one process, members of the one ``segmenter``
+    group (as scoring's ``events_consumers``): while one waits for PostgreSQL or Kafka,
+    another applies its batch. More take more activities a second from a backlog, but
+    split a light flow into smaller batches, whose fixed costs then weigh more: one
+    keeps the latency lowest (docs/segmenter.md)."""
     clock_file: Path | None = None
     """Tests only: read "now" from this file (see ``nudge_common.clock``)."""
     recheck_batch: int = 500
