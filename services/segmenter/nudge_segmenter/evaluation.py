@@ -9,7 +9,7 @@ changed, in dependency order (a transition re-evaluates the segments referencing
 segment), and records one ``segment.entered`` / ``segment.exited`` per transition with an
 id derived from its cause. :meth:`ContactBatch.save` writes the new state back with a
 few set-based statements: events, contacts, membership changes and their history, and the
-next time-driven recheck per (segment, contact).
+next time-driven recheck of each contact.
 """
 
 from __future__ import annotations
